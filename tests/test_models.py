@@ -1,0 +1,209 @@
+"""The model zoo. Full-size models are only ever built abstractly (jax.eval_shape); models
+that run use small widths and images because XLA's CPU convolutions are slow."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vgg_jax import models
+from vgg_jax.models import abstract_variables, count_params, create_model, init_variables
+
+LETTERS = ["A", "A-LRN", "B", "C", "D", "E"]
+
+
+@pytest.mark.parametrize("arch,expected", [
+    # Table 2 / torchvision exact counts at 1000 classes (../shared/PAPER.md).
+    ("A", 132_863_336), ("A-LRN", 132_863_336), ("B", 133_047_848), ("C", 133_638_952),
+    ("D", 138_357_544), ("E", 143_667_240),
+    # torchvision vgg*_bn trainable parameters.
+    ("vgg11_bn", 132_868_840), ("vgg13_bn", 133_053_736), ("vgg16_bn", 138_365_992),
+    ("vgg19_bn", 143_678_248),
+])
+def test_parameter_counts_match_paper_and_torchvision(arch, expected):
+    variables = abstract_variables(create_model(arch))
+    assert count_params(variables["params"]) == expected
+
+
+def test_bn_running_stats_are_two_numbers_per_conv_channel():
+    variables = abstract_variables(create_model("vgg11_bn"))
+    channels = 64 + 128 + 2 * 256 + 4 * 512
+    assert count_params(variables["batch_stats"]) == 2 * channels
+
+
+@pytest.mark.parametrize("alias,letter,bn", [
+    ("vgg11", "A", False), ("vgg11_lrn", "A-LRN", False), ("vgg13_bn", "B", True),
+    ("vgg16_c", "C", False), ("D_bn", "D", True), ("vgg19", "E", False), ("a-lrn", "A-LRN", False),
+])
+def test_paper_letters_and_torchvision_names_resolve(alias, letter, bn):
+    assert models.resolve_arch(alias) == (letter, bn)
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown architecture 'vgg17'.*A-LRN.*vgg16_bn"):
+        create_model("vgg17")
+
+
+@pytest.mark.parametrize("width", [0, -1, 100, "wide"])
+def test_bad_width_is_a_clear_error(width):
+    with pytest.raises(ValueError, match="width must be"):
+        create_model("A", width=width)
+
+
+def test_input_smaller_than_the_five_pools_is_a_clear_error():
+    model = create_model("A", width=1 / 16, fc_widths=(8, 8), num_classes=3)
+    with pytest.raises(ValueError, match=r"input 16x16 is smaller than 32x32"):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+
+
+def test_dense_input_smaller_than_224_is_a_clear_error():
+    model = create_model("A", width=1 / 16, fc_widths=(8, 8), num_classes=3)
+    variables = init_variables(model, jax.random.key(0), 32)
+    with pytest.raises(ValueError, match=r"smaller than 224x224: dense"):
+        model.apply(variables, jnp.zeros((1, 192, 224, 3)), dense=True)
+
+
+def test_wrong_channel_count_is_a_clear_error():
+    model = create_model("A", in_channels=1, width=1 / 16, fc_widths=(8, 8))
+    variables = init_variables(model, jax.random.key(0), 32)
+    with pytest.raises(ValueError, match="3 channels but the model was built for in_channels=1"):
+        model.apply(variables, jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("arch", LETTERS + ["vgg16_bn"])
+def test_full_size_output_shape_at_224(arch):
+    model = create_model(arch)
+    variables = abstract_variables(model)
+    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables,
+                         jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+    assert out.shape == (2, 1000) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("arch", LETTERS + ["vgg13_bn"])
+def test_small_width_runs_at_32(arch):
+    model = create_model(arch, num_classes=10, width=1 / 16, fc_widths=(32, 32), in_channels=1)
+    variables = init_variables(model, jax.random.key(0), 32)
+    out = model.apply(variables, jnp.ones((3, 32, 32, 1)))
+    assert out.shape == (3, 10) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("size,grid", [(224, 1), (256, 2), (384, 6)])
+def test_dense_score_map_shape(size, grid):
+    model = create_model("D")
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, dense=True), abstract_variables(model),
+                         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    # pool5 is size/32; a 7x7 VALID fc6 leaves size/32 - 6 positions.
+    assert out.shape == (1, grid, grid, 1000)
+
+
+@pytest.mark.parametrize("arch", ["A-LRN", "C", "vgg11_bn"])
+def test_dense_equals_standard_at_224(arch):
+    model = create_model(arch, num_classes=7, width=1 / 16, fc_widths=(16, 16))
+    variables = init_variables(model, jax.random.key(1), 224)
+    if "batch_stats" in variables:  # non-trivial running statistics
+        variables = dict(variables, batch_stats=jax.tree.map(
+            lambda s: s + 0.3 * jax.random.uniform(jax.random.key(2), s.shape),
+            variables["batch_stats"]))
+    x = jax.random.normal(jax.random.key(3), (2, 224, 224, 3))
+    logits = model.apply(variables, x)
+    scores = model.apply(variables, x, dense=True)
+    assert scores.shape == (2, 1, 1, 7)
+    np.testing.assert_allclose(scores[:, 0, 0], logits, rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_follows_alexnet_formula():
+    x = np.random.default_rng(0).normal(size=(2, 3, 3, 9)).astype(np.float32) * 30
+    expected = np.empty_like(x)
+    for c in range(9):  # b_c = a_c / (k + alpha * sum_{|j-c|<=2} a_j^2)^beta, no 1/n
+        lo, hi = max(0, c - 2), min(9, c + 3)
+        s = (x[..., lo:hi] ** 2).sum(-1)
+        expected[..., c] = x[..., c] / (2.0 + 1e-4 * s) ** 0.75
+    got = models.local_response_norm(jnp.asarray(x), **models.LRN_PARAMS)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 10, 13])
+def test_adaptive_pool_matches_torch(size):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(size).normal(size=(2, size, size + 2, 5)).astype(np.float32)
+    ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 7)
+    got = models.adaptive_avg_pool(jnp.asarray(x), 7)
+    np.testing.assert_allclose(got, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_capture_returns_named_layers_and_fc8_is_the_logits():
+    model = create_model("B", num_classes=5, width=1 / 16, fc_widths=(12, 12))
+    variables = init_variables(model, jax.random.key(0), 64)
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    acts = models.extract(model, variables, x, ["conv1_2", "conv3_2", "pool5", "fc7", "fc8"])
+    assert acts["conv1_2"].shape == (2, 64, 64, 4)
+    assert acts["conv3_2"].shape == (2, 16, 16, 16)
+    assert acts["pool5"].shape == (2, 2, 2, 32)
+    assert acts["fc7"].shape == (2, 12) and float(acts["fc7"].min()) >= 0  # after ReLU
+    np.testing.assert_array_equal(acts["fc8"], model.apply(variables, x))
+
+
+def test_capture_of_unknown_layer_names_valid_ones():
+    model = create_model("A", width=1 / 16, fc_widths=(8, 8))
+    variables = init_variables(model, jax.random.key(0), 32)
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['conv5_4'\].*conv5_2"):
+        models.extract(model, variables, jnp.zeros((1, 32, 32, 3)), ["conv5_4"])
+
+
+def test_classifier_follows_relu_after_fc6_and_fc7():
+    """A port once lost the ReLU after fc6; the logits must depend on it."""
+    model = create_model("A", num_classes=3, width=1 / 16, fc_widths=(6, 6), dropout_rate=0.0)
+    variables = init_variables(model, jax.random.key(4), 32)
+    x = jax.random.normal(jax.random.key(5), (4, 32, 32, 3))
+    acts = models.extract(model, variables, x, ["pool5", "fc8"])
+    p = variables["params"]
+    h = np.asarray(acts["pool5"]).reshape(4, -1)  # 1x1 pool5 -> adaptive pool repeats it 7x7
+    h = np.repeat(h[:, None, :], 49, axis=1).reshape(4, -1)
+    for name in ("fc6", "fc7"):
+        h = np.maximum(h @ np.asarray(p[name]["kernel"]) + np.asarray(p[name]["bias"]), 0)
+    logits = h @ np.asarray(p["fc8"]["kernel"]) + np.asarray(p["fc8"]["bias"])
+    np.testing.assert_allclose(acts["fc8"], logits, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme,std", [("paper", 0.01), ("paper_literal", 0.1)])
+def test_normal_init_schemes_have_documented_std(scheme, std):
+    model = create_model("A", init_scheme=scheme, width=0.25, fc_widths=(256, 256))
+    p = init_variables(model, jax.random.key(0), 32)["params"]
+    for name in ("conv4_1", "fc6"):
+        k = np.asarray(p[name]["kernel"])
+        assert abs(k.std() - std) < 0.05 * std and abs(k.mean()) < 0.05 * std
+        assert not np.asarray(p[name]["bias"]).any()
+
+
+def test_kaiming_init_is_he_fan_out_for_convs():
+    model = create_model("A", init_scheme="kaiming", width=0.25, fc_widths=(64, 64))
+    k = np.asarray(init_variables(model, jax.random.key(0), 32)["params"]["conv4_1"]["kernel"])
+    fan_out = 3 * 3 * k.shape[-1]
+    assert abs(k.std() / np.sqrt(2 / fan_out) - 1) < 0.05
+
+
+def test_unknown_init_scheme_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown init scheme 'xavier'; choose one of paper"):
+        create_model("A", init_scheme="xavier")
+
+
+def test_bf16_compute_keeps_float32_params():
+    model = create_model("A_bn", dtype=jnp.bfloat16, width=1 / 16, fc_widths=(8, 8))
+    variables = init_variables(model, jax.random.key(0), 32)
+    assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    out = model.apply(variables, jnp.ones((1, 32, 32, 3)))
+    assert out.dtype == jnp.float32
+    assert model.apply(variables, jnp.ones((1, 32, 32, 3)), capture=("conv2_1",),
+                       mutable=["intermediates"])[1]["intermediates"]["layers"][0][
+        "conv2_1"].dtype == jnp.bfloat16
+
+
+def test_train_mode_updates_batch_stats_and_needs_dropout_rng():
+    model = create_model("A_bn", num_classes=4, width=1 / 16, fc_widths=(8, 8))
+    variables = init_variables(model, jax.random.key(0), 32)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) + 2.0
+    _, state = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
+                           mutable=["batch_stats"])
+    old, new = variables["batch_stats"]["bn1_1"]["mean"], state["batch_stats"]["bn1_1"]["mean"]
+    assert not np.allclose(old, new)
+    with pytest.raises(Exception, match="dropout"):
+        model.apply(variables, x, train=True, mutable=["batch_stats"])

@@ -1,0 +1,7 @@
+"""vgg_jax: the VGG ConvNets (Simonyan & Zisserman, 2014) in JAX/Flax."""
+from vgg_jax.models import (VGG, abstract_variables, all_arch_names, count_params,
+                            create_model, extract, init_variables, layer_names, resolve_arch)
+
+__version__ = "0.1.0"
+__all__ = ["VGG", "abstract_variables", "all_arch_names", "count_params", "create_model",
+           "extract", "init_variables", "layer_names", "resolve_arch"]

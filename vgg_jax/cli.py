@@ -1,0 +1,100 @@
+"""`vgg-jax`: one command, a sub-command per job. Each sub-command's work lives in the
+module that owns the idea; this file only parses arguments."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _summary(sub):
+    p = sub.add_parser("summary", help="per-layer table: shapes, params, FLOPs, memory, RF")
+    p.add_argument("arch")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.summary").summary.main(a))
+
+
+def _convert(sub):
+    p = sub.add_parser("convert", help="torch state_dict <-> vgg_jax weights directory")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--from-torch", help=".pth / .safetensors / .npz torch state_dict")
+    p.add_argument("--out", help="weights directory to write (with --from-torch)")
+    p.add_argument("--from", dest="from_dir", help="vgg_jax weights directory or train workdir")
+    p.add_argument("--to-torch", help="torch state_dict file to write (.pth or .safetensors)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--preprocessing", default="torchvision",
+                   help="convention the weights expect: torchvision | paper | caffe")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.convert").convert.main(a))
+
+
+def _predict(sub):
+    p = sub.add_parser("predict", help="top-5 classes for images")
+    p.add_argument("--weights", required=True, help="weights directory or train workdir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--dense", action="store_true", help="paper's dense evaluation at --q")
+    p.add_argument("--q", type=int, default=256, help="test scale Q for --dense")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.predict").predict.main_predict(a))
+
+
+def _features(sub):
+    p = sub.add_parser("features", help="a named layer's activations for images")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--layer", default="fc7")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help=".npy file")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.predict").predict.main_features(a))
+
+
+def _prepare(sub):
+    p = sub.add_parser("prepare", help="prepare a TFDS dataset (e.g. the bundled digits)")
+    p.add_argument("dataset", nargs="?", default="vgg_digits")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(run=lambda a: __import__("vgg_jax.input_pipeline").input_pipeline.main_prepare(a))
+
+
+def _stats(sub):
+    p = sub.add_parser("dataset-stats", help="mean RGB and RGB PCA of a training split")
+    p.add_argument("dataset", help="TFDS name or image folder")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--max-images", type=int, default=10000)
+    p.set_defaults(run=lambda a: __import__("vgg_jax.input_pipeline").input_pipeline.main_stats(a))
+
+
+def _evaluate(sub):
+    p = sub.add_parser("evaluate", help="the paper's test protocols (Sec. 3.2)")
+    p.add_argument("--weights", help="weights directory or train workdir")
+    p.add_argument("--ensemble", help="comma-separated weights dirs: average soft-max")
+    p.add_argument("--data", required=True, help="TFDS name or image folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--protocol", default="center",
+                   choices=["center", "dense", "multicrop", "dense+multicrop"])
+    p.add_argument("--scales", default=None, help="Q or Q1,Q2,... (default: the crop size)")
+    p.add_argument("--crop", type=int, default=None, help="crop size (default: model's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.evaluate").evaluate.main(a))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vgg-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate):
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"vgg-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

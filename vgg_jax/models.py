@@ -1,0 +1,370 @@
+"""The VGG configurations of Table 1 as data, and one Flax module that builds any of them.
+
+Layer names follow the paper: `conv{block}_{i}` (1x1 convs of C count as convs too),
+`lrn1`, `pool{block}`, `fc6`, `fc7`, `fc8`. Activations are NHWC; `fc6` reads pool5
+flattened in (H, W, C) order, which is what makes dense evaluation a plain reshape of
+fc6's kernel into a 7x7 conv (torch's (C, H, W) order is permuted once in convert.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+# Table 1, one row per block; every block ends in a 2x2/2 max-pool.
+CONFIGS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "A": (("conv3-64",), ("conv3-128",), ("conv3-256",) * 2, ("conv3-512",) * 2, ("conv3-512",) * 2),
+    "A-LRN": (("conv3-64", "LRN"), ("conv3-128",), ("conv3-256",) * 2, ("conv3-512",) * 2,
+              ("conv3-512",) * 2),
+    "B": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 2, ("conv3-512",) * 2,
+          ("conv3-512",) * 2),
+    "C": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 2 + ("conv1-256",),
+          ("conv3-512",) * 2 + ("conv1-512",), ("conv3-512",) * 2 + ("conv1-512",)),
+    "D": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 3, ("conv3-512",) * 3,
+          ("conv3-512",) * 3),
+    "E": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 4, ("conv3-512",) * 4,
+          ("conv3-512",) * 4),
+}
+# Paper letter <-> the names people know from torchvision (C and A-LRN have none there).
+ALIASES = {"A": "vgg11", "A-LRN": "vgg11_lrn", "B": "vgg13", "C": "vgg16_c", "D": "vgg16",
+           "E": "vgg19"}
+_BY_NAME = {v: k for k, v in ALIASES.items()}
+
+# Krizhevsky et al. 2012, Sec. 3.3 (used by A-LRN): n=5, k=2, alpha=1e-4, beta=0.75.
+LRN_PARAMS = dict(size=5, k=2.0, alpha=1e-4, beta=0.75)
+POOLS = 5  # five 2x2 stride-2 max-pools: inputs need at least 2**5 pixels a side.
+
+
+def all_arch_names() -> list[str]:
+    names = []
+    for letter, alias in ALIASES.items():
+        names += [letter, f"{letter}_bn", alias, f"{alias}_bn"]
+    return names
+
+
+def resolve_arch(arch: str) -> tuple[str, bool]:
+    """'vgg16_bn' / 'D_bn' / 'D' / 'vgg11_lrn' -> (paper letter, batch_norm)."""
+    name = arch.strip()
+    batch_norm = False
+    for suffix in ("_bn", "-bn", "_BN", "-BN"):
+        if name.endswith(suffix):
+            name, batch_norm = name[: -len(suffix)], True
+            break
+    if name.upper() in CONFIGS:
+        return name.upper(), batch_norm
+    if name.lower() in _BY_NAME:
+        return _BY_NAME[name.lower()], batch_norm
+    raise ValueError(f"unknown architecture {arch!r}; valid names: {', '.join(all_arch_names())}")
+
+
+def canonical_name(arch: str) -> str:
+    letter, bn = resolve_arch(arch)
+    return ALIASES[letter] + ("_bn" if bn else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    name: str   # paper name: conv3_2, lrn1, pool3
+    kind: str   # 'conv' | 'lrn' | 'pool'
+    kernel: int = 0
+    channels: int = 0  # full-width output channels (before the width multiplier)
+
+
+def layer_table(arch: str) -> list[Layer]:
+    """The feature layers of `arch` in order, with paper names."""
+    letter, _ = resolve_arch(arch)
+    layers = []
+    for b, block in enumerate(CONFIGS[letter], start=1):
+        i = 0
+        for item in block:
+            if item == "LRN":
+                layers.append(Layer(f"lrn{b}", "lrn"))
+                continue
+            m = re.fullmatch(r"conv(\d)-(\d+)", item)
+            i += 1
+            layers.append(Layer(f"conv{b}_{i}", "conv", int(m.group(1)), int(m.group(2))))
+        layers.append(Layer(f"pool{b}", "pool", 2))
+    return layers
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def layer_names(arch: str) -> list[str]:
+    """Every name `capture=` accepts for this architecture."""
+    return [l.name for l in layer_table(arch)] + ["fc6", "fc7", "fc8"]
+
+
+# ----------------------------------------------------------------------------- init
+
+INIT_SCHEMES = ("paper", "paper_literal", "glorot", "kaiming")
+
+
+def initializers(scheme: str) -> tuple[Callable, Callable]:
+    """(conv kernel init, fc kernel init); biases are always zero.
+
+    paper         N(0, 0.01^2): std 0.01 as in the public Caffe prototxts (Sec. 3.1).
+    paper_literal N(0, 1e-2): the paper's words read literally ("10^-2 variance"), std 0.1.
+    glorot        Glorot & Bengio (2010) uniform, which the authors later found trains D/E
+                  without pre-initialisation.
+    kaiming       torchvision: He normal (fan_out, ReLU gain) for convs, N(0, 0.01) for fc.
+    """
+    if scheme == "paper":
+        return nn.initializers.normal(0.01), nn.initializers.normal(0.01)
+    if scheme == "paper_literal":
+        return nn.initializers.normal(0.1), nn.initializers.normal(0.1)
+    if scheme == "glorot":
+        return nn.initializers.xavier_uniform(), nn.initializers.xavier_uniform()
+    if scheme == "kaiming":
+        he = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        return he, nn.initializers.normal(0.01)
+    raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+
+
+# ----------------------------------------------------------------------------- layers
+
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+    """'auto' -> 'im2col' on CPU (XLA:CPU's native conv, backward especially, is several
+    times slower than one big matmul there) and 'xla' on GPU/TPU (cuDNN / the TPU conv
+    unit are faster than materialised patches)."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv_impl {impl!r}; choose one of {', '.join(CONV_IMPLS)}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    return "im2col" if backend == "cpu" else "xla"
+
+
+def conv2d(x, kernel, impl: str, padding: str = "SAME"):
+    """NHWC x HWIO, stride 1. 'im2col' stacks the k*k shifted views on the channel axis and
+    does one matmul; it equals lax.conv to float tolerance (tests/test_models.py)."""
+    kh, kw, cin, cout = kernel.shape
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if padding == "SAME":
+        ph, pw = (kh - 1) // 2, (kw - 1) // 2
+        x = jnp.pad(x, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0)))
+    n, h, w, _ = x.shape
+    oh, ow = h - kh + 1, w - kw + 1
+    if kh == kw == 1:
+        patches = x
+    else:
+        patches = jnp.concatenate(
+            [x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
+
+
+class Conv(nn.Module):
+    """A stride-1 'same' conv with `kernel` (HWIO) and `bias` params, like nn.Conv, whose
+    implementation can be chosen (see resolve_conv_impl)."""
+    features: int
+    kernel_size: int = 3
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        return conv2d(x, kernel, resolve_conv_impl(self.impl)) + bias
+
+
+class FC(nn.Module):
+    """A fully-connected layer (params `kernel` (in, out), `bias`, as nn.Dense) that can
+    also run as a `window` x `window` VALID conv over a feature map (dense evaluation,
+    Sec. 3.2): the kernel's rows are in (H, W, C) order, so the conv kernel is a reshape."""
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.01)
+
+    @nn.compact
+    def __call__(self, x, window: int | None = None):
+        cin = x.shape[-1] * (window * window if window else 1)
+        kernel = self.param("kernel", self.kernel_init, (cin, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        if window is None:
+            return jnp.dot(x, kernel) + bias
+        kernel = kernel.reshape(window, window, x.shape[-1], self.features)
+        return conv2d(x, kernel, "xla", padding="VALID") + bias
+
+
+def local_response_norm(x, size=5, k=2.0, alpha=1e-4, beta=0.75):
+    """AlexNet's LRN across channels: b = a / (k + alpha * sum_{n neighbours} a^2)^beta.
+    No 1/n on alpha (torch's nn.LocalResponseNorm has one: its equivalent is alpha*n)."""
+    sq = jnp.square(x.astype(jnp.float32))
+    half = size // 2
+    window_sum = jax.lax.reduce_window(
+        sq, 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
+        ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+    return (x / jnp.power(k + alpha * window_sum, beta).astype(x.dtype)).astype(x.dtype)
+
+
+def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """torch's AdaptiveAvgPool bins: output i averages [floor(i*n/m), ceil((i+1)*n/m))."""
+    p = np.zeros((size_out, size_in), np.float32)
+    for i in range(size_out):
+        lo, hi = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
+        p[i, lo:hi] = 1.0 / (hi - lo)
+    return p
+
+
+def adaptive_avg_pool(x, size: int):
+    """torchvision's AdaptiveAvgPool2d(size) in NHWC; the identity when already size x size."""
+    _, h, w, _ = x.shape
+    if (h, w) == (size, size):
+        return x
+    ph = jnp.asarray(adaptive_pool_matrix(h, size), x.dtype)
+    pw = jnp.asarray(adaptive_pool_matrix(w, size), x.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
+
+
+# ----------------------------------------------------------------------------- the net
+
+class VGG(nn.Module):
+    """Any Table 1 configuration; build it with `create_model`.
+
+    `apply(variables, images_nhwc, train=False)` -> logits (N, num_classes), float32.
+    `dense=True` runs fc6/fc7/fc8 as 7x7/1x1 convs over the whole image (Sec. 3.2) and
+    returns the class score map (N, h, w, num_classes). `capture=('conv3_3', 'fc7')` sows
+    those activations (after ReLU; pools after pooling; fc8 = logits) as the dict
+    `intermediates['layers'][0]`: pass `mutable=['intermediates']` (or use `extract`).
+    """
+    arch: str = "D"
+    num_classes: int = 1000
+    in_channels: int = 3
+    width: float = 1.0
+    fc_widths: Sequence[int] = (4096, 4096)
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+    init_scheme: str = "kaiming"
+    conv_impl: str = "auto"
+    classifier_pool: int = 7  # pool5 -> adaptive average pool to this size -> fc6
+    bn_momentum: float = 0.9  # Flax's momentum = 1 - torch's 0.1
+    bn_epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, *, dense: bool = False,
+                 capture: Sequence[str] = ()):
+        letter, batch_norm = resolve_arch(self.arch)
+        check_input(x.shape, self.in_channels, dense, self.classifier_pool)
+        bad = set(capture) - set(layer_names(self.arch))
+        if bad:
+            raise ValueError(f"unknown layer(s) {sorted(bad)} for {self.arch}; "
+                             f"valid: {', '.join(layer_names(self.arch))}")
+        conv_init, fc_init = initializers(self.init_scheme)
+        captured = {}
+
+        def keep(name, value):
+            if name in capture:
+                captured[name] = value
+
+        x = x.astype(self.dtype)
+        for layer in layer_table(letter):
+            if layer.kind == "conv":
+                x = Conv(scaled(layer.channels, self.width), layer.kernel, self.conv_impl,
+                         self.dtype, conv_init, name=layer.name)(x)
+                if batch_norm:
+                    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                     epsilon=self.bn_epsilon, dtype=self.dtype,
+                                     param_dtype=jnp.float32,
+                                     name="bn" + layer.name[len("conv"):])(x)
+                x = nn.relu(x)
+            elif layer.kind == "lrn":
+                x = local_response_norm(x, **LRN_PARAMS)
+            else:
+                x = nn.max_pool(x, (2, 2), (2, 2))
+            keep(layer.name, x)
+
+        window = None
+        if dense:
+            window = self.classifier_pool
+        else:
+            x = adaptive_avg_pool(x, self.classifier_pool).reshape(x.shape[0], -1)
+        for name, features in zip(("fc6", "fc7"), self.fc_widths):
+            x = nn.relu(FC(features, self.dtype, fc_init, name=name)(x, window))
+            window = 1 if dense else None
+            keep(name, x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = FC(self.num_classes, self.dtype, fc_init, name="fc8")(x, window)
+        x = x.astype(jnp.float32)
+        keep("fc8", x)
+        if captured:
+            self.sow("intermediates", "layers", captured)
+        return x
+
+
+def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: int = 7):
+    if len(shape) != 4:
+        raise ValueError(f"expected NHWC images (N, H, W, C), got shape {tuple(shape)}")
+    _, h, w, c = shape
+    if c != in_channels:
+        raise ValueError(f"images have {c} channels but the model was built for "
+                         f"in_channels={in_channels}")
+    need = 2 ** POOLS * (classifier_pool if dense else 1)
+    if h < need or w < need:
+        what = (f"dense evaluation needs pool5 to be at least {classifier_pool}x{classifier_pool}"
+                if dense else "the five 2x2 max-pools need at least 1x1 left at pool5")
+        raise ValueError(f"input {h}x{w} is smaller than {need}x{need}: {what}")
+
+
+def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: int = 3,
+                 width: float = 1.0, fc_widths: Sequence[int] = (4096, 4096),
+                 dropout_rate: float = 0.5, dtype: Any = jnp.float32, init_scheme: str = "kaiming",
+                 conv_impl: str = "auto", classifier_pool: int = 7) -> VGG:
+    """Build a VGG. `arch`: paper letter (A, A-LRN, B, C, D, E) or vgg11, vgg11_lrn, vgg13,
+    vgg16_c, vgg16, vgg19, each optionally with `_bn` (BatchNorm after every conv).
+    `width` multiplies every conv's channel count (the d2l seed uses 0.25); `fc_widths`
+    sets fc6/fc7; `dtype` is the compute dtype (params stay float32)."""
+    resolve_arch(arch)
+    if not (isinstance(width, (int, float)) and 0 < width <= 16):
+        raise ValueError(f"width must be a number in (0, 16], got {width!r}")
+    if num_classes < 1 or in_channels < 1:
+        raise ValueError(f"num_classes and in_channels must be >= 1, got "
+                         f"{num_classes} and {in_channels}")
+    if len(fc_widths) != 2 or min(fc_widths) < 1:
+        raise ValueError(f"fc_widths must be two positive sizes (fc6, fc7), got {fc_widths}")
+    if not 0 <= dropout_rate < 1:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    initializers(init_scheme)
+    resolve_conv_impl(conv_impl)
+    return VGG(arch=canonical_name(arch), num_classes=num_classes, in_channels=in_channels,
+               width=float(width), fc_widths=tuple(int(f) for f in fc_widths),
+               dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), init_scheme=init_scheme,
+               conv_impl=conv_impl, classifier_pool=classifier_pool)
+
+
+def init_variables(model: VGG, rng, image_size: int = 224):
+    """Variables ({'params'[, 'batch_stats']}) for `model`, built at `image_size`."""
+    x = jnp.zeros((1, image_size, image_size, model.in_channels), jnp.float32)
+    return model.init({"params": rng}, x, train=False)
+
+
+def abstract_variables(model: VGG, image_size: int = 224):
+    """Shapes and dtypes of the variables, without allocating them (jax.eval_shape)."""
+    return jax.eval_shape(lambda r: init_variables(model, r, image_size), jax.random.key(0))
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def extract(model: VGG, variables, images, layers: Sequence[str], *, dense: bool = False):
+    """Named activations {layer: array} for `images` (eval mode)."""
+    _, state = model.apply(variables, images, train=False, dense=dense, capture=tuple(layers),
+                           mutable=["intermediates"])
+    return dict(state["intermediates"]["layers"][0])
