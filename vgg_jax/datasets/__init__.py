@@ -1,0 +1,4 @@
+"""TFDS builders shipped with vgg_jax (importing this registers them)."""
+from vgg_jax.datasets.digits import VggDigits
+
+__all__ = ["VggDigits"]

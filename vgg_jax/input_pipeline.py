@@ -1,0 +1,322 @@
+"""Images from TFDS or an image folder, through tf.data, to NumPy batches.
+
+Each process reads its own shard (tfds.even_splits / every n-th file). Training order is a
+pure function of (seed, epoch); each example's augmentation of (seed, epoch, position), so
+the iterator's state is just {epoch, offset} and resuming from it replays exactly what an
+uninterrupted run would have seen. Images that fail to decode are skipped, counted and
+logged with their path. Eval batches are padded to a fixed shape with a `mask`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vgg_jax import preprocess
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+BUNDLED = ("vgg_digits",)  # prepared on first use: they need no download
+log = logging.getLogger(__name__)
+
+# tf.data must not grab the accelerators JAX uses.
+tf.config.set_visible_devices([], "GPU")
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def is_folder(dataset: str) -> bool:
+    return os.sep in dataset or dataset.startswith(".") or os.path.isdir(dataset)
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclasses.dataclass
+class Source:
+    """One process's shard of one split: `epoch_dataset` yields (image_bytes, label)."""
+    name: str
+    split: str
+    num_examples: int          # in this process's shard
+    max_shard_examples: int    # largest shard over processes (eval steps must agree)
+    total_examples: int
+    class_names: list
+    _dataset_fn: object = None
+    _key_fn: object = None     # (epoch, position, shuffled) -> a path for logs, or None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def epoch_dataset(self, epoch: int, shuffle: bool, seed: int) -> tf.data.Dataset:
+        return self._dataset_fn(epoch, shuffle, seed)
+
+    def key(self, epoch, position, shuffled):
+        return self._key_fn(epoch, position, shuffled) if self._key_fn else f"example #{position}"
+
+
+def tfds_builder(name: str, data_dir: str | None = None):
+    """A prepared TFDS builder, or a clear error saying how to prepare it."""
+    import vgg_jax.datasets  # noqa: F401  (registers the bundled builders)
+    data_dir = default_data_dir(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends
+        raise ValueError(f"unknown TFDS dataset {name!r} ({type(e).__name__}); give a TFDS "
+                         f"name such as vgg_digits, cifar10, imagenet2012, or an image folder "
+                         f"root/class_name/*.jpg") from None
+    if builder.is_prepared():
+        return builder
+    if name in BUNDLED:
+        log.info("preparing the bundled dataset %s in %s (offline, once)", name, data_dir)
+        builder.download_and_prepare()
+        return builder
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        manual = os.path.join(data_dir, "downloads", "manual")
+        files = ("ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"
+                 if name.startswith("imagenet2012") else "the files described below")
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in {data_dir} and needs a manual download: "
+            f"put {files} in {manual}, then run `tfds build {name} --data_dir {data_dir}` "
+            f"(or `vgg-jax prepare {name} --data-dir {data_dir}`).\n"
+            f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in {data_dir}. This machine cannot download it: "
+        f"run `tfds build {name} --data_dir DIR` where the network is available and copy DIR "
+        f"here (set data.data_dir or TFDS_DATA_DIR), or use an image folder instead.")
+
+
+def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
+                shuffle_buffer=10_000) -> Source:
+    builder = tfds_builder(name, data_dir)
+    shards = tfds.even_splits(split, n=process_count)
+    sizes = [builder.info.splits[s].num_examples for s in shards]
+    label = builder.info.features["label"]
+
+    def dataset(epoch, shuffle, seed):
+        epoch_seed = _mix(seed, epoch, process_index)
+        read = tfds.ReadConfig(shuffle_seed=epoch_seed, interleave_cycle_length=16,
+                               try_autocache=False)
+        ds = builder.as_dataset(split=shards[process_index], shuffle_files=shuffle,
+                                read_config=read,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        if shuffle:
+            ds = ds.shuffle(min(shuffle_buffer, sizes[process_index]), seed=epoch_seed,
+                            reshuffle_each_iteration=False)
+        return ds.map(lambda ex: (ex["image"], ex["label"]))
+
+    return Source(name, split, sizes[process_index], max(sizes), sum(sizes), list(label.names),
+                  dataset)
+
+
+def folder_index(root: str):
+    """(paths, labels, class_names) of root/class_name/image files, sorted."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root} does not exist (expected "
+                                f"{root}/CLASS_NAME/*.jpg, one folder per class)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected "
+                         f"{root}/CLASS_NAME/*.jpg)")
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, c))
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"class folder {os.path.join(root, c)} has no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        paths += [os.path.join(root, c, f) for f in files]
+        labels += [i] * len(files)
+    return paths, np.asarray(labels, np.int64), classes
+
+
+def folder_source(root, split=None, process_index=0, process_count=1) -> Source:
+    """An image folder; with `split`, root/split if that sub-folder exists."""
+    if split and os.path.isdir(os.path.join(root, split)):
+        root = os.path.join(root, split)
+    paths, labels, classes = folder_index(root)
+    mine = np.arange(process_index, len(paths), process_count)
+    my_paths = np.asarray(paths, dtype=object)[mine]
+    my_labels = labels[mine]
+
+    def order(epoch, shuffle, seed):
+        if not shuffle:
+            return np.arange(len(my_paths))
+        return np.random.default_rng(_mix(seed, epoch, process_index)).permutation(len(my_paths))
+
+    def dataset(epoch, shuffle, seed):
+        o = order(epoch, shuffle, seed)
+        files = tf.data.Dataset.from_tensor_slices((my_paths[o].astype(str), my_labels[o]))
+        return files.map(lambda p, l: (tf.io.read_file(p), l),
+                         num_parallel_calls=tf.data.AUTOTUNE)
+
+    def key(epoch, position, shuffle_seed):
+        return str(my_paths[order(epoch, shuffle_seed is not None, shuffle_seed)[position]])
+
+    return Source(root, split or "", len(my_paths), math.ceil(len(paths) / process_count),
+                  len(paths), classes, dataset, key)
+
+
+def make_source(dataset: str, split: str, data_dir=None, process_index=0, process_count=1,
+                shuffle_buffer=10_000) -> Source:
+    if is_folder(dataset):
+        return folder_source(dataset, split, process_index, process_count)
+    return tfds_source(dataset, split, data_dir, process_index, process_count, shuffle_buffer)
+
+
+def _mix(*ints) -> int:
+    """A 31-bit seed from several ints (stable across runs and processes)."""
+    return int(np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(1)[0]
+               & 0x7FFFFFFF)
+
+
+# ----------------------------------------------------------------------------- train
+
+class TrainIterator:
+    """Endless training batches {'image', 'label'} for this process.
+
+    `state` ({'epoch', 'offset'}: the next example's position in the epoch's order) is what
+    a checkpoint stores; TrainIterator(..., state=saved) continues exactly there.
+    """
+
+    def __init__(self, source: Source, data_cfg, local_batch: int, seed: int, state=None):
+        if local_batch > source.num_examples:
+            raise ValueError(f"per-process batch {local_batch} is larger than the "
+                             f"{source.num_examples} examples of {source.name}:{source.split}")
+        self.source, self.d, self.batch, self.seed = source, data_cfg, local_batch, seed
+        self.state = dict(state or {"epoch": 0, "offset": 0})
+        self.skipped: list[str] = []
+        self._it = self._generate()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.source.num_examples // self.batch
+
+    def _epoch(self, epoch: int, offset: int):
+        d, seed = self.d, self.seed
+
+        def prep(pos, example):
+            image_bytes, label = example
+            s = tf.stack([tf.constant(_mix(seed, epoch), tf.int64), pos])
+            return pos, preprocess.train_example(image_bytes, s, d), label
+
+        ds = self.source.epoch_dataset(epoch, True, seed).enumerate().skip(offset)
+        ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors(log_warning=False)  # undecodable images: counted below
+        if d.dtype == "bfloat16":
+            ds = ds.map(lambda p, x, l: (p, tf.cast(x, tf.bfloat16), l))
+        return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    def _generate(self):
+        while True:
+            epoch, expected = self.state["epoch"], self.state["offset"]
+            for pos, image, label in self._epoch(epoch, expected).as_numpy_iterator():
+                self._note_gaps(epoch, expected, pos)
+                expected = int(pos[-1]) + 1
+                self.state = {"epoch": epoch, "offset": expected}
+                yield {"image": image, "label": label.astype(np.int32)}
+            self.state = {"epoch": epoch + 1, "offset": 0}
+
+    def _note_gaps(self, epoch, expected, positions):
+        want = np.arange(expected, int(positions[-1]) + 1)
+        for p in np.setdiff1d(want, positions):
+            path = self.source.key(epoch, int(p), self.seed)
+            self.skipped.append(path)
+            log.warning("skipped an image that failed to decode: %s (%d skipped so far)",
+                        path, len(self.skipped))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+
+# ----------------------------------------------------------------------------- eval
+
+def eval_batches(source: Source, data_cfg, local_batch: int, *, scale=None, crop=True,
+                 flip=False, limit=None):
+    """Every example of this process's shard once, in order, in batches of exactly
+    `local_batch` with a 0/1 `mask`; every process yields the same number of batches
+    (ceil(largest shard / batch)) so collective eval steps line up. flip=True adds
+    'image_flipped'. Undecodable images are skipped with a warning."""
+    d = data_cfg
+    n_local = source.num_examples if limit is None else min(limit, source.num_examples)
+    n_max = source.max_shard_examples if limit is None else min(limit, source.max_shard_examples)
+    num_batches = math.ceil(n_max / local_batch)
+
+    def prep(pos, example):
+        image = preprocess.eval_example(example[0], d, scale=scale, crop=crop)
+        return pos, image, example[1]
+
+    ds = source.epoch_dataset(0, False, 0).take(n_local).enumerate()
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
+    produced = 0
+    template = None
+    for _, image, label in ds.as_numpy_iterator():
+        batch = _pad(image, label, local_batch)
+        template = batch
+        produced += 1
+        yield _with_flip(batch, flip)
+    if template is None:  # empty shard: shapes from one example of the split
+        shape = (d.image_size, d.image_size, d.channels)
+        template = _pad(np.zeros((0, *shape), np.float32), np.zeros((0,), np.int32), local_batch)
+    for _ in range(num_batches - produced):
+        yield _with_flip({k: np.zeros_like(v) for k, v in template.items()}, flip)
+
+
+def _pad(image, label, size):
+    n = len(label)
+    mask = np.zeros((size,), np.float32)
+    mask[:n] = 1
+    pad = size - n
+    if pad:
+        image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
+        label = np.concatenate([label, np.zeros((pad,), label.dtype)])
+    return {"image": image, "label": label.astype(np.int32), "mask": mask}
+
+
+def _with_flip(batch, flip):
+    if flip:
+        batch = dict(batch, image_flipped=batch["image"][:, :, ::-1])
+    return batch
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main_prepare(args):
+    builder = tfds_builder(args.dataset, args.data_dir)
+    print(f"{args.dataset}: prepared in {builder.data_dir}")
+    for name, split in builder.info.splits.items():
+        print(f"  {name}: {split.num_examples} examples")
+
+
+def dataset_stats(dataset, split="train", data_dir=None, max_images=10_000, channels=3):
+    """Mean pixel (0..255) and the PCA of RGB on [0, 1] pixels (for the colour shift)."""
+    source = make_source(dataset, split, data_dir)
+    ds = source.epoch_dataset(0, False, 0).take(max_images)
+    ds = ds.map(lambda b, l: tf.reshape(tf.cast(preprocess.decode(b, channels), tf.float64),
+                                        (-1, channels)))
+    n, total, outer = 0, np.zeros(channels), np.zeros((channels, channels))
+    for pixels in ds.as_numpy_iterator():
+        n += len(pixels)
+        total += pixels.sum(0)
+        outer += pixels.T @ pixels
+    mean = total / n
+    cov = (outer / n - np.outer(mean, mean)) / 255.0 ** 2
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1]
+    return {"mean": mean.round(3).tolist(), "std": np.sqrt(np.diag(cov) * 255.0 ** 2).round(3).tolist(),
+            "pca_eigval": eigval[order].round(5).tolist(),
+            "pca_eigvec": eigvec[:, order].round(4).tolist(), "pixels": int(n)}
+
+
+def main_stats(args):
+    print(json.dumps(dataset_stats(args.dataset, args.split, args.data_dir, args.max_images)))

@@ -1,0 +1,188 @@
+"""The paper's image preprocessing as small tf ops (Sec. 3.1 training, Sec. 3.2 testing).
+
+Every random op is stateless and takes an explicit seed, so a batch is a pure function of
+(config seed, epoch, example position): the same run gives the same batches, and a resumed
+run gives the batches the interrupted one would have.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+# Sec. 2.1: the mean RGB of the ImageNet training set, on 0..255 pixels.
+IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
+# torchvision's eval transform: mean/std on [0, 1] pixels, expressed here on 0..255.
+TORCHVISION_MEAN = tuple(255.0 * m for m in (0.485, 0.456, 0.406))
+TORCHVISION_STD = tuple(255.0 * s for s in (0.229, 0.224, 0.225))
+# Krizhevsky et al. 2012 colour shift: PCA of ImageNet RGB on [0, 1] (fb.resnet.torch).
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))  # columns are the eigenvectors
+
+# Pixel conventions: out = (pixel_0_255 - mean) / std, then RGB->BGR if bgr.
+NORMALIZATIONS = {
+    "paper": dict(mean=IMAGENET_MEAN_RGB, std=(1.0, 1.0, 1.0), bgr=False),
+    "torchvision": dict(mean=TORCHVISION_MEAN, std=TORCHVISION_STD, bgr=False),
+    # The released Caffe VGG weights: BGR, mean [103.939, 116.779, 123.68] (Keras 'caffe').
+    "caffe": dict(mean=IMAGENET_MEAN_RGB, std=(1.0, 1.0, 1.0), bgr=True),
+    "unit": dict(mean=(127.5,), std=(127.5,), bgr=False),  # [-1, 1]; small datasets
+}
+
+
+def normalization(name: str, mean=None, std=None, bgr: bool = False) -> dict:
+    """A preset by name, or 'custom' with explicit mean/std (0..255 pixel units)."""
+    if name == "custom":
+        if mean is None or std is None:
+            raise ValueError("normalization 'custom' needs data.mean and data.std (0..255 units)")
+        return dict(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                    bgr=bool(bgr))
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {name!r}; choose one of "
+                         f"{', '.join(NORMALIZATIONS)} or 'custom'")
+    return dict(NORMALIZATIONS[name])
+
+
+def seeds(seed, n: int):
+    """n independent stateless seeds from one ([2] int) seed."""
+    return tf.unstack(tf.random.experimental.stateless_split(seed, n))
+
+
+def decode(image_bytes, channels: int):
+    return tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+
+
+def rescaled_size(h, w, s):
+    """Isotropic rescale so the smallest side is exactly S (torchvision's rounding:
+    the long side is int(S * long / short))."""
+    h, w, s = tf.cast(h, tf.float32), tf.cast(w, tf.float32), tf.cast(s, tf.float32)
+    short = tf.minimum(h, w)
+    nh = tf.where(h <= w, s, tf.floor(s * h / short))
+    nw = tf.where(h <= w, tf.floor(s * w / short), s)
+    return tf.cast(nh, tf.int32), tf.cast(nw, tf.int32)
+
+
+def rescale(image, s):
+    """Float32 image whose smallest side is S."""
+    shape = tf.shape(image)
+    nh, nw = rescaled_size(shape[0], shape[1], s)
+    return tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bilinear",
+                           antialias=True)
+
+
+def sample_scale(seed, s_min: int, s_max: int):
+    """Sec. 3.1 scale jittering: S ~ U{S_min..S_max} per image (S_min == S_max: fixed S)."""
+    if s_min == s_max:
+        return tf.constant(s_min, tf.int32)
+    return tf.random.stateless_uniform([], seed, s_min, s_max + 1, dtype=tf.int32)
+
+
+def random_crop(image, size: int, seed):
+    return tf.image.stateless_random_crop(image, (size, size, tf.shape(image)[-1]), seed)
+
+
+def center_crop(image, size: int):
+    shape = tf.shape(image)
+    top = (shape[0] - size) // 2
+    left = (shape[1] - size) // 2
+    return image[top:top + size, left:left + size]
+
+
+def random_flip(image, seed):
+    return tf.image.stateless_random_flip_left_right(image, seed)
+
+
+def pca_colour_shift(image, seed, eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC,
+                     alpha_std: float = 0.1):
+    """Krizhevsky et al. 2012: add sum_i alpha_i lambda_i p_i (alpha_i ~ N(0, alpha_std^2))
+    to every pixel; eigen-pairs are for [0, 1] pixels, so the shift is scaled by 255."""
+    alpha = tf.random.stateless_normal([3], seed) * alpha_std
+    shift = tf.linalg.matvec(tf.constant(eigvec, tf.float32),
+                             alpha * tf.constant(eigval, tf.float32))
+    return tf.cast(image, tf.float32) + 255.0 * shift
+
+
+def normalize(image, norm: dict):
+    image = (tf.cast(image, tf.float32) - tf.constant(norm["mean"], tf.float32)) / tf.constant(
+        norm["std"], tf.float32)
+    return image[..., ::-1] if norm["bgr"] else image
+
+
+def pad_and_random_crop(image, pad: int, seed):
+    """CIFAR-style: zero-pad `pad` pixels each side, crop back to the original size."""
+    shape = tf.shape(image)
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    return tf.image.stateless_random_crop(padded, shape, seed)
+
+
+def resize_to(image, size: int):
+    image = tf.cast(image, tf.float32)
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+
+
+def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed):
+    """Rescale-to-S then random-crop, computed as one crop of the *encoded* JPEG
+    (tf.image.decode_and_crop_jpeg decodes only the window) resized to size x size."""
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    h, w = shape[0], shape[1]
+    scale = tf.cast(s, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    ch = tf.minimum(h, tf.cast(tf.round(size / scale), tf.int32))
+    cw = tf.minimum(w, tf.cast(tf.round(size / scale), tf.int32))
+    sy, sx = seeds(seed, 2)
+    y = tf.random.stateless_uniform([], sy, 0, h - ch + 1, dtype=tf.int32)
+    x = tf.random.stateless_uniform([], sx, 0, w - cw + 1, dtype=tf.int32)
+    crop = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, ch, cw]), channels=channels)
+    return tf.image.resize(tf.cast(crop, tf.float32), (size, size), method="bilinear",
+                           antialias=True)
+
+
+def train_example(image_bytes, seed, d) -> tf.Tensor:
+    """Sec. 3.1 for recipe 'paper' (rescale to S or S~[Smin,Smax], random crop, flip,
+    PCA colour shift, mean subtraction), or the seeds' small-image recipe 'small'
+    (resize to the model input, pad-and-crop, flip). `d` is config.data."""
+    s_scale, s_crop, s_flip, s_pca = seeds(seed, 4)
+    norm = normalization(d.normalization, d.get("mean"), d.get("std"), d.get("bgr", False))
+    if d.recipe == "paper":
+        s = sample_scale(s_scale, d.s_min, d.s_max)
+        if d.fused_jpeg_crop:
+            image = tf.cond(
+                tf.io.is_jpeg(image_bytes),
+                lambda: fused_jpeg_scale_crop(image_bytes, d.channels, s, d.image_size, s_crop),
+                lambda: random_crop(rescale(decode(image_bytes, d.channels), s), d.image_size,
+                                    s_crop))
+        else:
+            image = random_crop(rescale(decode(image_bytes, d.channels), s), d.image_size, s_crop)
+    elif d.recipe == "small":
+        image = resize_to(decode(image_bytes, d.channels), d.image_size)
+        image.set_shape((d.image_size, d.image_size, d.channels))
+        if d.pad:
+            image = pad_and_random_crop(image, d.pad, s_crop)
+    else:
+        raise ValueError(f"unknown data.recipe {d.recipe!r}; choose 'paper' or 'small'")
+    if d.flip:
+        image = random_flip(image, s_flip)
+    if d.colour_pca:
+        image = pca_colour_shift(image, s_pca, d.pca_eigval, d.pca_eigvec, d.pca_std)
+    image = normalize(image, norm)
+    image.set_shape((d.image_size, d.image_size, d.channels))
+    return image
+
+
+def eval_example(image_bytes, d, *, scale: int | None = None, crop: bool = True) -> tf.Tensor:
+    """Sec. 3.2: rescale so the smallest side is Q, then a centre crop (torchvision style)
+    or, with crop=False, the whole image (dense evaluation)."""
+    norm = normalization(d.normalization, d.get("mean"), d.get("std"), d.get("bgr", False))
+    image = decode(image_bytes, d.channels)
+    if d.recipe == "small" and scale is None:
+        image = resize_to(image, d.image_size)
+    else:
+        image = rescale(image, scale or d.eval_scale)
+        if crop:
+            image = center_crop(image, d.image_size)
+    return normalize(image, norm)
+
+
+def to_numpy_float(x) -> np.ndarray:
+    return np.asarray(x, np.float32)
