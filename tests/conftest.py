@@ -1,0 +1,36 @@
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name="default"):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=5, size=(40, 52), seed=0,
+                       formats=("jpg", "png")):
+    """root/class/*.jpg|png with random pixels; returns the list of paths written."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    paths = []
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            h, w = size
+            arr = rng.integers(0, 256, (h + i, w, 3), dtype=np.uint8)
+            p = os.path.join(root, c, f"{i}.{formats[i % len(formats)]}")
+            Image.fromarray(arr).save(p)
+            paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def config():
+    return load_config()

@@ -1,0 +1,198 @@
+"""Input pipeline on data made offline: image folders written here and the bundled digits."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import write_image_folder
+from vgg_jax import input_pipeline as ip
+from vgg_jax import preprocess
+
+
+def paper_data(config, size=32, s_min=40, s_max=48):
+    d = config.data
+    d.recipe, d.image_size, d.s_min, d.s_max, d.eval_scale = "paper", size, s_min, s_max, 40
+    d.flip, d.colour_pca, d.normalization = True, True, "paper"
+    return d
+
+
+def test_folder_train_and_eval_batches_shapes_dtypes_ranges(tmp_path, config):
+    write_image_folder(tmp_path / "imgs", per_class=6)
+    d = paper_data(config)
+    src = ip.make_source(str(tmp_path / "imgs"), "train")
+    assert src.class_names == ["cat", "dog"] and src.num_examples == 12
+    batch = next(ip.TrainIterator(src, d, 4, seed=0))
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1}
+    # paper normalisation: 0..255 minus the mean RGB, plus a colour shift of a few units
+    assert -123.68 - 20 < batch["image"].min() < 0 < batch["image"].max() < 255 - 103.94 + 20
+    ev = list(ip.eval_batches(src, d, 5))
+    assert [b["image"].shape for b in ev] == [(5, 32, 32, 3)] * 3
+    assert sum(b["mask"].sum() for b in ev) == 12
+
+
+def test_digits_batches(config):
+    src = ip.make_source("vgg_digits", "train")
+    assert (src.total_examples, src.num_classes) == (1437, 10)
+    batch = next(ip.TrainIterator(src, config.data, 16, seed=0))
+    assert batch["image"].shape == (16, 32, 32, 3)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0  # 'unit' normalisation
+    test = ip.make_source("vgg_digits", "test")
+    assert test.total_examples == 360
+
+
+@pytest.mark.parametrize("h,w,s", [(375, 500, 256), (500, 375, 256), (100, 50, 384), (64, 64, 224)])
+def test_rescale_keeps_aspect_and_smallest_side_is_s(h, w, s):
+    out = preprocess.rescale(tf.zeros((h, w, 3), tf.uint8), s)
+    oh, ow = out.shape[:2]
+    assert min(oh, ow) == s
+    assert abs(oh / ow - h / w) < 2 / s  # aspect kept up to the integer rounding
+
+
+def test_scale_jitter_covers_the_range():
+    draws = {int(preprocess.sample_scale(tf.constant([0, i], tf.int64), 256, 260))
+             for i in range(300)}
+    assert draws == {256, 257, 258, 259, 260}
+    assert int(preprocess.sample_scale(tf.constant([0, 1], tf.int64), 384, 384)) == 384
+
+
+def test_random_crop_lies_inside_the_image():
+    h, w = 50, 70
+    coords = tf.cast(tf.reshape(tf.range(h * w), (h, w, 1)), tf.float32)
+    for i in range(20):
+        crop = preprocess.random_crop(coords, 32, tf.constant([1, i], tf.int64)).numpy()[..., 0]
+        y0, x0 = divmod(int(crop[0, 0]), w)
+        expected = (np.arange(y0, y0 + 32)[:, None] * w + np.arange(x0, x0 + 32)[None, :])
+        np.testing.assert_array_equal(crop, expected)
+
+
+def test_flip_flips_or_keeps():
+    img = tf.reshape(tf.range(2 * 3 * 1, dtype=tf.float32), (2, 3, 1))
+    seen = set()
+    for i in range(20):
+        out = preprocess.random_flip(img, tf.constant([2, i], tf.int64)).numpy()
+        if np.array_equal(out, img.numpy()[:, ::-1]):
+            seen.add("flipped")
+        else:
+            np.testing.assert_array_equal(out, img.numpy())
+            seen.add("kept")
+    assert seen == {"flipped", "kept"}
+
+
+def test_pca_colour_shift_has_the_documented_covariance():
+    zero = tf.zeros((1, 1, 3))
+    shifts = np.stack([preprocess.pca_colour_shift(zero, tf.constant([3, i], tf.int64)).numpy()
+                       .reshape(3) for i in range(4000)])
+    v = np.asarray(preprocess.IMAGENET_EIGVEC)
+    lam = np.asarray(preprocess.IMAGENET_EIGVAL)
+    expected = 255.0 ** 2 * v @ np.diag((0.1 * lam) ** 2) @ v.T
+    np.testing.assert_allclose(np.cov(shifts.T), expected, rtol=0.1, atol=0.02 * expected.max())
+    assert abs(shifts.mean(0)).max() < 0.1 * np.sqrt(expected.max())
+
+
+def test_mean_subtraction_uses_the_configured_mean():
+    img = tf.fill((2, 2, 3), 200.0)
+    out = preprocess.normalize(img, preprocess.normalization("paper")).numpy()
+    np.testing.assert_allclose(out[0, 0], 200.0 - np.asarray(preprocess.IMAGENET_MEAN_RGB), rtol=1e-6)
+    out = preprocess.normalize(img, preprocess.normalization("custom", (10, 20, 30), (2, 2, 2)))
+    np.testing.assert_allclose(out.numpy()[0, 0], [95, 90, 85])
+    caffe = preprocess.normalize(img, preprocess.normalization("caffe")).numpy()
+    np.testing.assert_allclose(caffe[0, 0], (200.0 - np.asarray(preprocess.IMAGENET_MEAN_RGB))[::-1])
+
+
+def test_same_seed_same_batches_and_resume_replays_exactly(config):
+    src = ip.make_source("vgg_digits", "train")
+    a = ip.TrainIterator(src, config.data, 32, seed=5)
+    first = [next(a) for _ in range(3)]
+    state = dict(a.state)
+    after = [next(a) for _ in range(2)]
+    b = ip.TrainIterator(src, config.data, 32, seed=5)
+    for x, y in zip(first, [next(b) for _ in range(3)]):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    resumed = ip.TrainIterator(src, config.data, 32, seed=5, state=state)
+    for x, y in zip(after, [next(resumed) for _ in range(2)]):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    other = next(ip.TrainIterator(src, config.data, 32, seed=6))
+    assert not np.array_equal(other["image"], first[0]["image"])
+
+
+def _labels_and_pixels(source, data_cfg):
+    out = []
+    for b in ip.eval_batches(source, data_cfg, 64):
+        keep = b["mask"] > 0
+        out += [(int(l), float(i.sum())) for l, i in zip(b["label"][keep], b["image"][keep])]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tfds", "folder"])
+def test_process_shards_are_disjoint_and_cover_the_split(tmp_path, config, kind):
+    if kind == "folder":
+        write_image_folder(tmp_path / "f", classes=("a", "b", "c"), per_class=7)
+        name, split, d = str(tmp_path / "f"), None, paper_data(config)
+    else:
+        name, split, d = "vgg_digits", "test", config.data
+    whole = _labels_and_pixels(ip.make_source(name, split), d)
+    parts = [_labels_and_pixels(ip.make_source(name, split, process_index=i, process_count=3), d)
+             for i in range(3)]
+    assert sum(len(p) for p in parts) == len(whole)
+    assert sorted(x for p in parts for x in p) == sorted(whole)
+    assert all(len(set(p) & set(q)) == 0 for i, p in enumerate(parts) for q in parts[i + 1:]) \
+        or len(set(whole)) < len(whole)
+
+
+def test_padded_eval_batches_count_every_example_once_on_every_process(config):
+    sources = [ip.make_source("vgg_digits", "test", process_index=i, process_count=7)
+               for i in range(7)]
+    batches = [list(ip.eval_batches(s, config.data, 16)) for s in sources]
+    assert len({len(b) for b in batches}) == 1  # same number of steps on every process
+    assert sum(b["mask"].sum() for bs in batches for b in bs) == 360
+    assert all(b["image"].shape == (16, 32, 32, 3) for bs in batches for b in bs)
+
+
+def test_corrupt_jpeg_is_skipped_counted_and_the_run_goes_on(tmp_path, config, caplog):
+    write_image_folder(tmp_path / "imgs", per_class=4, formats=("jpg",))
+    bad = tmp_path / "imgs" / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    d = paper_data(config)
+    src = ip.make_source(str(tmp_path / "imgs"), None)
+    it = ip.TrainIterator(src, d, 3, seed=0)
+    batches = [next(it) for _ in range(6)]  # 9 good images: crosses an epoch boundary
+    assert all(b["image"].shape == (3, 32, 32, 3) for b in batches)
+    assert it.skipped and set(it.skipped) == {str(bad)}
+    assert "broken.jpg" in caplog.text
+
+
+def test_missing_folder_and_empty_class_are_reported_with_their_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"image folder {tmp_path}/nope does not exist"):
+        ip.make_source(str(tmp_path / "nope"), None)
+    write_image_folder(tmp_path / "imgs", per_class=2)
+    os.makedirs(tmp_path / "imgs" / "zebra")
+    with pytest.raises(ValueError, match=r"class folder .*imgs/zebra has no images"):
+        ip.make_source(str(tmp_path / "imgs"), None)
+
+
+def test_imagenet_says_where_the_tars_go(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        ip.make_source("imagenet2012", "train", data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in msg
+    assert os.path.join(str(tmp_path), "downloads", "manual") in msg and "tfds build" in msg
+
+
+def test_unknown_tfds_name_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_set'"):
+        ip.make_source("no_such_set", "train", data_dir=str(tmp_path))
+
+
+def test_fused_jpeg_decode_and_crop_matches_rescale_then_crop_in_distribution(tmp_path, config):
+    from PIL import Image
+    grad = np.tile(np.linspace(0, 255, 120, dtype=np.float32)[None, :, None], (80, 1, 3))
+    Image.fromarray(grad.astype(np.uint8)).save(tmp_path / "g.jpg", quality=98)
+    raw = tf.io.read_file(str(tmp_path / "g.jpg"))
+    fused = preprocess.fused_jpeg_scale_crop(raw, 3, 48, 32, tf.constant([0, 0], tf.int64))
+    assert fused.shape == (32, 32, 3)
+    # a horizontal ramp: any 32-wide crop of the 48-rescaled image spans 32/72 of the range
+    span = float(fused[16, -1, 0] - fused[16, 0, 0])
+    assert abs(span - 255 * 31 / 71) < 12

@@ -1,0 +1,312 @@
+"""Training. Models are tiny (width 1/16, 32x32 digits) because XLA's CPU convs are slow;
+runs that need fake devices, several processes or a kill happen in subprocesses."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_config
+from vgg_jax import checkpoint, models, optim, train
+
+TINY = ["--config.model.width=0.0625", "--config.model.fc_widths=(16, 16)",
+        "--config.optim.batch_size=32", "--config.train.progress_bar=False",
+        "--config.optim.warmup_epochs=0", "--config.optim.schedule=constant",
+        "--config.train.log_every_steps=4"]
+
+
+def run_train(workdir, *flags, wait=True, **kw):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *TINY, *flags]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def final_params(workdir):
+    variables, meta = checkpoint.load_weights(str(workdir))
+    return variables, meta
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def helper(*args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    out = subprocess.run([sys.executable, "tests/helpers/steps.py", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["A", "A_bn"])
+def test_sharded_step_on_8_fake_devices_equals_one_device(arch):
+    r = helper("sharded", arch,
+               env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert r["devices"] == 8
+    assert r["moved"] > 1e-3  # the step really changed the params ...
+    assert r["diff"] < 1e-5 * max(1.0, r["moved"] * 100)  # ... identically on 1 and 8 devices
+    assert r["bn_diff"] < 1e-5
+    assert "must be a whole multiple of the 8 devices" in r["validate_error"]
+
+
+def test_two_processes_with_gloo_end_with_identical_params():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "tests/helpers/steps.py", "process", str(i),
+                               str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    r0, r1 = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
+    assert r0["processes"] == r1["processes"] == 2 and r0["step"] == r1["step"] == 3
+    assert r0["checksum"] == r1["checksum"] and r0["first"] == r1["first"]
+
+
+def _tiny_params():
+    rng = np.random.default_rng(0)
+    return {"fc": {"kernel": rng.normal(size=(5, 3)).astype(np.float32),
+                   "bias": rng.normal(size=(3,)).astype(np.float32)}}
+
+
+def _sgd_cfg(mode):
+    o = load_config().optim
+    o.weight_decay_mode, o.learning_rate, o.weight_decay = mode, 0.1, 5e-4
+    o.schedule, o.warmup_epochs = "constant", 0
+    return o
+
+
+def _data(step):
+    rng = np.random.default_rng(100 + step)
+    return rng.normal(size=(8, 5)).astype(np.float32), rng.integers(0, 3, 8)
+
+
+def _loss(p, x, y):
+    logits = x @ p["fc"]["kernel"] + p["fc"]["bias"]
+    return train.cross_entropy(logits, y).mean()
+
+
+def _run_optax(mode, steps=5):
+    o = _sgd_cfg(mode)
+    params = jax.tree.map(jnp.asarray, _tiny_params())
+    tx = optim.make_optimizer(o, params, optim.learning_rate_schedule(o, 10, 100))
+    state = tx.init(params)
+    for s in range(steps):
+        x, y = _data(s)
+        g = jax.grad(_loss)(params, x, y)
+        updates, state = tx.update(g, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    return params
+
+
+def test_coupled_weight_decay_matches_torch_sgd_step_for_step():
+    torch = pytest.importorskip("torch")
+    p0 = _tiny_params()
+    w = torch.tensor(p0["fc"]["kernel"], requires_grad=True)
+    b = torch.tensor(p0["fc"]["bias"], requires_grad=True)
+    opt = torch.optim.SGD([w, b], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for s in range(5):
+        x, y = _data(s)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(torch.tensor(x) @ w + b, torch.tensor(y))
+        loss.backward()
+        opt.step()
+    ours = _run_optax("coupled")
+    np.testing.assert_allclose(ours["fc"]["kernel"], w.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["fc"]["bias"], b.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_decoupled_weight_decay_matches_its_formula():
+    p = _tiny_params()
+    buf = jax.tree.map(np.zeros_like, p)
+    for s in range(5):  # buf = m buf + g; p -= lr (buf + wd p)
+        x, y = _data(s)
+        g = jax.tree.map(np.asarray, jax.grad(_loss)(jax.tree.map(jnp.asarray, p), x, y))
+        buf = jax.tree.map(lambda bb, gg: 0.9 * bb + gg, buf, g)
+        p = jax.tree.map(lambda pp, bb: pp - 0.1 * (bb + 5e-4 * pp), p, buf)
+    ours = _run_optax("decoupled")
+    np.testing.assert_allclose(ours["fc"]["kernel"], p["fc"]["kernel"], rtol=1e-5, atol=1e-6)
+
+
+def test_decay_mask_can_exclude_biases_and_bn():
+    params = {"conv1_1": {"kernel": 1, "bias": 2}, "bn1_1": {"scale": 3, "bias": 4}}
+    assert optim.decay_mask(params, False) == {"conv1_1": {"kernel": True, "bias": False},
+                                               "bn1_1": {"scale": False, "bias": False}}
+
+
+def test_paper_plateau_rule_divides_by_10_at_most_3_times():
+    plateau = optim.Plateau(patience=1, max_decays=3)
+    state = plateau.init()
+    scales = []
+    for err in [0.5, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4]:
+        state = plateau.update(state, err)
+        scales.append(float(state.scale))
+    assert scales[:2] == [1.0, 1.0]
+    assert sorted(set(np.round(scales, 6)), reverse=True) == [1.0, 0.1, 0.01, 0.001]
+    assert scales[-1] == pytest.approx(1e-3)
+
+
+def test_pre_initialisation_copies_exactly_the_named_layers_from_A_into_D(tmp_path):
+    a = models.create_model("A", num_classes=10, width=1 / 16, fc_widths=(16, 16), classifier_pool=1)
+    a_vars = models.init_variables(a, jax.random.key(7), 32)
+    checkpoint.save_weights(str(tmp_path / "netA"), a_vars, {"model": {"arch": "vgg11"}})
+    c = load_config()
+    c.model.arch, c.model.width, c.model.fc_widths = "D", 1 / 16, (16, 16)
+    c.train.init_from, c.train.init_from_layers = str(tmp_path / "netA"), "paper"
+    d = train.build_model(c, 10)
+    o = c.optim
+    tx = optim.make_optimizer(o, models.abstract_variables(d, 32)["params"],
+                              optim.learning_rate_schedule(o, 10, 100))
+    state = train.create_state(d, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    new = train.init_from_checkpoint(state, c)
+    copied = ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"]
+    assert train.paper_preinit_layers("A") == copied
+    for name in copied:
+        assert_trees_equal(new.params[name], a_vars["params"][name])
+    for name in set(new.params) - set(copied):  # the rest stay as randomly initialised
+        assert_trees_equal(new.params[name], state.params[name])
+
+
+def test_init_from_with_a_mismatched_layer_names_it_and_both_shapes(tmp_path):
+    a = models.create_model("A", num_classes=5, width=1 / 16, fc_widths=(16, 16), classifier_pool=1)
+    checkpoint.save_weights(str(tmp_path / "w"), models.init_variables(a, jax.random.key(0), 32),
+                            {"model": {"arch": "vgg11"}})
+    c = load_config()
+    c.model.arch, c.model.width, c.model.fc_widths = "A", 1 / 16, (16, 16)
+    c.train.init_from = str(tmp_path / "w")
+    m = train.build_model(c, 10)
+    tx = optim.make_optimizer(c.optim, models.abstract_variables(m, 32)["params"], 0.1)
+    state = train.create_state(m, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    with pytest.raises(ValueError, match=r"fc8/kernel: checkpoint shape \(16, 5\) != model shape \(16, 10\)"):
+        train.init_from_checkpoint(state, c)
+    c.train.init_exclude = "fc8"  # fine-tuning: a new head for the new classes
+    new = train.init_from_checkpoint(state, c)
+    assert_trees_equal(new.params["fc8"], state.params["fc8"])
+
+
+def test_frozen_layers_do_not_change_after_a_step():
+    c = load_config()
+    c.model.arch, c.model.width, c.model.fc_widths = "A_bn", 1 / 16, (16, 16)
+    c.optim.freeze, c.optim.warmup_epochs, c.optim.schedule = ("conv1_1", "bn1_1"), 0, "constant"
+    m = train.build_model(c, 10)
+    tx = optim.make_optimizer(c.optim, models.abstract_variables(m, 32)["params"],
+                              optim.learning_rate_schedule(c.optim, 10, 100))
+    state = train.create_state(m, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    batch = {"image": np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
+             "label": np.arange(8, dtype=np.int32)}
+    new, _ = jax.jit(train.make_train_step(m, tx))(state, batch)
+    assert_trees_equal(new.params["conv1_1"], state.params["conv1_1"])
+    assert_trees_equal(new.params["bn1_1"], state.params["bn1_1"])
+    assert not np.allclose(new.params["conv2_1"]["kernel"], state.params["conv2_1"]["kernel"])
+
+
+def test_grad_accumulation_equals_one_big_batch_without_bn():
+    c = load_config()
+    c.model.arch, c.model.width, c.model.fc_widths = "A", 1 / 16, (16, 16)
+    c.model.dropout_rate, c.optim.warmup_epochs, c.optim.schedule = 0.0, 0, "constant"
+    m = train.build_model(c, 10)
+    tx = optim.make_optimizer(c.optim, models.abstract_variables(m, 32)["params"],
+                              optim.learning_rate_schedule(c.optim, 10, 100))
+    state = train.create_state(m, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    batch = {"image": np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
+             "label": np.arange(8, dtype=np.int32)}
+    one, _ = jax.jit(train.make_train_step(m, tx, 1))(state, batch)
+    four, _ = jax.jit(train.make_train_step(m, tx, 4))(state, batch)
+    for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_config_errors_are_clear_before_compiling(tmp_path):
+    c = load_config()
+    c.data.recipe, c.data.image_size, c.data.s_min, c.data.s_max = "paper", 224, 128, 128
+    with pytest.raises(ValueError, match=r"crop data.image_size=224 is larger than the training scale S"):
+        train.validate(c)
+    c = load_config()
+    c.optim.batch_size, c.optim.grad_accum_steps = 10, 3
+    with pytest.raises(ValueError, match="grad_accum_steps=3 must be a whole multiple"):
+        train.validate(c)
+    out = run_train(tmp_path / "w", "--config.optim.learnin_rate=0.1", timeout=120)
+    assert out.returncode != 0 and "learnin_rate" in out.stderr
+
+
+def test_kill_after_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
+    flags = ["--config.train.max_steps=40", "--config.train.checkpoint_every_steps=4",
+             "--config.train.eval_every_epochs=1000"]
+    ref = run_train(tmp_path / "ref", *flags, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    proc = run_train(tmp_path / "run", *flags, wait=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(
+            p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir())):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert 4 <= killed_at < 40, "the run finished before it could be killed"
+    resumed = run_train(tmp_path / "run", *flags, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (a, _), (b, meta) = final_params(tmp_path / "ref"), final_params(tmp_path / "run")
+    assert meta["step"] == 40
+    assert_trees_equal(a, b)
+
+
+def test_sigterm_leaves_a_checkpoint_at_the_current_step(tmp_path):
+    proc = run_train(tmp_path / "w", "--config.train.max_steps=100000",
+                     "--config.train.checkpoint_every_steps=100000",
+                     "--config.train.eval_every_epochs=1000", wait=False)
+    metrics = tmp_path / "w" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    saved = [int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 4 <= saved[0] < 100000
+    assert f"checkpoint saved at step {saved[0]}" in out
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = run_train(tmp_path / "w", "--config.optim.learning_rate=1e9",
+                    "--config.train.checkpoint_every_steps=1", "--config.train.max_steps=50",
+                    "--config.model.arch=vgg11", timeout=600)
+    assert out.returncode != 0
+    err = out.stderr.lower()
+    assert "training stopped" in err and ("loss is nan" in err or "loss is inf" in err)
+    assert "last good checkpoint (step" in err
+    variables, meta = final_params(tmp_path / "w")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path):
+    out = run_train(tmp_path / "w", "--config.train.max_steps=8",
+                    "--config.train.eval_every_epochs=1000", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tmp = tmp_path / "w" / "checkpoints" / "12.orbax-checkpoint-tmp-1234"
+    tmp.mkdir()
+    (tmp / "garbage").write_text("half written")
+    _, meta = final_params(tmp_path / "w")
+    assert meta["step"] == 8
+
+
+def test_default_config_reaches_90_percent_on_digits(tmp_path):
+    """A real learning test: the README's main command, in process."""
+    c = load_config()
+    c.train.progress_bar = False
+    result = train.train_and_evaluate(c, str(tmp_path / "default"))
+    assert result["count"] == 360
+    assert result["top1_acc"] >= 0.90, result
+    lines = [json.loads(l) for l in open(tmp_path / "default" / "metrics.jsonl")]
+    assert any("eval_top1_err" in l for l in lines) and all("step" in l for l in lines)
+    assert os.listdir(tmp_path / "default" / "tensorboard")
