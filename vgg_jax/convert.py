@@ -1,0 +1,252 @@
+"""torchvision VGG state_dicts <-> Flax variables, mapped by name, never by position.
+
+torchvision: `features.{i}` = Conv2d[, BatchNorm2d], ReLU, ..., MaxPool2d in Table-1 order
+(LRN, for A-LRN, takes an index too); `classifier.{0,3,6}` = fc6, fc7, fc8.
+conv OIHW -> HWIO; linear (out, in) -> (in, out); fc6's rows go from torch's (C, H, W)
+flatten order to NHWC's (H, W, C) once, here, so the model never transposes activations.
+"""
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+
+from vgg_jax import models
+
+BN_TORCH = {"weight": "scale", "bias": "bias"}
+BN_STATS = {"running_mean": "mean", "running_var": "var"}
+
+
+def torch_layout(arch: str) -> dict[str, tuple[str, str]]:
+    """{flax layer name: (torch module prefix, kind)} in torchvision's order."""
+    letter, bn = models.resolve_arch(arch)
+    out, i = collections.OrderedDict(), 0
+    for layer in models.layer_table(letter):
+        if layer.kind == "conv":
+            out[layer.name] = (f"features.{i}", "conv")
+            i += 1
+            if bn:
+                out["bn" + layer.name[4:]] = (f"features.{i}", "bn")
+                i += 1
+            i += 1  # ReLU
+        else:
+            i += 1  # LRN / MaxPool2d
+    for name, idx in (("fc6", 0), ("fc7", 3), ("fc8", 6)):
+        out[name] = (f"classifier.{idx}", "fc")
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_state_dict(source) -> dict[str, np.ndarray]:
+    """A state_dict from a dict, .pth/.pt (torch.load(weights_only=True): a pickle that
+    would run code is refused), .safetensors or .npz (both torch-free)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"weights file {path} does not exist")
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+            sd = load_file(path)
+        elif path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                sd = {k: z[k] for k in z.files}
+        else:
+            try:
+                import torch
+            except ImportError:
+                raise ImportError(f"reading {path} needs torch (pip install 'vgg_jax[torch]'); "
+                                  "or convert it to .safetensors / .npz elsewhere") from None
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickle.UnpicklingError for anything but tensors
+                raise ValueError(f"refusing to load {path}: it is not a plain tensor state_dict "
+                                 f"(torch.load(weights_only=True) said: "
+                                 f"{str(e).splitlines()[0]})") from None
+    else:
+        sd = source
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    out = {}
+    for k, v in sd.items():
+        k = k[len("module."):] if k.startswith("module.") else k  # DataParallel
+        # copy: .numpy() shares memory with the tensor, which torch may update in place
+        out[k] = np.array(v.detach().cpu().numpy() if hasattr(v, "detach") else v, copy=True)
+    return out
+
+
+def infer_model_kwargs(sd, arch: str, num_classes: int | None = None) -> dict:
+    """Model options read off the tensors: width, fc widths, classes, input channels."""
+    layout = torch_layout(arch)
+    first = layout["conv1_1"][0] + ".weight"
+    fc6 = layout["fc6"][0] + ".weight"
+    fc8 = layout["fc8"][0] + ".weight"
+    for key in (first, fc6, fc8, layout["fc7"][0] + ".weight"):
+        if key not in sd:
+            raise ValueError(f"weights lack {key!r}, which {models.canonical_name(arch)} needs; "
+                             f"found keys like {sorted(sd)[:4]}")
+    kw = dict(arch=models.canonical_name(arch), in_channels=int(sd[first].shape[1]),
+              width=float(sd[first].shape[0]) / 64.0,
+              fc_widths=[int(sd[fc6].shape[0]), int(sd[layout["fc7"][0] + ".weight"].shape[0])],
+              num_classes=int(sd[fc8].shape[0]) if num_classes is None else int(num_classes),
+              classifier_pool=7)
+    return kw
+
+
+def _check(sd, expected: dict[str, tuple], arch: str):
+    """Every expected key present with its shape, nothing unexpected: else name the first
+    bad key and both shapes."""
+    for key, shape in expected.items():
+        if key not in sd:
+            raise ValueError(f"{arch}: weights file has no {key!r} (expected shape {shape}); "
+                             f"is it the file of another architecture?")
+        if tuple(sd[key].shape) != tuple(shape):
+            raise ValueError(f"{arch}: {key!r} has shape {tuple(sd[key].shape)} in the weights "
+                             f"file but the model expects {tuple(shape)}")
+    extra = [k for k in sd if k not in expected and not k.endswith("num_batches_tracked")]
+    if extra:
+        raise ValueError(f"{arch}: unexpected key {extra[0]!r} with shape {tuple(sd[extra[0]].shape)} "
+                         f"in the weights file ({len(extra)} unexpected in all); is it the file "
+                         f"of another architecture?")
+
+
+def _torch_shapes(arch, abstract, pool):
+    """The torch state_dict shapes a Flax variables tree corresponds to."""
+    params, stats = abstract["params"], abstract.get("batch_stats", {})
+    out = {}
+    for name, (prefix, kind) in torch_layout(arch).items():
+        if kind == "conv":
+            kh, kw, cin, cout = params[name]["kernel"].shape
+            out[prefix + ".weight"], out[prefix + ".bias"] = (cout, cin, kh, kw), (cout,)
+        elif kind == "bn":
+            c = params[name]["scale"].shape[0]
+            for t in ("weight", "bias", "running_mean", "running_var"):
+                out[f"{prefix}.{t}"] = (c,)
+        else:
+            fin, fout = params[name]["kernel"].shape
+            out[prefix + ".weight"], out[prefix + ".bias"] = (fout, fin), (fout,)
+    return out
+
+
+def fc6_torch_to_flax(w: np.ndarray, pool: int) -> np.ndarray:
+    """(out, C*H*W) torch rows -> (H*W*C, out) Flax kernel."""
+    out, fin = w.shape
+    c = fin // (pool * pool)
+    return w.reshape(out, c, pool, pool).transpose(2, 3, 1, 0).reshape(pool * pool * c, out)
+
+
+def fc6_flax_to_torch(k: np.ndarray, pool: int) -> np.ndarray:
+    fin, out = k.shape
+    c = fin // (pool * pool)
+    return k.reshape(pool, pool, c, out).transpose(3, 2, 0, 1).reshape(out, c * pool * pool)
+
+
+def from_torch(state_dict_or_path, arch: str, num_classes: int | None = None):
+    """Flax variables ({'params'[, 'batch_stats'][, 'torch_buffers']}) for
+    `create_model(arch, **infer_model_kwargs(...))` from a torchvision-layout state_dict."""
+    sd = load_state_dict(state_dict_or_path)
+    kw = infer_model_kwargs(sd, arch, num_classes)
+    model = models.create_model(**kw)
+    abstract = models.abstract_variables(model, 224)
+    _check(sd, _torch_shapes(arch, abstract, model.classifier_pool), kw["arch"])
+    params, stats, buffers = {}, {}, {}
+    for name, (prefix, kind) in torch_layout(arch).items():
+        w = sd.get(prefix + ".weight")
+        if kind == "conv":
+            params[name] = {"kernel": w.transpose(2, 3, 1, 0), "bias": sd[prefix + ".bias"]}
+        elif kind == "bn":
+            params[name] = {v: sd[f"{prefix}.{k}"] for k, v in BN_TORCH.items()}
+            stats[name] = {v: sd[f"{prefix}.{k}"] for k, v in BN_STATS.items()}
+            if prefix + ".num_batches_tracked" in sd:
+                buffers[name] = {"num_batches_tracked": np.asarray(
+                    sd[prefix + ".num_batches_tracked"], np.int64)}
+        else:
+            kernel = fc6_torch_to_flax(w, model.classifier_pool) if name == "fc6" else w.T
+            params[name] = {"kernel": kernel, "bias": sd[prefix + ".bias"]}
+    cast = lambda t: {k: {kk: np.ascontiguousarray(vv, np.float32) for kk, vv in v.items()}
+                      for k, v in t.items()}
+    variables = {"params": cast(params)}
+    if stats:
+        variables["batch_stats"] = cast(stats)
+    if buffers:  # torch-only counters, kept so that torch -> Flax -> torch is bit-exact
+        variables["torch_buffers"] = buffers
+    return variables
+
+
+def to_torch(variables, arch: str, *, as_numpy: bool = False, pool: int = 7):
+    """A torchvision-layout state_dict (torch tensors, or NumPy arrays with as_numpy or
+    without torch) from Flax variables."""
+    params = variables["params"]
+    stats = variables.get("batch_stats", {})
+    buffers = variables.get("torch_buffers", {})
+    sd = collections.OrderedDict()
+    for name, (prefix, kind) in torch_layout(arch).items():
+        if name not in params:
+            raise ValueError(f"variables have no layer {name!r}, which {arch} needs")
+        p = {k: np.asarray(v) for k, v in params[name].items()}
+        if kind == "conv":
+            sd[prefix + ".weight"] = p["kernel"].transpose(3, 2, 0, 1)
+            sd[prefix + ".bias"] = p["bias"]
+        elif kind == "bn":
+            sd[prefix + ".weight"], sd[prefix + ".bias"] = p["scale"], p["bias"]
+            sd[prefix + ".running_mean"] = np.asarray(stats[name]["mean"])
+            sd[prefix + ".running_var"] = np.asarray(stats[name]["var"])
+            sd[prefix + ".num_batches_tracked"] = np.asarray(
+                buffers.get(name, {}).get("num_batches_tracked", 0), np.int64)
+        else:
+            sd[prefix + ".weight"] = (fc6_flax_to_torch(p["kernel"], pool) if name == "fc6"
+                                      else p["kernel"].T)
+            sd[prefix + ".bias"] = p["bias"]
+    sd = collections.OrderedDict((k, np.array(v, order="C")) for k, v in sd.items())
+    if as_numpy:
+        return sd
+    try:
+        import torch
+    except ImportError:
+        return sd
+    return collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
+
+
+def imagenet_class_names() -> list[str]:
+    path = os.path.join(os.path.dirname(__file__), "data", "imagenet_classes.txt")
+    with open(path) as f:
+        return [line.strip() for line in f]
+
+
+def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict:
+    """meta.json for converted weights: the model and the pixel convention they expect
+    (torchvision: resize 256, centre crop 224, mean/std on [0, 1] pixels)."""
+    from vgg_jax import preprocess
+    n = model_kwargs["num_classes"]
+    return dict(model=dict(model_kwargs),
+                preprocessing=dict(preprocess.normalization(preprocessing), recipe="paper",
+                                   image_size=224, eval_scale=256,
+                                   channels=model_kwargs.get("in_channels", 3),
+                                   convention=preprocessing),
+                class_names=imagenet_class_names() if n == 1000 else [str(i) for i in range(n)])
+
+
+def main(args) -> None:
+    from vgg_jax import checkpoint
+    if args.from_torch and args.out:
+        sd = load_state_dict(args.from_torch)
+        kw = infer_model_kwargs(sd, args.arch, args.num_classes)
+        variables = from_torch(sd, args.arch, args.num_classes)
+        checkpoint.save_weights(args.out, variables, weights_meta(kw, args.preprocessing))
+        print(f"wrote {kw['arch']} ({kw['num_classes']} classes, "
+              f"{models.count_params(variables['params']):,} params) to {args.out}")
+    elif args.from_dir and args.to_torch:
+        variables, meta = checkpoint.load_weights(args.from_dir)
+        sd = to_torch(variables, args.arch, as_numpy=args.to_torch.endswith(".safetensors"),
+                      pool=meta["model"].get("classifier_pool", 7))
+        if args.to_torch.endswith(".safetensors"):
+            from safetensors.numpy import save_file
+            save_file(dict(sd), args.to_torch)
+        else:
+            import torch
+            torch.save(sd, args.to_torch)
+        print(f"wrote {len(sd)} tensors to {args.to_torch}")
+    else:
+        raise ValueError("give --from-torch FILE --out DIR, or --from DIR --to-torch FILE")
