@@ -74,6 +74,9 @@ def validate(config) -> None:
                          f"{', '.join(optim.SCHEDULES)}")
     if o.weight_decay_mode not in ("coupled", "decoupled"):
         raise ValueError(f"unknown optim.weight_decay_mode {o.weight_decay_mode!r}")
+    if config.eval.protocol not in ("center", "dense", "multicrop", "dense+multicrop"):
+        raise ValueError(f"unknown eval.protocol {config.eval.protocol!r}; choose center, "
+                         "dense, multicrop or dense+multicrop")
     if t.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train.dtype must be float32 or bfloat16, got {t.dtype!r}")
     models.resolve_arch(config.model.arch)
@@ -337,6 +340,22 @@ def maybe_initialize_distributed(t) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def evaluate_protocol(config, model, state, class_names) -> dict:
+    """Training-time validation with a paper protocol (config.eval.protocol): one image at
+    a time on this process; the centre-crop default stays data-parallel and fast."""
+    from vgg_jax import evaluate
+    variables = jax.device_get(_variables(state.params, state.batch_stats))
+    net = evaluate.Net(model=model, variables=variables,
+                       meta=model_meta(config, model, class_names))
+    d, e = config.data, config.eval
+    scales = ([int(s) for s in e.scales.split(",")] if e.scales else
+              [d.image_size if d.recipe == "small" else d.eval_scale])
+    r = evaluate.evaluate([net], d.dataset, d.eval_split, e.protocol, scales,
+                          data_dir=d.data_dir or None, progress=False)
+    return dict(top1_err=r["top1_err"], top5_err=r["top5_err"], top1_acc=1 - r["top1_err"],
+                count=float(r["images"]))
+
+
 def evaluate_split(par: Parallel, state, source, data_cfg, local_batch):
     sums = dict(loss=0.0, top1=0.0, top5=0.0, count=0.0)
     for batch in input_pipeline.eval_batches(source, data_cfg, local_batch):
@@ -455,7 +474,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             epoch = step // steps_per_epoch
             if (end_of_epoch and epoch % t.eval_every_epochs == 0) or step == total_steps:
                 check_finite(*pending)
-                result = evaluate_split(par, state, eval_src, d, local_batch)
+                if config.eval.protocol == "center":
+                    result = evaluate_split(par, state, eval_src, d, local_batch)
+                else:
+                    result = evaluate_protocol(config, model, state, train_src.class_names)
                 writer.write(step, {f"eval_{k}": v for k, v in result.items()})
                 log.info("step %d (epoch %d): eval top-1 error %.4f, top-5 error %.4f",
                          step, epoch, result["top1_err"], result["top5_err"])
