@@ -5,6 +5,7 @@ dataset) in ./workdir/default. Running again with the same workdir resumes.
 """
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -23,7 +24,10 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds chatter
     logging.getLogger("vgg_jax").setLevel(logging.INFO)
     from vgg_jax import train
-    result = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        result = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"train.py: error: {e}")
     if "top1_acc" in result:
         print(f"test top-1 accuracy: {100 * result['top1_acc']:.2f}% "
               f"(top-1 error {100 * result['top1_err']:.2f}%, top-5 error "
