@@ -40,6 +40,14 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def tiny_state(c, num_classes=10):
+    """(model, tx, state) for config `c` at 32x32."""
+    m = train.build_model(c, num_classes)
+    tx = optim.make_optimizer(c.optim, models.abstract_variables(m, 32)["params"],
+                              optim.learning_rate_schedule(c.optim, 10, 100))
+    return m, tx, train.create_state(m, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+
+
 def helper(*args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     out = subprocess.run([sys.executable, "tests/helpers/steps.py", *args], cwd=ROOT, env=env,
@@ -163,11 +171,7 @@ def test_pre_initialisation_copies_exactly_the_named_layers_from_A_into_D(tmp_pa
     c = load_config()
     c.model.arch, c.model.width, c.model.fc_widths = "D", 1 / 16, (16, 16)
     c.train.init_from, c.train.init_from_layers = str(tmp_path / "netA"), "paper"
-    d = train.build_model(c, 10)
-    o = c.optim
-    tx = optim.make_optimizer(o, models.abstract_variables(d, 32)["params"],
-                              optim.learning_rate_schedule(o, 10, 100))
-    state = train.create_state(d, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    _, _, state = tiny_state(c)
     new = train.init_from_checkpoint(state, c)
     copied = ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"]
     assert train.paper_preinit_layers("A") == copied
@@ -184,9 +188,7 @@ def test_init_from_with_a_mismatched_layer_names_it_and_both_shapes(tmp_path):
     c = load_config()
     c.model.arch, c.model.width, c.model.fc_widths = "A", 1 / 16, (16, 16)
     c.train.init_from = str(tmp_path / "w")
-    m = train.build_model(c, 10)
-    tx = optim.make_optimizer(c.optim, models.abstract_variables(m, 32)["params"], 0.1)
-    state = train.create_state(m, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    _, _, state = tiny_state(c)
     with pytest.raises(ValueError, match=r"fc8/kernel: checkpoint shape \(16, 5\) != model shape \(16, 10\)"):
         train.init_from_checkpoint(state, c)
     c.train.init_exclude = "fc8"  # fine-tuning: a new head for the new classes
@@ -198,10 +200,7 @@ def test_frozen_layers_do_not_change_after_a_step():
     c = load_config()
     c.model.arch, c.model.width, c.model.fc_widths = "A_bn", 1 / 16, (16, 16)
     c.optim.freeze, c.optim.warmup_epochs, c.optim.schedule = ("conv1_1", "bn1_1"), 0, "constant"
-    m = train.build_model(c, 10)
-    tx = optim.make_optimizer(c.optim, models.abstract_variables(m, 32)["params"],
-                              optim.learning_rate_schedule(c.optim, 10, 100))
-    state = train.create_state(m, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    m, tx, state = tiny_state(c)
     batch = {"image": np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
              "label": np.arange(8, dtype=np.int32)}
     new, _ = jax.jit(train.make_train_step(m, tx))(state, batch)
@@ -214,10 +213,7 @@ def test_grad_accumulation_equals_one_big_batch_without_bn():
     c = load_config()
     c.model.arch, c.model.width, c.model.fc_widths = "A", 1 / 16, (16, 16)
     c.model.dropout_rate, c.optim.warmup_epochs, c.optim.schedule = 0.0, 0, "constant"
-    m = train.build_model(c, 10)
-    tx = optim.make_optimizer(c.optim, models.abstract_variables(m, 32)["params"],
-                              optim.learning_rate_schedule(c.optim, 10, 100))
-    state = train.create_state(m, tx, optim.Plateau(2, 3), jax.random.PRNGKey(1), 32)
+    m, tx, state = tiny_state(c)
     batch = {"image": np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
              "label": np.arange(8, dtype=np.int32)}
     one, _ = jax.jit(train.make_train_step(m, tx, 1))(state, batch)

@@ -1,0 +1,20 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_benchmark_smoke_mode_prints_both_frameworks():
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "bench/bench_model.py", "--smoke", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [row["mode"] for row in r["rows"]] == ["train", "infer"]
+    for row in r["rows"]:
+        assert row["jax"]["img_per_s"] > 0 and row["torch"]["img_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["jax"]["img_per_s"] / row["torch"]["img_per_s"])
+        assert row["jax"]["peak_mb"] > 0

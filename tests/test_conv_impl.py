@@ -1,0 +1,54 @@
+"""Each conv implementation equals XLA's lax.conv_general_dilated, outputs and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vgg_jax import models
+
+
+def reference(x, k, b):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if b is None else y + b
+
+
+@pytest.mark.parametrize("ksize", [3, 1])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_im2col_matches_xla_outputs_and_gradients(ksize, with_bias, dtype, tol):
+    r = np.random.default_rng(ksize + 2 * with_bias)
+    x = jnp.asarray(r.normal(size=(2, 9, 7, 5)), dtype)
+    k = jnp.asarray(r.normal(size=(ksize, ksize, 5, 6)) * 0.3, dtype)
+    b = jnp.asarray(r.normal(size=(6,)), dtype) if with_bias else None
+
+    def ours(x, k, b):
+        y = models.conv2d(x, k, "im2col")
+        return y if b is None else y + b
+
+    np.testing.assert_allclose(np.asarray(ours(x, k, b), np.float32),
+                               np.asarray(reference(x, k, b), np.float32), rtol=tol, atol=tol * 3)
+    loss = lambda f: (lambda x, k, b: jnp.sum(jnp.sin(f(x, k, b).astype(jnp.float32))))
+    argn = (0, 1, 2) if with_bias else (0, 1)
+    g1 = jax.grad(loss(ours), argn)(x, k, b)
+    g2 = jax.grad(loss(reference), argn)(x, k, b)
+    for a, c in zip(g1, g2):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32),
+                                   rtol=tol, atol=tol * 5)
+
+
+def test_auto_resolves_per_backend():
+    assert models.resolve_conv_impl("auto", "cpu") == "im2col"
+    assert models.resolve_conv_impl("auto", "gpu") == "xla"
+    assert models.resolve_conv_impl("auto", "tpu") == "xla"
+    assert models.resolve_conv_impl("xla", "cpu") == "xla"
+    with pytest.raises(ValueError, match="unknown conv_impl 'winograd'"):
+        models.resolve_conv_impl("winograd")
+
+
+def test_whole_model_is_the_same_with_either_conv():
+    m = models.create_model("C_bn", num_classes=4, width=1 / 16, fc_widths=(8, 8))
+    v = models.init_variables(m, jax.random.key(0), 32)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    a = m.clone(conv_impl="im2col").apply(v, x)
+    b = m.clone(conv_impl="xla").apply(v, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
