@@ -114,7 +114,7 @@ def _check(sd, expected: dict[str, tuple], arch: str):
 
 def _torch_shapes(arch, abstract, pool):
     """The torch state_dict shapes a Flax variables tree corresponds to."""
-    params, stats = abstract["params"], abstract.get("batch_stats", {})
+    params = abstract["params"]
     out = {}
     for name, (prefix, kind) in torch_layout(arch).items():
         if kind == "conv":

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, models, preprocess
+from vgg_jax import checkpoint, preprocess
 
 
 def data_config(meta: dict) -> ml_collections.ConfigDict:
@@ -81,7 +81,6 @@ def main_predict(args) -> None:
 
 def main_features(args) -> None:
     pred = Predictor(args.weights)
-    models.layer_names(pred.model.arch)
     feats = pred.features(args.images, args.layer)
     np.save(args.out, feats)
     print(f"wrote {args.layer} features {feats.shape} to {args.out}")

@@ -6,7 +6,6 @@ run gives the batches the interrupted one would have.
 """
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
 # Sec. 2.1: the mean RGB of the ImageNet training set, on 0..255 pixels.
@@ -183,6 +182,3 @@ def eval_example(image_bytes, d, *, scale: int | None = None, crop: bool = True)
             image = center_crop(image, d.image_size)
     return normalize(image, norm)
 
-
-def to_numpy_float(x) -> np.ndarray:
-    return np.asarray(x, np.float32)

@@ -278,8 +278,7 @@ def init_from_checkpoint(state: TrainState, config) -> TrainState:
     params, batch_stats, loaded = load_layers(state.params, state.batch_stats, variables,
                                               layers, exclude)
     log.info("initialised %s from %s", ", ".join(loaded), t.init_from)
-    return state.replace(params=params, batch_stats=batch_stats,
-                         opt_state=state.opt_state)
+    return state.replace(params=params, batch_stats=batch_stats)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -482,8 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 log.info("step %d (epoch %d): eval top-1 error %.4f, top-5 error %.4f",
                          step, epoch, result["top1_err"], result["top5_err"])
                 if o.schedule == "paper":
-                    plat = optim.Plateau(o.plateau_patience, o.plateau_max_decays)
-                    new_plateau = plat.update(jax.device_get(state.plateau), result["top1_err"])
+                    new_plateau = plateau.update(jax.device_get(state.plateau), result["top1_err"])
                     opt_state = optim.set_lr_scale(jax.device_get(state.opt_state),
                                                    new_plateau.scale)
                     state = par.replicate(state.replace(plateau=new_plateau, opt_state=opt_state))
