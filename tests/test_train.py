@@ -199,14 +199,30 @@ def test_init_from_with_a_mismatched_layer_names_it_and_both_shapes(tmp_path):
 def test_frozen_layers_do_not_change_after_a_step():
     c = load_config()
     c.model.arch, c.model.width, c.model.fc_widths = "A_bn", 1 / 16, (16, 16)
-    c.optim.freeze, c.optim.warmup_epochs, c.optim.schedule = ("conv1_1", "bn1_1"), 0, "constant"
+    c.optim.freeze, c.optim.warmup_epochs, c.optim.schedule = ("conv1_1",), 0, "constant"
     m, tx, state = tiny_state(c)
+    frozen = optim.frozen_layers(state.params, c.optim.freeze)
+    assert frozen == ("bn1_1", "conv1_1")  # a conv takes its BatchNorm with it
     batch = {"image": np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32),
              "label": np.arange(8, dtype=np.int32)}
-    new, _ = jax.jit(train.make_train_step(m, tx))(state, batch)
+    new, _ = jax.jit(train.make_train_step(m, tx, frozen=frozen))(state, batch)
     assert_trees_equal(new.params["conv1_1"], state.params["conv1_1"])
     assert_trees_equal(new.params["bn1_1"], state.params["bn1_1"])
+    assert_trees_equal(new.batch_stats["bn1_1"], state.batch_stats["bn1_1"])  # stats too
     assert not np.allclose(new.params["conv2_1"]["kernel"], state.params["conv2_1"]["kernel"])
+    assert not np.allclose(new.batch_stats["bn2_1"]["mean"], state.batch_stats["bn2_1"]["mean"])
+
+
+def test_freeze_groups_and_unknown_names():
+    m = models.create_model("B_bn", num_classes=10, width=1 / 16, fc_widths=(16, 16),
+                            classifier_pool=1)
+    params = models.abstract_variables(m, 32)["params"]
+    convs = optim.frozen_layers(params, ("convs",))
+    assert set(convs) == {k for k in params if k.startswith(("conv", "bn"))}
+    assert len(convs) == 2 * 10  # B: ten conv layers, each with BN
+    assert optim.frozen_layers(params, ("fcs",)) == ("fc6", "fc7")
+    with pytest.raises(ValueError, match=r"optim.freeze names 'conv9_9'.*groups \(convs, fcs\)"):
+        optim.frozen_layers(params, ("conv9_9",))
 
 
 def test_grad_accumulation_equals_one_big_batch_without_bn():

@@ -71,6 +71,17 @@ def save_weights(directory: str, variables, meta: dict) -> None:
         json.dump(meta, f, indent=2)
 
 
+def read_meta(path: str) -> dict:
+    """meta.json of a weights directory or training workdir, without loading weights."""
+    f = os.path.join(os.path.abspath(path), "meta.json")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(
+            f"{path} has no meta.json: expected a weights directory (written by `vgg-jax "
+            f"convert` or training) or a training workdir")
+    with open(f) as fh:
+        return json.load(fh)
+
+
 def load_weights(path: str, which: str = "latest"):
     """(variables, meta) from a weights directory or a training workdir (`which`:
     'latest' or 'best' checkpoint of a workdir)."""

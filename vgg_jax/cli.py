@@ -82,10 +82,65 @@ def _evaluate(sub):
     p.set_defaults(run=lambda a: __import__("vgg_jax.evaluate").evaluate.main(a))
 
 
+def _embed(sub):
+    p = sub.add_parser("embed", help="a layer's embeddings (fc7: 4096-d) for a whole dataset")
+    p.add_argument("--weights", required=True, help="weights directory or train workdir")
+    p.add_argument("--data", required=True, help="TFDS name or image folder")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--layer", default="fc7")
+    p.add_argument("--no-pool", action="store_true",
+                   help="keep conv/pool maps (N, H, W, C) instead of averaging over space")
+    p.add_argument("--batch-size", type=int, default=64, help="global, over all devices")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--out", required=True, help=".npz: embeddings, labels, class_names")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.embed").embed.main(a))
+
+
+def _plot_embeddings(sub):
+    p = sub.add_parser("plot-embeddings", help="2-D PCA / t-SNE scatter of `embed` output")
+    p.add_argument("embeddings", help=".npz written by `vgg-jax embed`")
+    p.add_argument("--method", default="pca", choices=["pca", "tsne"])
+    p.add_argument("--out", required=True, help=".png")
+    p.add_argument("--size", default="1000x800", help="WIDTHxHEIGHT pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_plot_embeddings(a))
+
+
+def _activations(sub):
+    p = sub.add_parser("activations", help="grid of a layer's feature maps beside the image")
+    p.add_argument("--weights", required=True)
+    p.add_argument("image")
+    p.add_argument("--layer", default="conv3_1")
+    p.add_argument("--max-maps", type=int, default=64, help="show the N strongest channels")
+    p.add_argument("--out", required=True, help=".png")
+    p.add_argument("--size", default="1400x700", help="WIDTHxHEIGHT pixels")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_activations(a))
+
+
+def _saliency(sub):
+    p = sub.add_parser("saliency", help="class saliency map (Simonyan et al. 2013) overlaid")
+    p.add_argument("--weights", required=True)
+    p.add_argument("image")
+    p.add_argument("--class-name", default=None, help="default: the top class")
+    p.add_argument("--out", required=True, help=".png")
+    p.add_argument("--size", default="1200x450", help="WIDTHxHEIGHT pixels")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_saliency(a))
+
+
+def _plot_metrics(sub):
+    p = sub.add_parser("plot-metrics", help="loss, top-1/top-5 error and lr against step")
+    p.add_argument("workdir", help="training workdir (has metrics.jsonl)")
+    p.add_argument("--out", required=True, help=".png")
+    p.add_argument("--size", default="1200x900", help="WIDTHxHEIGHT pixels")
+    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_plot_metrics(a))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vgg-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate):
+    for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate, _embed,
+                _plot_embeddings, _activations, _saliency, _plot_metrics):
         add(sub)
     args = parser.parse_args(argv)
     try:

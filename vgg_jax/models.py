@@ -206,7 +206,7 @@ class FC(nn.Module):
 def local_response_norm(x, size=5, k=2.0, alpha=1e-4, beta=0.75):
     """AlexNet's LRN across channels: b = a / (k + alpha * sum_{n neighbours} a^2)^beta.
     No 1/n on alpha (torch's nn.LocalResponseNorm has one: its equivalent is alpha*n)."""
-    sq = jnp.square(x.astype(jnp.float32))
+    sq = jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
     half = size // 2
     window_sum = jax.lax.reduce_window(
         sq, 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
@@ -238,7 +238,7 @@ def adaptive_avg_pool(x, size: int):
 class VGG(nn.Module):
     """Any Table 1 configuration; build it with `create_model`.
 
-    `apply(variables, images_nhwc, train=False)` -> logits (N, num_classes), float32.
+    `apply(variables, images_nhwc, train=False)` -> logits (N, num_classes), float32 (float64 when dtype is float64).
     `dense=True` runs fc6/fc7/fc8 as 7x7/1x1 convs over the whole image (Sec. 3.2) and
     returns the class score map (N, h, w, num_classes). `capture=('conv3_3', 'fc7')` sows
     those activations (after ReLU; pools after pooling; fc8 = logits) as the dict
@@ -301,7 +301,7 @@ class VGG(nn.Module):
             keep(name, x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = FC(self.num_classes, self.dtype, fc_init, name="fc8")(x, window)
-        x = x.astype(jnp.float32)
+        x = x.astype(jnp.promote_types(self.dtype, jnp.float32))  # f32 (f64 for f64)
         keep("fc8", x)
         if captured:
             self.sow("intermediates", "layers", captured)

@@ -24,12 +24,36 @@ def decay_mask(params, decay_biases_and_bn: bool):
     return traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
 
 
+FREEZE_GROUPS = {
+    "convs": lambda name: name.startswith(("conv", "bn", "lrn")),   # the feature extractor
+    "fcs": lambda name: name in ("fc6", "fc7"),                       # all FC but the head
+}
+
+
+def frozen_layers(params, freeze) -> tuple[str, ...]:
+    """optim.freeze -> the layer names whose params stay fixed. Entries are layer names
+    (conv1_1, fc6) or the groups 'convs' (every conv layer and its BN) and 'fcs' (fc6, fc7);
+    a frozen conv layer takes its BatchNorm (bn1_1 for conv1_1) with it."""
+    layers = sorted({k[0] for k in traverse_util.flatten_dict(params)})
+    out = set()
+    for entry in freeze:
+        if entry in FREEZE_GROUPS:
+            out |= {n for n in layers if FREEZE_GROUPS[entry](n)}
+        elif entry in layers:
+            out.add(entry)
+            if entry.startswith("conv") and "bn" + entry[4:] in layers:
+                out.add("bn" + entry[4:])
+        else:
+            raise ValueError(f"optim.freeze names {entry!r}, which the model does not have; "
+                             f"use layer names ({', '.join(layers)}) or groups "
+                             f"({', '.join(FREEZE_GROUPS)})")
+    return tuple(sorted(out))
+
+
 def freeze_labels(params, frozen: tuple[str, ...]):
-    """'frozen' for every param of the named layers (e.g. conv1_1, bn1_1), else 'train'."""
+    """'frozen' for every param of the named layers (see frozen_layers), else 'train'."""
+    frozen = frozen_layers(params, frozen)
     flat = traverse_util.flatten_dict(params)
-    unknown = set(frozen) - {k[0] for k in flat}
-    if unknown:
-        raise ValueError(f"optim.freeze names layers the model does not have: {sorted(unknown)}")
     return traverse_util.unflatten_dict(
         {k: "frozen" if k[0] in frozen else "train" for k in flat})
 

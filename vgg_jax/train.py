@@ -41,9 +41,38 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- config
 
+MODEL_FIELDS_FROM_INIT = ("arch", "width", "fc_widths", "classifier_pool")
+
+
+def adopt_init_from(config) -> None:
+    """Fine-tuning conveniences: model.arch='from_init' takes the architecture (arch,
+    width, fc_widths, classifier_pool) of train.init_from's weights, and
+    data.normalization='from_init' the pixel convention they were trained with, so a
+    fine-tuning config need not restate them. Edits `config` in place."""
+    m, d, t = config.model, config.data, config.train
+    wants = m.arch == "from_init" or d.normalization == "from_init"
+    if not wants:
+        return
+    if not t.init_from:
+        raise ValueError("model.arch / data.normalization = 'from_init' need "
+                         "train.init_from (a weights directory or training workdir)")
+    meta = checkpoint.read_meta(t.init_from)
+    if m.arch == "from_init":
+        for key in MODEL_FIELDS_FROM_INIT:
+            value = meta["model"].get(key, getattr(m, key))
+            setattr(m, key, tuple(value) if isinstance(value, list) else value)
+    if d.normalization == "from_init":
+        p = meta["preprocessing"]
+        d.update(normalization="custom", mean=tuple(p["mean"]), std=tuple(p["std"]),
+                 bgr=bool(p["bgr"]))
+
+
 def validate(config) -> None:
     """Config errors as clear messages, before any data is read or anything compiles."""
     d, o, t = config.data, config.optim, config.train
+    if not d.dataset:
+        raise ValueError("data.dataset is empty: set --config.data.dataset to an image folder "
+                         "(root/train/CLASS/*.jpg, root/val/CLASS/*.jpg) or a TFDS name")
     n_dev, n_proc = jax.device_count(), jax.process_count()
     if o.batch_size % n_proc:
         raise ValueError(f"optim.batch_size={o.batch_size} must divide evenly over "
@@ -125,10 +154,11 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1):
+def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=()):
     """train_step(state, batch) -> (state, metrics): pure; the global batch is split into
     `grad_accum_steps` micro-batches whose gradients are averaged (same global batch,
-    less memory)."""
+    less memory). BatchNorm layers named in `frozen` (optim.frozen_layers) keep their
+    running statistics, so a frozen layer does not change at all."""
 
     def loss_fn(params, batch_stats, images, labels, rng):
         mutable = ["batch_stats"] if batch_stats else []
@@ -165,6 +195,8 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1):
             loss, top1, top5 = ls.mean(), t1.mean(), t5.mean()
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        batch_stats = {k: state.batch_stats[k] if k in frozen else v
+                       for k, v in batch_stats.items()}
         new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
         metrics = dict(loss=loss, top1_err=1 - top1, top5_err=1 - top5,
@@ -201,13 +233,13 @@ def create_state(model, tx, plateau, rng, image_size: int) -> TrainState:
 class Parallel:
     """The mesh, shardings and jitted steps for one model on some devices."""
 
-    def __init__(self, model, tx, grad_accum_steps=1, devices=None):
+    def __init__(self, model, tx, grad_accum_steps=1, devices=None, frozen=()):
         devices = jax.devices() if devices is None else devices
         self.mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
                                   axis_types=(jax.sharding.AxisType.Auto,))
         self.data = NamedSharding(self.mesh, P("data"))
         self.replicated = NamedSharding(self.mesh, P())
-        self.train_step = jax.jit(make_train_step(model, tx, grad_accum_steps),
+        self.train_step = jax.jit(make_train_step(model, tx, grad_accum_steps, frozen),
                                   in_shardings=(self.replicated, self.data),
                                   out_shardings=(self.replicated, self.replicated),
                                   donate_argnums=(0,))
@@ -377,6 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir` (resuming from its latest checkpoint) and return the
     final evaluation metrics."""
     maybe_initialize_distributed(config.train)
+    adopt_init_from(config)
     validate(config)
     d, o, t = config.data, config.optim, config.train
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -399,7 +432,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract_params = models.abstract_variables(model, d.image_size)["params"]
     tx = optim.make_optimizer(o, abstract_params, schedule)
     plateau = optim.Plateau(o.plateau_patience, o.plateau_max_decays)
-    par = Parallel(model, tx, o.grad_accum_steps)
+    frozen = optim.frozen_layers(abstract_params, tuple(o.freeze))
+    if frozen:
+        log.info("frozen layers (params and BN statistics fixed): %s", ", ".join(frozen))
+    par = Parallel(model, tx, o.grad_accum_steps, frozen=frozen)
     state = jax.jit(functools.partial(create_state, model, tx, plateau, image_size=d.image_size),
                     out_shardings=par.replicated)(rng)
 

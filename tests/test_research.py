@@ -1,0 +1,266 @@
+"""Research tools: embeddings, saliency, pictures, fine-tuning (issue 8).
+
+The "trained" model is a short run of the default config on the bundled digits (30 steps,
+1/8 width, but torchvision-wide fc6/fc7 so fc7 is 4096-d): XLA's CPU convs are slow, and
+these tests check the tools, not the accuracy.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, load_config
+from vgg_jax import checkpoint, cli, embed, input_pipeline, models, optim, plots, saliency, train
+from vgg_jax.datasets import digits
+from vgg_jax.predict import Predictor
+
+sys.path.insert(0, ROOT)
+from configs import finetune_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    c = load_config()
+    c.model.update(width=1 / 8, fc_widths=(4096, 4096))
+    c.train.update(max_steps=30, log_every_steps=5, progress_bar=False)
+    workdir = tmp_path_factory.mktemp("digits") / "w"
+    train.train_and_evaluate(c, str(workdir))
+    return str(workdir)
+
+
+def write_digit_folder(root, classes=(0, 1, 2), per_class=4, offset=0):
+    """root/<digit>/k.png: real digits from the test split, the way users bring data."""
+    _, _, images, labels = digits.digits_arrays()
+    paths = []
+    for c in classes:
+        os.makedirs(os.path.join(root, str(c)), exist_ok=True)
+        for k, i in enumerate(np.flatnonzero(labels == c)[offset:offset + per_class]):
+            p = os.path.join(root, str(c), f"{k}.png")
+            Image.fromarray(images[i]).save(p)
+            paths.append(p)
+    return paths
+
+
+def run_cli(*argv):
+    rc = cli.main([str(a) for a in argv])
+    assert rc == 0, argv
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def test_embed_whole_digits_split_gives_one_4096_vector_per_example(digits_run, tmp_path):
+    out = tmp_path / "emb.npz"
+    run_cli("embed", "--weights", digits_run, "--data", "vgg_digits", "--split", "test",
+            "--layer", "fc7", "--batch-size", "64", "--out", out)
+    with np.load(out) as f:
+        emb, labels, names = f["embeddings"], f["labels"], list(f["class_names"])
+    _, _, _, test_labels = digits.digits_arrays()
+    assert emb.shape == (360, 4096) and emb.dtype == np.float32
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.bincount(test_labels))
+    assert names == [str(i) for i in range(10)]
+    assert (emb >= 0).all() and (emb > 0).any()  # fc7 is taken after its ReLU
+
+
+def test_embed_sharded_over_4_devices_equals_features_one_by_one(digits_run, tmp_path):
+    paths = write_digit_folder(tmp_path / "folder", per_class=5)  # 15 images
+    out = tmp_path / "emb.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    # batch 6 -> 8 (a multiple of 4 devices); 15 images -> 2 batches, the last one padded.
+    r = subprocess.run([sys.executable, "-m", "vgg_jax.cli", "embed", "--weights", digits_run,
+                        "--data", str(tmp_path / "folder"), "--layer", "fc7",
+                        "--batch-size", "6", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(out) as f:
+        emb, labels = f["embeddings"], f["labels"]
+    assert emb.shape == (15, 4096)
+    np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], 5))
+    pred = Predictor(digits_run)
+    one_by_one = np.concatenate([pred.features([p], "fc7") for p in sorted(paths)])
+    np.testing.assert_allclose(emb, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_pools_conv_maps_and_rejects_unknown_layers(digits_run, tmp_path):
+    write_digit_folder(tmp_path / "folder", per_class=2)
+    variables, meta = checkpoint.load_weights(digits_run)
+    model = checkpoint.model_from_meta(meta)
+    source = input_pipeline.make_source(str(tmp_path / "folder"), "")
+    d = Predictor(digits_run).d
+    pooled, _ = embed.embed(model, variables, source, d, "conv3_2", 4)
+    maps, _ = embed.embed(model, variables, source, d, "conv3_2", 4, pool=False)
+    assert maps.shape == (6, 8, 8, 32) and pooled.shape == (6, 32)
+    np.testing.assert_allclose(pooled, maps.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown layer 'fc9' for vgg11_bn; valid: conv1_1"):
+        embed.embed(model, variables, source, d, "fc9", 4)
+
+
+# ----------------------------------------------------------------------------- saliency
+
+def test_saliency_equals_finite_differences():
+    """float64 throughout, so a central difference is exact to ~1e-9 between ReLU kinks."""
+    with jax.enable_x64(True):
+        m = models.create_model("A", num_classes=10, width=1 / 16, fc_widths=(16, 16),
+                                classifier_pool=1, dtype=jnp.float64, init_scheme="glorot")
+        v = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                         models.init_variables(m, jax.random.key(0), 32))
+        x = np.random.default_rng(0).normal(size=(32, 32, 3))
+        grad, c, score = saliency.input_gradient(m, v, x)
+        logits = np.asarray(m.apply(v, x[None], train=False)[0])
+        assert c == int(np.argmax(logits)) and score == pytest.approx(logits[c])
+        f = jax.jit(lambda im: m.apply(v, im[None], train=False)[0, c])
+        rng, eps = np.random.default_rng(1), 1e-5
+        for _ in range(8):
+            i, j, k = rng.integers(0, 32), rng.integers(0, 32), rng.integers(0, 3)
+            e = np.zeros_like(x)
+            e[i, j, k] = eps
+            fd = (float(f(x + e)) - float(f(x - e))) / (2 * eps)
+            assert grad[i, j, k] == pytest.approx(fd, rel=1e-5, abs=1e-9)
+        sal, c2, _ = saliency.saliency_map(m, v, x, class_index=3)
+        grad3, _, _ = saliency.input_gradient(m, v, x, class_index=3)
+        assert c2 == 3 and sal.shape == (32, 32)
+        np.testing.assert_array_equal(sal, np.abs(grad3).max(axis=-1))
+
+
+def test_saliency_is_zero_where_the_output_cannot_see():
+    """The dense score map's top-left location sees pool5's receptive field, which
+    (RF 150 for net A, offset by SAME padding) ends at pixel 91 of a 192x192 image."""
+    from vgg_jax import summary
+    m = models.create_model("A", num_classes=10, width=1 / 16, fc_widths=(16, 16),
+                            classifier_pool=1)
+    v = models.init_variables(m, jax.random.key(0), 32)
+    x = np.random.default_rng(0).normal(size=(192, 192, 3)).astype(np.float32)
+    sal, _, _ = saliency.saliency_map(m, v, x, position=(0, 0))
+    # Independent bound: each 3x3 conv pads 1 pixel at its input stride.
+    stride, pad = 1, 0
+    for layer in models.layer_table("A"):
+        if layer.kind == "conv":
+            pad += stride
+        elif layer.kind == "pool":
+            stride *= 2
+    end = summary.receptive_fields("A")["pool5"] - pad
+    assert end == 91
+    assert (sal[end:, :] == 0).all() and (sal[:, end:] == 0).all()
+    assert (sal[:end, :end] > 0).mean() > 0.5
+    full, _, _ = saliency.saliency_map(m, v, x[:32, :32])  # the whole-image score sees all
+    assert (full > 0).mean() > 0.9
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def png_size(path):
+    assert os.path.getsize(path) > 5_000
+    im = Image.open(path)
+    pixels = np.asarray(im.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # drawn, not blank
+    return im.size
+
+
+def test_plot_commands_write_readable_pngs_of_the_stated_size(digits_run, tmp_path):
+    image = write_digit_folder(tmp_path / "folder", classes=(7,), per_class=1)[0]
+    run_cli("plot-metrics", digits_run, "--out", tmp_path / "curves.png", "--size", "900x700")
+    assert png_size(tmp_path / "curves.png") == (900, 700)
+
+    run_cli("embed", "--weights", digits_run, "--data", "vgg_digits", "--split", "test",
+            "--limit", "150", "--out", tmp_path / "emb.npz")
+    for method in ("pca", "tsne"):
+        run_cli("plot-embeddings", tmp_path / "emb.npz", "--method", method,
+                "--out", tmp_path / f"{method}.png", "--size", "800x600")
+        assert png_size(tmp_path / f"{method}.png") == (800, 600)
+
+    run_cli("activations", "--weights", digits_run, image, "--layer", "conv3_1",
+            "--out", tmp_path / "maps.png", "--size", "1000x500")
+    assert png_size(tmp_path / "maps.png") == (1000, 500)
+
+    run_cli("saliency", "--weights", digits_run, image, "--out", tmp_path / "sal.png")
+    assert png_size(tmp_path / "sal.png") == (1200, 450)  # the command's default
+
+
+def test_plot_helpers_draw_what_they_are_given(tmp_path):
+    rows = [dict(step=s, train_loss=2.0 / s, train_lr=0.1, train_top1_err=0.5,
+                 train_top5_err=0.1) for s in (1, 2, 3)]
+    rows.append(dict(step=2, train_loss=9.0))  # a resumed run re-logs step 2: last wins
+    steps, values = plots.series(rows, "train_loss")
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+    np.testing.assert_allclose(values, [2.0, 9.0, 2.0 / 3])
+    maps = np.zeros((4, 4, 5), np.float32)
+    maps[..., 3], maps[..., 1] = 2.0, 1.0
+    np.testing.assert_array_equal(plots.strongest_channels(maps, 2), [3, 1])
+    points, axes = plots.project_2d(np.eye(5)[[0, 0, 1, 1, 2]] + 0.01 * np.arange(5)[:, None])
+    assert points.shape == (5, 2) and axes[0].startswith("PC 1 (")
+
+
+def test_plot_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["plot-metrics", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert "metrics.jsonl not found: pass a training workdir" in capsys.readouterr().err
+    assert cli.main(["plot-metrics", str(tmp_path), "--out", "x.png", "--size", "big"]) == 2
+    with pytest.raises(ValueError, match="--size must be WIDTHxHEIGHT"):
+        plots.parse_size("big")
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def finetune_config(digits_run, folder, freeze: bool):
+    c = finetune_folder.get_config("freeze" if freeze else "")
+    c.data.update(dataset=str(folder), image_size=32, recipe="small", flip=False)
+    c.optim.update(batch_size=8, learning_rate=0.05)
+    c.train.update(init_from=digits_run, max_steps=3, eval_every_epochs=100,
+                   progress_bar=False)
+    return c
+
+
+def test_finetune_loads_every_layer_but_the_new_head(digits_run, tmp_path):
+    write_digit_folder(tmp_path / "f" / "train", per_class=4)
+    write_digit_folder(tmp_path / "f" / "val", per_class=2, offset=4)
+    c = finetune_config(digits_run, tmp_path / "f", freeze=False)
+    train.adopt_init_from(c)
+    assert (c.model.arch, c.model.width, tuple(c.model.fc_widths)) == ("vgg11_bn", 0.125, (4096, 4096))
+    assert c.data.normalization == "custom" and c.data.mean == (127.5,)  # the digits run's 'unit'
+    model = train.build_model(c, 3)
+    tx = optim.make_optimizer(c.optim, models.abstract_variables(model, 32)["params"], 1e-3)
+    state = train.create_state(model, tx, optim.Plateau(2, 3), jax.random.PRNGKey(5), 32)
+    new = train.init_from_checkpoint(state, c)
+    source, _ = checkpoint.load_weights(digits_run)
+    for name, layer in new.params.items():
+        for leaf, value in layer.items():
+            if name == "fc8":
+                assert value.shape[-1] == 3 and source["params"]["fc8"][leaf].shape[-1] == 10
+                np.testing.assert_array_equal(value, state.params["fc8"][leaf])  # fresh init
+            else:
+                np.testing.assert_array_equal(value, source["params"][name][leaf], err_msg=name)
+    for name, stats in new.batch_stats.items():
+        np.testing.assert_array_equal(stats["mean"], source["batch_stats"][name]["mean"])
+
+
+def test_finetune_with_frozen_convs_trains_only_the_classifier(digits_run, tmp_path):
+    write_digit_folder(tmp_path / "f" / "train", per_class=4)
+    write_digit_folder(tmp_path / "f" / "val", per_class=2, offset=4)
+    c = finetune_config(digits_run, tmp_path / "f", freeze=True)
+    result = train.train_and_evaluate(c, str(tmp_path / "ft"))
+    assert result["count"] == 6  # the val folder, each image once
+    after, meta = checkpoint.load_weights(str(tmp_path / "ft"))
+    before, _ = checkpoint.load_weights(digits_run)
+    assert meta["class_names"] == ["0", "1", "2"] and meta["step"] == 3
+    for name in after["params"]:
+        if name.startswith(("conv", "bn")):
+            for leaf in after["params"][name]:
+                np.testing.assert_array_equal(after["params"][name][leaf],
+                                              before["params"][name][leaf], err_msg=name)
+    for name in after["batch_stats"]:
+        np.testing.assert_array_equal(after["batch_stats"][name]["var"],
+                                      before["batch_stats"][name]["var"], err_msg=name)
+    assert not np.allclose(after["params"]["fc7"]["kernel"], before["params"]["fc7"]["kernel"])
+
+
+def test_finetune_config_without_a_dataset_says_what_to_set(tmp_path):
+    c = finetune_folder.get_config()
+    with pytest.raises(ValueError, match="need train.init_from"):
+        train.adopt_init_from(c)
+    c.model.arch, c.data.normalization = "vgg16", "torchvision"
+    with pytest.raises(ValueError, match="data.dataset is empty: set --config.data.dataset"):
+        train.validate(c)

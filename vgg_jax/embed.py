@@ -1,0 +1,82 @@
+"""A trained VGG as a feature extractor: one layer's activations for a whole dataset.
+
+fc7 gives the 4096-d image descriptor the paper uses on other datasets (Sec. 4 /
+Appendix B; with torchvision-width classifiers). Conv and pool layers give (N, H, W, C)
+maps, which `embed` averages over space (global average pooling) unless `pool=False`.
+Batches are sharded over every device ('data' mesh axis, like training); every example
+of the split is embedded exactly once (the padded tail of the last batch is dropped by
+its mask); with several processes each reads its own shard and the results are gathered.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vgg_jax import checkpoint, input_pipeline, models
+from vgg_jax.predict import data_config
+
+
+def make_embed_fn(model, layer: str, pool: bool = True, devices=None):
+    """A jitted (variables, images) -> (N, D) or (N, H, W, C), batch sharded over devices;
+    returns (fn, data_sharding)."""
+    devices = jax.devices() if devices is None else devices
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    def fn(variables, images):
+        out = models.extract(model, variables, images, (layer,))[layer]
+        if pool and out.ndim == 4:
+            out = out.mean(axis=(1, 2))
+        return out.astype(np.float32)
+
+    return jax.jit(fn, in_shardings=(replicated, data), out_shardings=data), data
+
+
+def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: int = 64, *,
+          pool: bool = True, limit: int | None = None, progress: bool = False):
+    """(embeddings (N, ...), labels (N,)) for every example of `source`, in the order of
+    the processes' shards. `batch_size` is global; it is rounded up to a multiple of the
+    device count."""
+    if layer not in models.layer_names(model.arch):
+        raise ValueError(f"unknown layer {layer!r} for {model.arch}; valid: "
+                         f"{', '.join(models.layer_names(model.arch))}")
+    fn, data = make_embed_fn(model, layer, pool)
+    n_dev = len(data.mesh.devices.flat)
+    pcount = jax.process_count()
+    global_batch = -(-batch_size // n_dev) * n_dev
+    local_batch = global_batch // pcount
+    variables = jax.device_put(variables, NamedSharding(data.mesh, P()))
+    batches = input_pipeline.eval_batches(source, data_cfg, local_batch, limit=limit)
+    if progress:
+        from tqdm import tqdm
+        total = -(-(source.max_shard_examples if limit is None else limit) // local_batch)
+        batches = tqdm(batches, total=total, desc=f"embed {layer}", unit="batch")
+    outs, labels = [], []
+    for batch in batches:
+        arrays = {k: jax.make_array_from_process_local_data(data, v) for k, v in batch.items()}
+        out = fn(variables, arrays["image"])
+        gathered = multihost_utils.process_allgather(
+            dict(out=out, label=arrays["label"], mask=arrays["mask"]), tiled=True)
+        keep = np.asarray(gathered["mask"]) > 0
+        outs.append(np.asarray(gathered["out"])[keep])
+        labels.append(np.asarray(gathered["label"])[keep])
+    return np.concatenate(outs), np.concatenate(labels)
+
+
+def main(args) -> None:
+    variables, meta = checkpoint.load_weights(args.weights)
+    model = checkpoint.model_from_meta(meta)
+    source = input_pipeline.make_source(args.data, args.split, args.data_dir,
+                                        jax.process_index(), jax.process_count())
+    emb, labels = embed(model, variables, source, data_config(meta), args.layer,
+                        args.batch_size, pool=not args.no_pool, limit=args.limit,
+                        progress=True)
+    if jax.process_index() == 0:
+        np.savez(args.out, embeddings=emb, labels=labels,
+                 class_names=np.asarray(source.class_names), layer=args.layer,
+                 weights=str(args.weights), data=f"{args.data}:{args.split}")
+        print(f"wrote {args.layer} embeddings {emb.shape} and labels of {source.name}:"
+              f"{source.split} ({len(source.class_names)} classes) to {args.out}")
