@@ -18,3 +18,15 @@ def test_benchmark_smoke_mode_prints_both_frameworks():
         assert row["jax"]["img_per_s"] > 0 and row["torch"]["img_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["jax"]["img_per_s"] / row["torch"]["img_per_s"])
         assert row["jax"]["peak_mb"] > 0
+
+
+def test_input_benchmark_smoke_mode_times_the_real_pipeline():
+    out = subprocess.run([sys.executable, "bench/bench_input.py", "--smoke", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["image_size"] == 224 and r["images_timed"] == 16
+    assert 30 < r["jpeg_kb"] < 300  # ImageNet-like JPEGs, not tiny ones
+    (row,) = r["rows"]
+    assert row["cores"] == 1 and row["img_per_s"] > 0
+    assert row["img_per_s_per_core"] == pytest.approx(row["img_per_s"])
