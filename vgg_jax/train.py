@@ -309,7 +309,7 @@ def init_from_checkpoint(state: TrainState, config) -> TrainState:
         layers = [x for x in t.init_from_layers.split(",") if x]
     params, batch_stats, loaded = load_layers(state.params, state.batch_stats, variables,
                                               layers, exclude)
-    log.info("initialised %s from %s", ", ".join(loaded), t.init_from)
+    log.info("initialised %s from %s", ", ".join(dict.fromkeys(loaded)), t.init_from)
     return state.replace(params=params, batch_stats=batch_stats)
 
 
