@@ -7,7 +7,9 @@
 Each (framework, mode) runs in its own subprocess, one after the other, so peak memory
 (max RSS) is each one's own. PyTorch's baseline is its best ordinary CPU setting:
 channels_last, all cores, torch.no_grad + eval for inference, SGD(momentum) training.
-vgg_jax: the jitted train step of vgg_jax.train (donated state) / a jitted eval forward.
+vgg_jax: the jitted train step of vgg_jax.train (donated state) / a jitted eval forward
+(models.jit_eval: on CPU, YNNPACK convs). Each side times --repeats loops of --steps after
+a warm-up (compile) step; the best loop counts, which damps noise from other processes.
 Prints a table, or one JSON object with --json.
 """
 from __future__ import annotations
@@ -53,23 +55,29 @@ def run_jax(a) -> dict:
         state, m = par.train_step(state, batch)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            state, m = par.train_step(state, batch)
-        jax.block_until_ready(m)
+        dt = float("inf")
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                state, m = par.train_step(state, batch)
+            jax.block_until_ready(m)
+            dt = min(dt, time.perf_counter() - t0)
     else:
         variables = models.init_variables(model, jax.random.key(0), a.image_size)
-        f = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        f = models.jit_eval(lambda v, x: model.apply(v, x, train=False))
         xj = jnp.asarray(x)
         jax.block_until_ready(f(variables, xj))
         compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            out = f(variables, xj)
-        jax.block_until_ready(out)
-    dt = time.perf_counter() - t0
+        dt = float("inf")
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                out = f(variables, xj)
+            jax.block_until_ready(out)
+            dt = min(dt, time.perf_counter() - t0)
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
-                conv_impl=models.resolve_conv_impl(a.conv_impl))
+                conv_impl=models.resolve_conv_impl(a.conv_impl, train=a.mode == "train")
+                + (" (YNNPACK options)" if a.mode == "infer" and models.eval_compiler_options() else ""))
 
 
 def run_torch(a) -> dict:
@@ -102,10 +110,12 @@ def run_torch(a) -> dict:
                 net(x)
     step()
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    dt = time.perf_counter() - t0
+    dt = float("inf")
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        dt = min(dt, time.perf_counter() - t0)
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
                 torch=torch.__version__)
 
@@ -118,6 +128,7 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="timed loops of --steps; the best counts")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--fc", type=int, default=4096)
     p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
@@ -127,6 +138,7 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.arch, a.image_size, a.batch, a.steps, a.width, a.fc = "vgg11", 32, 4, 2, 1 / 16, 32
+        a.repeats = 1
     return a
 
 
@@ -143,7 +155,8 @@ def main(argv=None):
         for fw in ("jax", "torch"):
             args = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--mode", mode,
                     "--arch", a.arch, "--image-size", str(a.image_size), "--batch", str(a.batch),
-                    "--dtype", a.dtype, "--steps", str(a.steps), "--width", str(a.width),
+                    "--dtype", a.dtype, "--steps", str(a.steps), "--repeats", str(a.repeats),
+                    "--width", str(a.width),
                     "--fc", str(a.fc), "--conv-impl", a.conv_impl]
             out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:

@@ -37,10 +37,16 @@ def test_im2col_matches_xla_outputs_and_gradients(ksize, with_bias, dtype, tol):
 
 
 def test_auto_resolves_per_backend():
-    assert models.resolve_conv_impl("auto", "cpu") == "im2col"
-    assert models.resolve_conv_impl("auto", "gpu") == "xla"
-    assert models.resolve_conv_impl("auto", "tpu") == "xla"
-    assert models.resolve_conv_impl("xla", "cpu") == "xla"
+    assert models.resolve_conv_impl("auto", "cpu", train=True, pixels=224 * 224) == "im2col"
+    assert models.resolve_conv_impl("auto", "cpu", train=False, pixels=14 * 14) == "xla"
+    assert models.resolve_conv_impl("auto", "cpu", train=False, pixels=2 * 2) == "im2col"
+    assert models.resolve_conv_impl("auto", "gpu", train=True) == "xla"
+    assert models.resolve_conv_impl("auto", "tpu", pixels=2 * 2) == "xla"
+    assert models.resolve_conv_impl("xla", "cpu", train=True) == "xla"
+    assert models.resolve_conv_impl("im2col", "gpu") == "im2col"
+    assert models.eval_compiler_options("gpu") is None
+    assert "INDIVIDUAL_CONVOLUTION" in models.eval_compiler_options("cpu")[
+        "xla_cpu_experimental_ynn_fusion_type"]
     with pytest.raises(ValueError, match="unknown conv_impl 'winograd'"):
         models.resolve_conv_impl("winograd")
 
@@ -52,3 +58,34 @@ def test_whole_model_is_the_same_with_either_conv():
     a = m.clone(conv_impl="im2col").apply(v, x)
     b = m.clone(conv_impl="xla").apply(v, x)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def numpy_conv(x, k):
+    """float64 'same' 3x3/1x1 correlation, written out: the reference no XLA option touches."""
+    kh, kw = k.shape[:2]
+    xp = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    h, w = x.shape[1:3]
+    return sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + h, j:j + w], k[i, j])
+               for i in range(kh) for j in range(kw))
+
+
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
+    """The YNNPACK options of jit_eval change which kernels run, not the result."""
+    r = np.random.default_rng(7)
+    x = r.normal(size=(2, 12, 10, 16)).astype(np.float32)
+    k = (r.normal(size=(3, 3, 16, 24)) * 0.2).astype(np.float32)
+    f = models.jit_eval(lambda x, k: models.conv2d(x, k, impl))
+    np.testing.assert_allclose(np.asarray(f(x, k), np.float64),
+                               numpy_conv(x.astype(np.float64), k.astype(np.float64)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_auto_model_in_eval_mode_equals_the_all_xla_model():
+    """'auto' mixes implementations by layer size (im2col for conv5 at 2x2 maps here)."""
+    m = models.create_model("D", num_classes=5, width=1 / 16, fc_widths=(8, 8))
+    v = models.init_variables(m, jax.random.key(0), 32)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    auto = models.jit_eval(lambda v, x: m.apply(v, x))(v, x)
+    ref = jax.jit(lambda v, x: m.clone(conv_impl="xla").apply(v, x))(v, x)
+    np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, input_pipeline, preprocess
+from vgg_jax import checkpoint, input_pipeline, models, preprocess
 from vgg_jax.predict import data_config
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
@@ -60,8 +60,9 @@ class Net:
             model = checkpoint.model_from_meta(meta)
         self.variables, self.meta, self.model = variables, meta, model
         self.d = data_config(self.meta)
-        self._logits = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
-        self._scores = jax.jit(lambda v, x: self.model.apply(v, x, train=False, dense=True))
+        self._logits = models.jit_eval(lambda v, x: self.model.apply(v, x, train=False))
+        self._scores = models.jit_eval(lambda v, x: self.model.apply(v, x, train=False,
+                                                                     dense=True))
 
     def softmax(self, images):
         return np.asarray(jax.nn.softmax(self._logits(self.variables, jnp.asarray(images))))

@@ -8,6 +8,7 @@ fc6's kernel into a 7x7 conv (torch's (C, H, W) order is permuted once in conver
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -130,18 +131,53 @@ def initializers(scheme: str) -> tuple[Callable, Callable]:
 # ----------------------------------------------------------------------------- layers
 
 CONV_IMPLS = ("auto", "xla", "im2col")
+# XLA:CPU runs lax.conv through YNNPACK only when asked (jaxlib 0.10); with it, the 3x3
+# convs of VGG at >= 4x4 maps run 2-5x faster than with Eigen or im2col (bench/RESULTS.md).
+# The list replaces XLA's default one, so it keeps YNNPACK's dots on as well.
+CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 
 
-def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
-    """'auto' -> 'im2col' on CPU (XLA:CPU's native conv, backward especially, is several
-    times slower than one big matmul there) and 'xla' on GPU/TPU (cuDNN / the TPU conv
-    unit are faster than materialised patches)."""
+def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = False,
+                      pixels: int | None = None) -> str:
+    """The conv implementation `impl` means here. 'auto':
+    - GPU/TPU: 'xla' (cuDNN / the TPU's conv unit).
+    - CPU, training: 'im2col' (XLA:CPU's conv backward, the filter gradient especially,
+      is several times slower than one big matmul over the patches).
+    - CPU, inference: 'xla' for maps of >= MIN_YNN_PIXELS pixels, run through YNNPACK by
+      `eval_compiler_options`; 'im2col' for smaller maps (conv5 at a 32x32 input)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; choose one of {', '.join(CONV_IMPLS)}")
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    return "im2col" if backend == "cpu" else "xla"
+    if backend != "cpu":
+        return "xla"
+    if train or (pixels is not None and pixels < MIN_YNN_PIXELS):
+        return "im2col"
+    return "xla"
+
+
+def eval_compiler_options(backend: str | None = None) -> dict | None:
+    """XLA compiler options for inference-mode jits: YNNPACK convs on CPU, none elsewhere."""
+    return dict(CPU_EVAL_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
+
+
+def jit_eval(fun, **jit_kwargs):
+    """jax.jit with `eval_compiler_options()`, for functions that run the net in eval mode
+    (predict, evaluate, embed, saliency, the eval step). The backend is looked up at the
+    first call, not at import, so XLA_FLAGS and jax.config set later still count."""
+    jitted = None
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fun, compiler_options=eval_compiler_options(), **jit_kwargs)
+        return jitted(*args, **kwargs)
+
+    return call
 
 
 def conv2d(x, kernel, impl: str, padding: str = "SAME"):
@@ -174,13 +210,14 @@ class Conv(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                             jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        return conv2d(x, kernel, resolve_conv_impl(self.impl)) + bias
+        impl = resolve_conv_impl(self.impl, train=train, pixels=x.shape[1] * x.shape[2])
+        return conv2d(x, kernel, impl) + bias
 
 
 class FC(nn.Module):
@@ -277,7 +314,7 @@ class VGG(nn.Module):
         for layer in layer_table(letter):
             if layer.kind == "conv":
                 x = Conv(scaled(layer.channels, self.width), layer.kernel, self.conv_impl,
-                         self.dtype, conv_init, name=layer.name)(x)
+                         self.dtype, conv_init, name=layer.name)(x, train)
                 if batch_norm:
                     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                      epsilon=self.bn_epsilon, dtype=self.dtype,

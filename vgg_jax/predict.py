@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, preprocess
+from vgg_jax import checkpoint, models, preprocess
 
 
 def data_config(meta: dict) -> ml_collections.ConfigDict:
@@ -43,8 +43,8 @@ class Predictor:
         self.d = data_config(self.meta)
         self.class_names = self.meta.get("class_names") or [
             str(i) for i in range(self.model.num_classes)]
-        self._apply = jax.jit(self.model.apply, static_argnames=("train", "dense", "capture",
-                                                                  "mutable"))
+        self._apply = models.jit_eval(self.model.apply,
+                                      static_argnames=("train", "dense", "capture", "mutable"))
 
     def image(self, path: str, *, scale=None, crop=True) -> np.ndarray:
         raw = read_image_bytes(path)

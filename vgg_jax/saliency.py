@@ -10,8 +10,6 @@ so the map is exactly zero elsewhere.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,14 +17,16 @@ import numpy as np
 from vgg_jax import models
 
 
-@functools.partial(jax.jit, static_argnames=("model", "position"))
-def _score_and_grad(model, variables, image, class_index, position=None):
+def _score_and_grad_fn(model, variables, image, class_index, position=None):
     def score(x):
         if position is None:
             return model.apply(variables, x[None], train=False)[0, class_index]
         scores = model.apply(variables, x[None], train=False, dense=True)
         return scores[0, position[0], position[1], class_index]
     return jax.value_and_grad(score)(image)
+
+
+_score_and_grad = models.jit_eval(_score_and_grad_fn, static_argnames=("model", "position"))
 
 
 def logits(model, variables, image) -> np.ndarray:
