@@ -203,6 +203,21 @@ def test_plot_errors_are_clear(tmp_path, capsys):
         plots.parse_size("big")
 
 
+def test_picture_commands_reject_bad_layers_and_classes(digits_run, tmp_path, capsys):
+    image = write_digit_folder(tmp_path / "folder", classes=(4,), per_class=1)[0]
+    out = str(tmp_path / "x.png")
+    assert cli.main(["activations", "--weights", digits_run, image, "--layer", "conv9_9",
+                     "--out", out]) == 2
+    assert "unknown layer 'conv9_9' for vgg11_bn; valid: conv1_1" in capsys.readouterr().err
+    assert cli.main(["activations", "--weights", digits_run, image, "--layer", "fc7",
+                     "--out", out]) == 2
+    assert "fc7 is not a convolutional layer (output shape (4096,))" in capsys.readouterr().err
+    assert cli.main(["saliency", "--weights", digits_run, image, "--class-name", "cat",
+                     "--out", out]) == 2
+    assert "unknown class 'cat'; the weights' classes are 0, 1, 2" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 def finetune_config(digits_run, folder, freeze: bool):
@@ -260,6 +275,9 @@ def test_finetune_with_frozen_convs_trains_only_the_classifier(digits_run, tmp_p
 def test_finetune_config_without_a_dataset_says_what_to_set(tmp_path):
     c = finetune_folder.get_config()
     with pytest.raises(ValueError, match="need train.init_from"):
+        train.adopt_init_from(c)
+    c.train.init_from = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no meta.json: expected a weights directory"):
         train.adopt_init_from(c)
     c.model.arch, c.data.normalization = "vgg16", "torchvision"
     with pytest.raises(ValueError, match="data.dataset is empty: set --config.data.dataset"):

@@ -88,14 +88,12 @@ def load_weights(path: str, which: str = "latest"):
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(
             os.path.join(path, "variables")):
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
+        meta = read_meta(path)
         with ocp.StandardCheckpointer() as ckptr:
             variables = ckptr.restore(os.path.join(path, "variables"))
         return variables, meta
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
+        meta = read_meta(path)
         mngr = manager(path, read_only=True)
         step = mngr.best_step() if which == "best" else mngr.latest_step()
         if step is None:

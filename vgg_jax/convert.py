@@ -27,7 +27,7 @@ def torch_layout(arch: str) -> dict[str, tuple[str, str]]:
             out[layer.name] = (f"features.{i}", "conv")
             i += 1
             if bn:
-                out["bn" + layer.name[4:]] = (f"features.{i}", "bn")
+                out[models.bn_name(layer.name)] = (f"features.{i}", "bn")
                 i += 1
             i += 1  # ReLU
         else:

@@ -12,19 +12,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vgg_jax import checkpoint, input_pipeline, models
+from vgg_jax import checkpoint, input_pipeline, models, train
 from vgg_jax.predict import data_config
 
 
 def make_embed_fn(model, layer: str, pool: bool = True, devices=None):
     """A jitted (variables, images) -> (N, D) or (N, H, W, C), batch sharded over devices;
-    returns (fn, data_sharding)."""
-    devices = jax.devices() if devices is None else devices
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    returns (fn, data_sharding, replicated_sharding)."""
+    _, data, replicated = train.data_mesh(devices)
 
     def fn(variables, images):
         out = models.extract(model, variables, images, (layer,))[layer]
@@ -33,7 +29,7 @@ def make_embed_fn(model, layer: str, pool: bool = True, devices=None):
         return out.astype(np.float32)
 
     return jax.jit(fn, in_shardings=(replicated, data), out_shardings=data,
-                   compiler_options=models.eval_compiler_options()), data
+                   compiler_options=models.eval_compiler_options()), data, replicated
 
 
 def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: int = 64, *,
@@ -41,15 +37,13 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
     """(embeddings (N, ...), labels (N,)) for every example of `source`, in the order of
     the processes' shards. `batch_size` is global; it is rounded up to a multiple of the
     device count."""
-    if layer not in models.layer_names(model.arch):
-        raise ValueError(f"unknown layer {layer!r} for {model.arch}; valid: "
-                         f"{', '.join(models.layer_names(model.arch))}")
-    fn, data = make_embed_fn(model, layer, pool)
+    models.check_layer(model.arch, layer)
+    fn, data, replicated = make_embed_fn(model, layer, pool)
     n_dev = len(data.mesh.devices.flat)
     pcount = jax.process_count()
     global_batch = -(-batch_size // n_dev) * n_dev
     local_batch = global_batch // pcount
-    variables = jax.device_put(variables, NamedSharding(data.mesh, P()))
+    variables = jax.device_put(variables, replicated)
     batches = input_pipeline.eval_batches(source, data_cfg, local_batch, limit=limit)
     if progress:
         from tqdm import tqdm

@@ -97,6 +97,18 @@ def scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def bn_name(conv_name: str) -> str:
+    """The BatchNorm layer that follows a conv layer: conv3_1 -> bn3_1."""
+    return "bn" + conv_name[len("conv"):]
+
+
+def check_layer(arch: str, layer: str) -> None:
+    """A clear error for a layer name `arch` does not have (capture, embed, plots)."""
+    if layer not in layer_names(arch):
+        raise ValueError(f"unknown layer {layer!r} for {arch}; valid: "
+                         f"{', '.join(layer_names(arch))}")
+
+
 def layer_names(arch: str) -> list[str]:
     """Every name `capture=` accepts for this architecture."""
     return [l.name for l in layer_table(arch)] + ["fc6", "fc7", "fc8"]
@@ -319,7 +331,7 @@ class VGG(nn.Module):
                     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                                      epsilon=self.bn_epsilon, dtype=self.dtype,
                                      param_dtype=jnp.float32,
-                                     name="bn" + layer.name[len("conv"):])(x)
+                                     name=bn_name(layer.name))(x)
                 x = nn.relu(x)
             elif layer.kind == "lrn":
                 x = local_response_norm(x, **LRN_PARAMS)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from vgg_jax import models
+
 SCHEDULES = ("paper", "step", "cosine", "constant")
 
 
@@ -41,8 +43,8 @@ def frozen_layers(params, freeze) -> tuple[str, ...]:
             out |= {n for n in layers if FREEZE_GROUPS[entry](n)}
         elif entry in layers:
             out.add(entry)
-            if entry.startswith("conv") and "bn" + entry[4:] in layers:
-                out.add("bn" + entry[4:])
+            if entry.startswith("conv") and models.bn_name(entry) in layers:
+                out.add(models.bn_name(entry))
         else:
             raise ValueError(f"optim.freeze names {entry!r}, which the model does not have; "
                              f"use layer names ({', '.join(layers)}) or groups "

@@ -150,9 +150,7 @@ def main_activations(args):
     from vgg_jax.predict import Predictor
     pred = Predictor(args.weights)
     image = pred.image(args.image)
-    if args.layer not in models.layer_names(pred.model.arch):
-        raise ValueError(f"unknown layer {args.layer!r} for {pred.model.arch}; valid: "
-                         f"{', '.join(models.layer_names(pred.model.arch))}")
+    models.check_layer(pred.model.arch, args.layer)
     maps = models.extract(pred.model, pred.variables, image[None], (args.layer,))[args.layer][0]
     if np.ndim(maps) != 3:
         raise ValueError(f"{args.layer} is not a convolutional layer (output shape "

@@ -18,19 +18,20 @@ from vgg_jax import models
 
 
 def _score_and_grad_fn(model, variables, image, class_index, position=None):
+    """(S_c, c), dS_c/dI in one forward and backward; class_index < 0: the top class."""
     def score(x):
         if position is None:
-            return model.apply(variables, x[None], train=False)[0, class_index]
-        scores = model.apply(variables, x[None], train=False, dense=True)
-        return scores[0, position[0], position[1], class_index]
-    return jax.value_and_grad(score)(image)
+            scores = model.apply(variables, x[None], train=False)[0]
+        else:
+            scores = model.apply(variables, x[None], train=False, dense=True)[0, position[0],
+                                                                            position[1]]
+        c = jnp.where(class_index < 0, jnp.argmax(jax.lax.stop_gradient(scores)), class_index)
+        return scores[c], c
+    (score_c, c), grad = jax.value_and_grad(score, has_aux=True)(image)
+    return score_c, c, grad
 
 
 _score_and_grad = models.jit_eval(_score_and_grad_fn, static_argnames=("model", "position"))
-
-
-def logits(model, variables, image) -> np.ndarray:
-    return np.asarray(model.apply(variables, jnp.asarray(image)[None], train=False)[0])
 
 
 def input_gradient(model, variables, image, class_index: int | None = None,
@@ -39,18 +40,13 @@ def input_gradient(model, variables, image, class_index: int | None = None,
     whole image, or at `position`)."""
     models.check_input((1, *np.shape(image)), model.in_channels, dense=position is not None,
                        classifier_pool=model.classifier_pool)
-    if class_index is None:
-        if position is None:
-            class_index = int(np.argmax(logits(model, variables, image)))
-        else:
-            scores = model.apply(variables, jnp.asarray(image)[None], train=False, dense=True)
-            class_index = int(jnp.argmax(scores[0, position[0], position[1]]))
     position = None if position is None else (int(position[0]), int(position[1]))
     image = jnp.asarray(image)
     if not jnp.issubdtype(image.dtype, jnp.floating):
         image = image.astype(jnp.float32)
-    score, grad = _score_and_grad(model, variables, image, class_index, position)
-    return np.asarray(grad), class_index, float(score)
+    c = -1 if class_index is None else int(class_index)
+    score, c, grad = _score_and_grad(model, variables, image, c, position)
+    return np.asarray(grad), int(c), float(score)
 
 
 def saliency_map(model, variables, image, class_index: int | None = None,

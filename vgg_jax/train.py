@@ -230,15 +230,20 @@ def create_state(model, tx, plateau, rng, image_size: int) -> TrainState:
                       opt_state=tx.init(params), rng=train_rng, plateau=plateau.init())
 
 
+def data_mesh(devices=None):
+    """(mesh, batch sharding, replicated sharding) over `devices` (default: all) with one
+    'data' axis, with Auto axes (jax 0.10's make_mesh defaults to Explicit)."""
+    devices = jax.devices() if devices is None else devices
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    return mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
 class Parallel:
     """The mesh, shardings and jitted steps for one model on some devices."""
 
     def __init__(self, model, tx, grad_accum_steps=1, devices=None, frozen=()):
-        devices = jax.devices() if devices is None else devices
-        self.mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                                  axis_types=(jax.sharding.AxisType.Auto,))
-        self.data = NamedSharding(self.mesh, P("data"))
-        self.replicated = NamedSharding(self.mesh, P())
+        self.mesh, self.data, self.replicated = data_mesh(devices)
         self.train_step = jax.jit(make_train_step(model, tx, grad_accum_steps, frozen),
                                   in_shardings=(self.replicated, self.data),
                                   out_shardings=(self.replicated, self.replicated),
@@ -265,10 +270,6 @@ def paper_preinit_layers(source_arch: str) -> list[str]:
     return convs[:4] + ["fc6", "fc7", "fc8"]
 
 
-def _bn_of(conv_name: str) -> str:
-    return "bn" + conv_name[len("conv"):]
-
-
 def load_layers(params, batch_stats, source_variables, layers, exclude=()):
     """Copy the named layers (and their BN) from source_variables. A named layer that is
     missing or has another shape is an error naming it and both shapes."""
@@ -280,7 +281,7 @@ def load_layers(params, batch_stats, source_variables, layers, exclude=()):
         if name in exclude:
             continue
         for tree, src in ((params, src_p), (batch_stats, src_bs)):
-            for key in (name, _bn_of(name)) if name.startswith("conv") else (name,):
+            for key in (name, models.bn_name(name)) if name.startswith("conv") else (name,):
                 if key not in tree:
                     continue
                 if key not in src:
