@@ -75,8 +75,10 @@ def run_jax(a) -> dict:
                 out = f(variables, xj)
             jax.block_until_ready(out)
             dt = min(dt, time.perf_counter() - t0)
+    plan = models.conv_plan(a.arch, a.image_size, width=a.width, impl=a.conv_impl,
+                            train=a.mode == "train")
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
-                conv_impl=models.resolve_conv_impl(a.conv_impl, train=a.mode == "train")
+                conv_impl=models.describe_plan(plan)
                 + (" (YNNPACK options)" if a.mode == "infer" and models.eval_compiler_options() else ""))
 
 
@@ -131,7 +133,7 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed loops of --steps; the best counts")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--fc", type=int, default=4096)
-    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col"])
+    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col", "winograd"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for the tests")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -173,8 +175,9 @@ def main(argv=None):
         print(f"{r['mode']:<6} {r['arch']:<8} {r['batch']:>5} {r['image_size']:>5} {r['dtype']:<9} "
               f"{r['jax']['img_per_s']:>14.2f} {r['torch']['img_per_s']:>12.2f} {r['ratio']:>6.2f} "
               f"{r['jax']['compile_s']:>13.1f} {r['jax']['peak_mb']:>8.0f} {r['torch']['peak_mb']:>8.0f}")
-    print(f"conv_impl: {rows[0]['jax']['conv_impl']}; torch {rows[0]['torch']['torch']}, "
-          f"channels_last, {os.cpu_count()} threads")
+    for r in rows:
+        print(f"{r['mode']} conv_impl={a.conv_impl}: {r['jax']['conv_impl']}")
+    print(f"torch {rows[0]['torch']['torch']}, channels_last, {os.cpu_count()} threads")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,36 @@ def test_fc6_rows_permuted_to_hwc():
     np.testing.assert_array_equal(convert.fc6_flax_to_torch(k, 7), w)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (64, 48)])
+def test_training_gradients_match_torch_at_small_inputs(size):
+    """Below 224 torchvision upsamples pool5 to 7x7 (AdaptiveAvgPool2d) before fc6; vgg_jax
+    folds that pool into fc6's kernel and pools by reshape-max. Every parameter's gradient
+    of the cross-entropy equals torch's (32: pool5 is 1x1; 64x48: 2x1, uneven bins)."""
+    tmodel = randomize(VGG("vgg11", num_classes=6, width=1 / 8, fc=24), seed=3)
+    tmodel.classifier[2].p = tmodel.classifier[5].p = 0.0  # no dropout in either
+    variables = convert.from_torch(tmodel.state_dict(), "vgg11")
+    model = models.create_model("vgg11", num_classes=6, width=1 / 8, fc_widths=(24, 24),
+                                dropout_rate=0.0)
+    r = np.random.default_rng(size[1])
+    x = r.normal(size=(3, 3, *size)).astype(np.float32)
+    y = r.integers(0, 6, 3)
+    loss = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(y))
+    loss.backward()
+    want = convert.from_torch({k: p.grad for k, p in tmodel.named_parameters()}, "vgg11")
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(y)[:, None], 1))
+
+    value, grads = jax.value_and_grad(loss_fn)(variables["params"])
+    np.testing.assert_allclose(value, loss.item(), rtol=1e-5)
+    for layer in ("conv1_1", "conv4_2", "fc6", "fc8"):
+        for name in ("kernel", "bias"):
+            ref = want["params"][layer][name]
+            np.testing.assert_allclose(grads[layer][name], ref, rtol=1e-4,
+                                       atol=1e-4 * np.abs(ref).max())
+
+
 def test_bn_model_trained_one_step_moves_running_stats_like_torch_momentum_0_1():
     tmodel = randomize(VGG("vgg11", True, num_classes=5, width=1 / 8, fc=16), seed=5)
     variables = convert.from_torch(tmodel.state_dict(), "vgg11_bn")

@@ -1,5 +1,6 @@
 """The model zoo. Full-size models are only ever built abstractly (jax.eval_shape); models
 that run use small widths and images because XLA's CPU convolutions are slow."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +129,42 @@ def test_adaptive_pool_matches_torch(size):
     ref = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(x).permute(0, 3, 1, 2), 7)
     got = models.adaptive_avg_pool(jnp.asarray(x), 7)
     np.testing.assert_allclose(got, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 4), (2, 1, 5, 2)])
+def test_max_pool_equals_flax_reduce_window_values_and_gradients(shape):
+    """Odd sizes floor like torch's MaxPool2d(2, 2); random inputs have no ties, so the
+    gradient goes to each window's argmax exactly as select-and-scatter sends it."""
+    x = jnp.asarray(np.random.default_rng(sum(shape)).normal(size=shape), jnp.float32)
+    ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731
+    np.testing.assert_array_equal(models.max_pool(x), ref(x))
+    w = jnp.asarray(np.random.default_rng(1).normal(size=ref(x).shape), jnp.float32)
+    g = jax.grad(lambda x, f: jnp.sum(w * f(x)), argnums=0)
+    np.testing.assert_array_equal(g(x, models.max_pool), g(x, ref))
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 4)])
+def test_fc6_with_the_pool_folded_in_equals_pool_then_dense(hw):
+    """Maps smaller than the 7x7 grid: fc6(adaptive_avg_pool(x)) is computed with the pool
+    folded into the kernel; the logits and every gradient equal pool-then-matmul."""
+    x = jnp.asarray(np.random.default_rng(hw[0]).normal(size=(3, *hw, 4)), jnp.float32)
+    pool = tuple(models.adaptive_pool_matrix(n, 7) for n in hw)
+    fc = models.FC(5)
+    v = fc.init(jax.random.key(0), x, pool=pool)
+    v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
+    assert v["params"]["kernel"].shape == (7 * 7 * 4, 5)
+
+    def folded(v, x):
+        return jnp.sum(jnp.sin(fc.apply(v, x, pool=pool)))
+
+    def reference(v, x):
+        flat = models.adaptive_avg_pool(x, 7).reshape(x.shape[0], -1)
+        return jnp.sum(jnp.sin(flat @ v["params"]["kernel"] + v["params"]["bias"]))
+
+    np.testing.assert_allclose(folded(v, x), reference(v, x), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(folded, argnums=(0, 1))(v, x)),
+                    jax.tree.leaves(jax.grad(reference, argnums=(0, 1))(v, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_capture_returns_named_layers_and_fc8_is_the_logits():

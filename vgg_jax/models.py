@@ -142,33 +142,76 @@ def initializers(scheme: str) -> tuple[Callable, Callable]:
 
 # ----------------------------------------------------------------------------- layers
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 # XLA:CPU runs lax.conv through YNNPACK only when asked (jaxlib 0.10); with it, the 3x3
 # convs of VGG at >= 4x4 maps run 2-5x faster than with Eigen or im2col (bench/RESULTS.md).
 # The list replaces XLA's default one, so it keeps YNNPACK's dots on as well.
 CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
+# Winograd F(2x2, 3x3) does 2.25x fewer multiplies, but its transforms cost per pixel and
+# channel: on the 2-core CPU it beats the alternatives from 128 input channels on maps of
+# at most 28x28 (conv2_2 onwards at 32x32, conv4/conv5 at 224; bench/RESULTS.md).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MAX_PIXELS = 28 * 28
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = False,
-                      pixels: int | None = None) -> str:
-    """The conv implementation `impl` means here. 'auto':
+                      pixels: int | None = None, channels: int | None = None,
+                      kernel: int = 3) -> str:
+    """The conv implementation `impl` means for one layer (`pixels` = H*W of its input,
+    `channels` its input channels, `kernel` its size). 'auto':
     - GPU/TPU: 'xla' (cuDNN / the TPU's conv unit).
-    - CPU, training: 'im2col' (XLA:CPU's conv backward, the filter gradient especially,
-      is several times slower than one big matmul over the patches).
-    - CPU, inference: 'xla' for maps of >= MIN_YNN_PIXELS pixels, run through YNNPACK by
-      `eval_compiler_options`; 'im2col' for smaller maps (conv5 at a 32x32 input)."""
+    - CPU, 3x3 kernels with >= WINOGRAD_MIN_CHANNELS input channels on maps of
+      <= WINOGRAD_MAX_PIXELS: 'winograd', training and inference.
+    - CPU, training otherwise: 'im2col' (XLA:CPU's conv backward, the filter gradient
+      especially, is several times slower than one big matmul over the patches).
+    - CPU, inference otherwise: 'xla' for maps of >= MIN_YNN_PIXELS pixels, run through
+      YNNPACK by `eval_compiler_options`; 'im2col' for smaller maps.
+    'winograd' is for 3x3 kernels; asked of a 1x1 conv (config C) it means 'im2col'
+    (a plain matmul)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv_impl {impl!r}; choose one of {', '.join(CONV_IMPLS)}")
+    if impl == "winograd" and kernel != 3:
+        return "im2col"
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
+    if (kernel == 3 and channels is not None and channels >= WINOGRAD_MIN_CHANNELS
+            and pixels is not None and pixels <= WINOGRAD_MAX_PIXELS):
+        return "winograd"
     if train or (pixels is not None and pixels < MIN_YNN_PIXELS):
         return "im2col"
     return "xla"
+
+
+def conv_plan(arch: str, image_size: int | tuple[int, int], *, width: float = 1.0,
+              impl: str = "auto", train: bool = False, in_channels: int = 3,
+              backend: str | None = None) -> dict[str, str]:
+    """{conv layer: the implementation it runs with} for this input size and mode."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    plan, channels = {}, in_channels
+    for layer in layer_table(arch):
+        if layer.kind == "conv":
+            plan[layer.name] = resolve_conv_impl(impl, backend, train=train, pixels=h * w,
+                                                 channels=channels, kernel=layer.kernel)
+            channels = scaled(layer.channels, width)
+        elif layer.kind == "pool":
+            h, w = h // 2, w // 2
+    return plan
+
+
+def describe_plan(plan: dict[str, str]) -> str:
+    """'im2col conv1_1-conv2_1, winograd conv2_2-conv5_3': runs of equal choices."""
+    runs = []
+    for name, impl in plan.items():
+        if runs and runs[-1][0] == impl:
+            runs[-1][2] = name
+        else:
+            runs.append([impl, name, name])
+    return ", ".join(f"{i} {a}" + (f"-{b}" if b != a else "") for i, a, b in runs)
 
 
 def eval_compiler_options(backend: str | None = None) -> dict | None:
@@ -192,10 +235,53 @@ def jit_eval(fun, **jit_kwargs):
     return call
 
 
+def _winograd_bt(a, b, c, d):
+    """B^T of F(2x2, 3x3) along one axis: 4 input taps -> 4 transformed values."""
+    return [a - c, b + c, c - b, b - d]
+
+
+def _winograd_g(a, b, c):
+    """G of F(2x2, 3x3) along one axis: 3 kernel taps -> 4."""
+    return [a, (a + b + c) * 0.5, (a - b + c) * 0.5, c]
+
+
+def _winograd_at(m0, m1, m2, m3):
+    """A^T of F(2x2, 3x3) along one axis: 4 products -> 2 outputs."""
+    return [m0 + m1 + m2, m1 - m2 - m3]
+
+
+def winograd_conv3x3(x, kernel):
+    """'same' 3x3 conv, stride 1, NHWC x HWIO, by Winograd's minimal filtering F(2x2, 3x3)
+    (Lavin & Gray 2016): each 2x2 output tile from a 4x4 input tile with 16 products per
+    channel pair instead of 36. Transforms: input B^T d B, kernel G g G^T, output A^T m A;
+    the 16 products are 16 matmuls (tiles x Cin) . (Cin x Cout). Every step is linear, so
+    autodiff gives a backward with the same 2.25x saving. The coefficients are 0, +-1 and
+    +-1/2: the result equals lax.conv to float rounding (tests/test_conv_impl.py)."""
+    n, h, w, cin = x.shape
+    cout = kernel.shape[-1]
+    dtype = x.dtype  # the matmul's operands; transforms and sums in at least float32
+    ct = jnp.promote_types(dtype, jnp.float32)
+    x, kernel = x.astype(ct), kernel.astype(ct)
+    th, tw = -(-h // 2), -(-w // 2)  # output tiles; odd sizes are cropped at the end
+    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+    rows = _winograd_bt(*(xp[:, a:a + 2 * th:2] for a in range(4)))
+    d = jnp.stack([t for r in rows for t in _winograd_bt(*(r[:, :, b:b + 2 * tw:2] for b in range(4)))])
+    u = jnp.stack([t for r in _winograd_g(*kernel) for t in _winograd_g(*r)])  # (16, cin, cout)
+    m = jnp.einsum("stc,scf->stf", d.reshape(16, n * th * tw, cin).astype(dtype),
+                   u.astype(dtype), preferred_element_type=ct)
+    m = m.reshape(4, 4, n, th, tw, cout)
+    y = jnp.stack([jnp.stack(_winograd_at(*r)) for r in _winograd_at(*m)])  # (2, 2, n, th, tw, cout)
+    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, cout)
+    return y[:, :h, :w].astype(dtype)
+
+
 def conv2d(x, kernel, impl: str, padding: str = "SAME"):
     """NHWC x HWIO, stride 1. 'im2col' stacks the k*k shifted views on the channel axis and
-    does one matmul; it equals lax.conv to float tolerance (tests/test_models.py)."""
+    does one matmul; 'winograd' is winograd_conv3x3 (3x3 'same'; anything else goes the
+    im2col way). Each equals lax.conv to float tolerance (tests/test_conv_impl.py)."""
     kh, kw, cin, cout = kernel.shape
+    if impl == "winograd" and (kh, kw) == (3, 3) and padding == "SAME":
+        return winograd_conv3x3(x, kernel)
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -228,23 +314,38 @@ class Conv(nn.Module):
                             jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        impl = resolve_conv_impl(self.impl, train=train, pixels=x.shape[1] * x.shape[2])
+        impl = resolve_conv_impl(self.impl, train=train, pixels=x.shape[1] * x.shape[2],
+                                 channels=x.shape[-1], kernel=k)
         return conv2d(x, kernel, impl) + bias
 
 
 class FC(nn.Module):
     """A fully-connected layer (params `kernel` (in, out), `bias`, as nn.Dense) that can
     also run as a `window` x `window` VALID conv over a feature map (dense evaluation,
-    Sec. 3.2): the kernel's rows are in (H, W, C) order, so the conv kernel is a reshape."""
+    Sec. 3.2): the kernel's rows are in (H, W, C) order, so the conv kernel is a reshape.
+
+    `pool=(ph, pw)` (adaptive-pool matrices, out x in) takes an unpooled (N, h, w, C) map
+    and computes fc(adaptive_avg_pool(x)) as x . (pool folded into the kernel): both are
+    linear, so this is the same function, and when the map is smaller than the pool grid
+    (fc6 of a 32x32 input: 1x1 -> 7x7) it is 49x fewer multiplies per image, forward and
+    backward, than replicating the map and multiplying by the 25088-row kernel."""
     features: int
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.normal(0.01)
 
     @nn.compact
-    def __call__(self, x, window: int | None = None):
-        cin = x.shape[-1] * (window * window if window else 1)
+    def __call__(self, x, window: int | None = None, pool=None):
+        if pool is not None:
+            cin = pool[0].shape[0] * pool[1].shape[0] * x.shape[-1]
+        else:
+            cin = x.shape[-1] * (window * window if window else 1)
         kernel = self.param("kernel", self.kernel_init, (cin, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        if pool is not None:  # folded in float32, then cast like the kernel itself
+            ph, pw = (jnp.asarray(p, jnp.promote_types(kernel.dtype, p.dtype)) for p in pool)
+            kernel = kernel.reshape(ph.shape[0], pw.shape[0], x.shape[-1], self.features)
+            kernel = jnp.einsum("ih,jw,ijcf->hwcf", ph, pw, kernel).reshape(-1, self.features)
+            x = x.reshape(x.shape[0], -1)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         if window is None:
             return jnp.dot(x, kernel) + bias
@@ -270,6 +371,17 @@ def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
         lo, hi = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
         p[i, lo:hi] = 1.0 / (hi - lo)
     return p
+
+
+def max_pool(x):
+    """VGG's 2x2 stride-2 max pool (odd sizes floor, as torch's MaxPool2d(2, 2)), as a
+    reshape and a max: the same values as nn.max_pool, and on XLA:CPU its backward is an
+    elementwise select instead of a select-and-scatter over argmax indices (~7x faster
+    for pool1 at batch 128). Ties share the gradient (a 2x2 window of ReLU zeros gets
+    none either way: ReLU's gradient at 0 is 0)."""
+    n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def adaptive_avg_pool(x, size: int):
@@ -336,17 +448,19 @@ class VGG(nn.Module):
             elif layer.kind == "lrn":
                 x = local_response_norm(x, **LRN_PARAMS)
             else:
-                x = nn.max_pool(x, (2, 2), (2, 2))
+                x = max_pool(x)
             keep(layer.name, x)
 
-        window = None
+        window, pool, size = None, None, self.classifier_pool
         if dense:
-            window = self.classifier_pool
+            window = size
+        elif x.shape[1] * x.shape[2] < size * size:  # fold the upsampling pool into fc6
+            pool = adaptive_pool_matrix(x.shape[1], size), adaptive_pool_matrix(x.shape[2], size)
         else:
-            x = adaptive_avg_pool(x, self.classifier_pool).reshape(x.shape[0], -1)
+            x = adaptive_avg_pool(x, size).reshape(x.shape[0], -1)
         for name, features in zip(("fc6", "fc7"), self.fc_widths):
-            x = nn.relu(FC(features, self.dtype, fc_init, name=name)(x, window))
-            window = 1 if dense else None
+            x = nn.relu(FC(features, self.dtype, fc_init, name=name)(x, window, pool))
+            window, pool = (1 if dense else None), None
             keep(name, x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = FC(self.num_classes, self.dtype, fc_init, name="fc8")(x, window)
