@@ -20,7 +20,7 @@ def get_config():
         # paper | paper_literal | glorot | kaiming. N(0, 0.01) fc layers (paper, kaiming)
         # shrink a 256-wide classifier's signal ~250x; glorot scales with the width.
         init_scheme="glorot",
-        conv_impl="auto",        # im2col on CPU, XLA's conv on GPU/TPU
+        conv_impl="auto",        # XLA's conv on GPU/TPU; per layer on CPU (models.conv_plan)
         classifier_pool=1,       # pool5 -> 1x1 -> fc6 (7 = the paper / torchvision)
         num_classes=0,           # 0: from the dataset
     ))
