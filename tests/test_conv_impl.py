@@ -87,8 +87,8 @@ def test_whole_model_is_the_same_with_any_conv(impl):
     m = models.create_model("C_bn", num_classes=4, width=1 / 16, fc_widths=(8, 8))
     v = models.init_variables(m, jax.random.key(0), 32)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    a = m.clone(conv_impl=impl).apply(v, x)
-    b = m.clone(conv_impl="xla").apply(v, x)
+    a = jax.jit(m.clone(conv_impl=impl).apply)(v, x)
+    b = jax.jit(m.clone(conv_impl="xla").apply)(v, x)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -114,11 +114,12 @@ def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
 
 
 def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
-    """'auto' mixes implementations by layer (width 1/4 at 32x32: im2col for conv1-3 in
-    training, winograd from conv4_2's 128 channels, YNNPACK/im2col in eval): logits and
-    the gradients of every parameter equal the all-'xla' model's."""
-    m = models.create_model("D", num_classes=5, width=1 / 4, fc_widths=(8, 8), dropout_rate=0.0)
-    assert models.resolve_conv_impl("auto", train=True, pixels=4 * 4, channels=128) == "winograd"
+    """'auto' mixes implementations by layer (A at width 1/4, 32x32: im2col up to conv4_1
+    in training, winograd from conv4_2's 128 input channels, YNNPACK/im2col in eval):
+    logits and the gradients of every parameter equal the all-'xla' model's."""
+    m = models.create_model("A", num_classes=5, width=1 / 4, fc_widths=(8, 8), dropout_rate=0.0)
+    plan = models.conv_plan("A", 32, width=1 / 4, train=True, backend="cpu")
+    assert plan["conv4_1"] == "im2col" and plan["conv4_2"] == "winograd"
     v = models.init_variables(m, jax.random.key(0), 32)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     auto = models.jit_eval(lambda v, x: m.apply(v, x))(v, x)
@@ -126,7 +127,8 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
     np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-6)
 
     def loss(model):
-        return jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x, train=True)))))
+        return jax.jit(jax.grad(
+            lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x, train=True)))))
 
     for a, b in zip(jax.tree.leaves(loss(m)(v["params"])),
                     jax.tree.leaves(loss(m.clone(conv_impl="xla"))(v["params"]))):

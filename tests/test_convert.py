@@ -92,7 +92,8 @@ def test_training_gradients_match_torch_at_small_inputs(size):
 
     def loss_fn(params):
         logits = model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(y)[:, None], 1))
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(y)[:, None], 1)
+        return -jnp.mean(picked)
 
     value, grads = jax.value_and_grad(loss_fn)(variables["params"])
     np.testing.assert_allclose(value, loss.item(), rtol=1e-5)

@@ -265,12 +265,13 @@ def winograd_conv3x3(x, kernel):
     th, tw = -(-h // 2), -(-w // 2)  # output tiles; odd sizes are cropped at the end
     xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
     rows = _winograd_bt(*(xp[:, a:a + 2 * th:2] for a in range(4)))
-    d = jnp.stack([t for r in rows for t in _winograd_bt(*(r[:, :, b:b + 2 * tw:2] for b in range(4)))])
+    d = jnp.stack([t for r in rows
+                   for t in _winograd_bt(*(r[:, :, b:b + 2 * tw:2] for b in range(4)))])
     u = jnp.stack([t for r in _winograd_g(*kernel) for t in _winograd_g(*r)])  # (16, cin, cout)
     m = jnp.einsum("stc,scf->stf", d.reshape(16, n * th * tw, cin).astype(dtype),
                    u.astype(dtype), preferred_element_type=ct)
     m = m.reshape(4, 4, n, th, tw, cout)
-    y = jnp.stack([jnp.stack(_winograd_at(*r)) for r in _winograd_at(*m)])  # (2, 2, n, th, tw, cout)
+    y = jnp.stack([jnp.stack(_winograd_at(*r)) for r in _winograd_at(*m)])  # (2, 2, n, th, tw, f)
     y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, cout)
     return y[:, :h, :w].astype(dtype)
 
