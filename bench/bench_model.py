@@ -30,6 +30,21 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def measure(step, a, t0, sync=lambda out: None) -> tuple[float, float]:
+    """(seconds from t0 to the end of the first, compiling, step; the best of a.repeats
+    timed loops of a.steps steps). `sync` waits for a step's output (JAX is async)."""
+    sync(step())
+    compile_s = time.perf_counter() - t0
+    dt = float("inf")
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            out = step()
+        sync(out)
+        dt = min(dt, time.perf_counter() - t0)
+    return compile_s, dt
+
+
 def run_jax(a) -> dict:
     import jax
     import jax.numpy as jnp
@@ -52,29 +67,19 @@ def run_jax(a) -> dict:
         state = par.replicate(train.create_state(model, tx, optim.Plateau(2, 3),
                                                  jax.random.PRNGKey(0), a.image_size))
         batch = par.global_batch({"image": x, "label": y})
-        state, m = par.train_step(state, batch)
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
-        dt = float("inf")
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                state, m = par.train_step(state, batch)
-            jax.block_until_ready(m)
-            dt = min(dt, time.perf_counter() - t0)
+
+        def step():
+            nonlocal state
+            state, metrics = par.train_step(state, batch)
+            return metrics
     else:
         variables = models.init_variables(model, jax.random.key(0), a.image_size)
         f = models.jit_eval(lambda v, x: model.apply(v, x, train=False))
         xj = jnp.asarray(x)
-        jax.block_until_ready(f(variables, xj))
-        compile_s = time.perf_counter() - t0
-        dt = float("inf")
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            for _ in range(a.steps):
-                out = f(variables, xj)
-            jax.block_until_ready(out)
-            dt = min(dt, time.perf_counter() - t0)
+
+        def step():
+            return f(variables, xj)
+    compile_s, dt = measure(step, a, t0, jax.block_until_ready)
     plan = models.conv_plan(a.arch, a.image_size, width=a.width, impl=a.conv_impl,
                             train=a.mode == "train")
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
@@ -110,14 +115,7 @@ def run_torch(a) -> dict:
         def step():
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 net(x)
-    step()
-    compile_s = time.perf_counter() - t0
-    dt = float("inf")
-    for _ in range(a.repeats):
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            step()
-        dt = min(dt, time.perf_counter() - t0)
+    compile_s, dt = measure(step, a, t0)
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
                 torch=torch.__version__)
 

@@ -28,8 +28,8 @@ def make_embed_fn(model, layer: str, pool: bool = True, devices=None):
             out = out.mean(axis=(1, 2))
         return out.astype(np.float32)
 
-    return jax.jit(fn, in_shardings=(replicated, data), out_shardings=data,
-                   compiler_options=models.eval_compiler_options()), data, replicated
+    return (models.jit_eval(fn, in_shardings=(replicated, data), out_shardings=data),
+            data, replicated)
 
 
 def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: int = 64, *,

@@ -343,7 +343,7 @@ class FC(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (cin, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         if pool is not None:  # folded in float32, then cast like the kernel itself
-            ph, pw = (jnp.asarray(p, jnp.promote_types(kernel.dtype, p.dtype)) for p in pool)
+            ph, pw = (jnp.asarray(p, kernel.dtype) for p in pool)
             kernel = kernel.reshape(ph.shape[0], pw.shape[0], x.shape[-1], self.features)
             kernel = jnp.einsum("ih,jw,ijcf->hwcf", ph, pw, kernel).reshape(-1, self.features)
             x = x.reshape(x.shape[0], -1)
@@ -400,7 +400,8 @@ def adaptive_avg_pool(x, size: int):
 class VGG(nn.Module):
     """Any Table 1 configuration; build it with `create_model`.
 
-    `apply(variables, images_nhwc, train=False)` -> logits (N, num_classes), float32 (float64 when dtype is float64).
+    `apply(variables, images_nhwc, train=False)` -> logits (N, num_classes), float32
+    (float64 when dtype is float64).
     `dense=True` runs fc6/fc7/fc8 as 7x7/1x1 convs over the whole image (Sec. 3.2) and
     returns the class score map (N, h, w, num_classes). `capture=('conv3_3', 'fc7')` sows
     those activations (after ReLU; pools after pooling; fc8 = logits) as the dict

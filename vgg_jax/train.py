@@ -248,9 +248,9 @@ class Parallel:
                                   in_shardings=(self.replicated, self.data),
                                   out_shardings=(self.replicated, self.replicated),
                                   donate_argnums=(0,))
-        self.eval_step = jax.jit(make_eval_step(model), in_shardings=(self.replicated, self.data),
-                                 out_shardings=self.replicated,
-                                 compiler_options=models.eval_compiler_options())
+        self.eval_step = models.jit_eval(make_eval_step(model),
+                                         in_shardings=(self.replicated, self.data),
+                                         out_shardings=self.replicated)
 
     def replicate(self, tree):
         return jax.device_put(tree, self.replicated)
