@@ -29,7 +29,7 @@ def main(argv):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"train.py: error: {e}")
     if "top1_acc" in result:
-        print(f"test top-1 accuracy: {100 * result['top1_acc']:.2f}% "
+        print(f"{result['split']} top-1 accuracy: {100 * result['top1_acc']:.2f}% "
               f"(top-1 error {100 * result['top1_err']:.2f}%, top-5 error "
               f"{100 * result['top5_err']:.2f}%) on {int(result['count'])} images "
               f"after {result['step']} steps")

@@ -50,9 +50,13 @@ def _features(sub):
 
 
 def _prepare(sub):
-    p = sub.add_parser("prepare", help="prepare a TFDS dataset (e.g. the bundled digits)")
+    p = sub.add_parser("prepare", help="prepare a TFDS dataset: the bundled digits, or one "
+                       "from archives you downloaded (imagenet2012)")
     p.add_argument("dataset", nargs="?", default="vgg_digits")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None,
+                   help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--manual-dir", default=None,
+                   help="where the downloaded archives are (default: DATA_DIR/downloads/manual)")
     p.set_defaults(run=lambda a: __import__("vgg_jax.input_pipeline").input_pipeline.main_prepare(a))
 
 
@@ -75,10 +79,18 @@ def _evaluate(sub):
     p.add_argument("--protocol", default="center",
                    choices=["center", "dense", "multicrop", "dense+multicrop"])
     p.add_argument("--scales", default=None, help="Q or Q1,Q2,... (default: the crop size)")
-    p.add_argument("--crop", type=int, default=None, help="crop size (default: model's)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop", type=int, default=None,
+                   help="crop size of center / multicrop views (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="crops per batch on this process (dense views: as many pixels)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (jax.distributed.initialize): each "
+                   "evaluates its shard, counts are summed")
+    p.add_argument("--coordinator-address", default=None, help="with --distributed: host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(run=lambda a: __import__("vgg_jax.evaluate").evaluate.main(a))
 
 

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from vgg_jax import models
+from vgg_jax import classes, models
 
 BN_TORCH = {"weight": "scale", "bias": "bias"}
 BN_STATS = {"running_mean": "mean", "running_var": "var"}
@@ -209,12 +209,6 @@ def to_torch(variables, arch: str, *, as_numpy: bool = False, pool: int = 7):
     return collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
 
 
-def imagenet_class_names() -> list[str]:
-    path = os.path.join(os.path.dirname(__file__), "data", "imagenet_classes.txt")
-    with open(path) as f:
-        return [line.strip() for line in f]
-
-
 def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict:
     """meta.json for converted weights: the model and the pixel convention they expect
     (torchvision: resize 256, centre crop 224, mean/std on [0, 1] pixels)."""
@@ -225,7 +219,7 @@ def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict
                                    image_size=224, eval_scale=256,
                                    channels=model_kwargs.get("in_channels", 3),
                                    convention=preprocessing),
-                class_names=imagenet_class_names() if n == 1000 else [str(i) for i in range(n)])
+                class_names=classes.imagenet_names() if n == 1000 else [str(i) for i in range(n)])
 
 
 def main(args) -> None:

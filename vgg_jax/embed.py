@@ -13,14 +13,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, input_pipeline, models, train
+from vgg_jax import checkpoint, input_pipeline, mesh, models
 from vgg_jax.predict import data_config
 
 
 def make_embed_fn(model, layer: str, pool: bool = True, devices=None):
     """A jitted (variables, images) -> (N, D) or (N, H, W, C), batch sharded over devices;
     returns (fn, data_sharding, replicated_sharding)."""
-    _, data, replicated = train.data_mesh(devices)
+    _, data, replicated = mesh.data_mesh(devices)
 
     def fn(variables, images):
         out = models.extract(model, variables, images, (layer,))[layer]

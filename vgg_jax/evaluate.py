@@ -7,11 +7,18 @@ multicrop       5x5 regular grid of crops x 2 flips = 50 crops per scale, soft-m
 dense+multicrop both, averaged (the paper's best single-net result, Table 5).
 Several scales Q and several nets (fusion, Table 6) average soft-max posteriors.
 
-Images vary in size under dense evaluation, so evaluation runs one image at a time (jit
-compiles once per distinct shape; all crops of one image form one batch).
+How it runs at ImageNet scale: every image becomes a list of weighted *views* (a crop, or
+a whole rescaled image for dense). Views of the same shape, from many images, are batched
+and sharded over this process's devices. Dense views are zero-padded up to a multiple of
+`DENSE_BUCKET` pixels a side and the net masks the padding after every layer
+(`VGG(valid=...)`), so the score map equals the unpadded one while the number of compiled
+shapes stays bounded whatever the number of images. With several processes each takes
+its own shard of the split (every example once overall) and the counts are summed.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import time
 
@@ -20,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, input_pipeline, models, preprocess
+from vgg_jax import checkpoint, input_pipeline, mesh, models, preprocess
 from vgg_jax.predict import data_config
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
+DENSE_BUCKET = 32  # dense views are padded to multiples of this (paper Q's are multiples)
 
 
 def paper_scales(s: int | None = None, s_min: int | None = None, s_max: int | None = None):
@@ -51,99 +59,321 @@ def multicrop_batch(image: np.ndarray, crop: int, n: int = 5) -> np.ndarray:
     return np.concatenate([crops, crops[:, :, ::-1]])
 
 
-class Net:
-    """One set of weights with jitted standard and dense forwards."""
+def bucket(n: int, multiple: int = DENSE_BUCKET) -> int:
+    return -(-n // multiple) * multiple
 
-    def __init__(self, weights: str | None = None, *, model=None, variables=None, meta=None):
+
+@functools.lru_cache(maxsize=None)
+def _softmax_fn(model: models.VGG, dense: bool):
+    """One jitted posterior function per (model, mode), shared by every Net with that
+    architecture (the variables are an argument), so fusion compiles nothing twice."""
+
+    def run(variables, images, valid):
+        if dense:
+            scores = model.apply(variables, images, train=False, dense=True, valid=valid)
+            logits = models.average_valid(
+                scores, models.dense_valid_size(valid, model.classifier_pool))
+        else:
+            logits = model.apply(variables, images, train=False)
+        return jax.nn.softmax(logits)
+
+    return models.jit_eval(run)
+
+
+class Net:
+    """One set of weights, replicated on this process's devices, with batched standard
+    and (masked) dense forwards whose batches are sharded over those devices."""
+
+    def __init__(self, weights: str | None = None, *, model=None, variables=None, meta=None,
+                 devices=None):
         if weights is not None:
             variables, meta = checkpoint.load_weights(weights)
             model = checkpoint.model_from_meta(meta)
-        self.variables, self.meta, self.model = variables, meta, model
+        self.meta, self.model = meta, model
         self.d = data_config(self.meta)
-        self._logits = models.jit_eval(lambda v, x: self.model.apply(v, x, train=False))
-        self._scores = models.jit_eval(lambda v, x: self.model.apply(v, x, train=False,
-                                                                     dense=True))
+        _, self._sharded, replicated = mesh.data_mesh(devices or jax.local_devices())
+        self.num_devices = len(self._sharded.mesh.devices.flat)
+        self.variables = jax.device_put(variables, replicated)
+
+    def probabilities(self, images: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Soft-max posteriors (N, K) of a batch whose size divides over the devices;
+        with `valid` (N, 2) the batch is zero-padded whole images (dense evaluation)."""
+        dense = valid is not None
+        valid = np.asarray(valid if dense else np.zeros((len(images), 2)), np.int32)
+        fn = _softmax_fn(self.model, dense)
+        put = lambda x: jax.device_put(x, self._sharded)
+        return np.asarray(fn(self.variables, put(images), put(valid)))
 
     def softmax(self, images):
-        return np.asarray(jax.nn.softmax(self._logits(self.variables, jnp.asarray(images))))
+        """Posteriors of standard (crop) inputs, any batch size."""
+        return _padded_run(self, np.asarray(images, np.float32), None)
 
     def dense_softmax(self, image):
         """Spatially averaged class score map -> soft-max, for one whole image."""
-        scores = self._scores(self.variables, jnp.asarray(image[None]))
-        return np.asarray(jax.nn.softmax(scores.mean(axis=(1, 2))))[0]
+        h, w = image.shape[:2]
+        padded = _pad_to(image, bucket(h), bucket(w))
+        return _padded_run(self, padded[None], np.array([[h, w]]))[0]
+
+
+def _pad_to(image, h, w):
+    out = np.zeros((h, w, image.shape[-1]), np.float32)
+    out[:image.shape[0], :image.shape[1]] = image
+    return out
+
+
+def _padded_run(net: Net, images, valid, batch: int | None = None):
+    """net.probabilities on `images` padded (with empty views) to `batch` or to a multiple
+    of the devices; returns the rows of the real views."""
+    n = len(images)
+    size = batch or -(-n // net.num_devices) * net.num_devices
+    if size > n:
+        images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
+        if valid is not None:  # empty views are 'valid' on their whole padded size
+            fill = np.tile([[images.shape[1], images.shape[2]]], (size - n, 1))
+            valid = np.concatenate([valid, fill])
+    return net.probabilities(images, valid)[:n]
+
+
+# ----------------------------------------------------------------------------- views
+
+@dataclasses.dataclass
+class View:
+    image: int             # which image (its position in the stream)
+    weight: float          # its share of the image's fused posterior
+    array: np.ndarray      # (h, w, C): a crop, or a whole image padded to a bucket
+    valid: tuple | None    # true (h, w) inside `array` for dense views, else None
+
+
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def needs(protocol: str) -> tuple[bool, bool]:
+    """(needs the centre crop, needs the whole rescaled image)."""
+    return protocol == "center", protocol != "center"
+
+
+def image_views(image_id, rescaled, protocol: str, crop: int, flip: bool, weight: float):
+    """The views of one image at one scale Q, weighted so that they sum to `weight`:
+    `rescaled` is {'center': centre crop, 'whole': whole image rescaled to Q}."""
+    if protocol == "center":  # torchvision's centre crop: no flip
+        return [View(image_id, weight, rescaled["center"], None)]
+    whole = rescaled["whole"]
+    parts = []
+    if protocol in ("dense", "dense+multicrop"):
+        h, w = whole.shape[:2]
+        if min(h, w) < crop:
+            raise ValueError(f"dense evaluation at a scale giving {h}x{w} is smaller than "
+                             f"the crop {crop}: use Q >= {crop}")
+        flips = [whole, whole[:, ::-1]] if flip else [whole]
+        hb, wb = bucket(h), bucket(w)
+        parts.append([View(image_id, 0.0, _pad_to(v, hb, wb), (h, w)) for v in flips])
+    if protocol in ("multicrop", "dense+multicrop"):
+        parts.append([View(image_id, 0.0, c, None) for c in multicrop_batch(whole, crop)])
+    for part in parts:
+        for v in part:
+            v.weight = weight / (len(parts) * len(part))
+    return [v for part in parts for v in part]
+
+
+class Batcher:
+    """Collects views by (net, shape) and runs them in fixed-size batches: crops in
+    batches of `batch_size`, dense views in batches of about the same number of pixels
+    (one compiled shape per bucket). An image's posterior is complete when all its views
+    have run; `on_done(image_id, posterior)` is then called."""
+
+    def __init__(self, nets, batch_size: int, crop: int, on_done, max_pending: int = 0):
+        self.nets, self.batch_size, self.crop, self.on_done = nets, batch_size, crop, on_done
+        self.max_pending = max_pending or 4 * batch_size
+        self.buffers: dict[tuple, list[View]] = {}
+        self.pending: dict[int, list] = {}  # image -> [posterior sum, views left]
+        self.shapes: set = set()
+
+    def batch_for(self, net: Net, shape) -> int:
+        b = self.batch_size
+        if shape[0] * shape[1] > self.crop * self.crop:  # whole images: same pixel budget
+            b = max(1, b * self.crop * self.crop // (shape[0] * shape[1]))
+        return -(-b // net.num_devices) * net.num_devices
+
+    def add(self, image_id, views_per_net):
+        total = sum(len(v) for v in views_per_net)
+        self.pending[image_id] = [0.0, total]
+        for n, views in enumerate(views_per_net):
+            for v in views:
+                key = (n, v.array.shape, v.valid is not None)
+                buf = self.buffers.setdefault(key, [])
+                buf.append(v)
+                if len(buf) >= self.batch_for(self.nets[n], v.array.shape):
+                    self._run(key)
+        if len(self.pending) > self.max_pending:
+            self.flush()
+
+    def flush(self):
+        for key in list(self.buffers):
+            if self.buffers[key]:
+                self._run(key)
+
+    def _run(self, key):
+        n, shape, dense = key
+        views, self.buffers[key] = self.buffers[key], []
+        net = self.nets[n]
+        size = self.batch_for(net, shape)
+        self.shapes.add((n, size, *shape, dense))
+        images = np.stack([v.array for v in views])
+        valid = np.asarray([v.valid for v in views], np.int32) if dense else None
+        probs = _padded_run(net, images, valid, size)
+        for v, p in zip(views, probs):
+            state = self.pending[v.image]
+            state[0] = state[0] + v.weight * p
+            state[1] -= 1
+            if state[1] == 0:
+                del self.pending[v.image]
+                self.on_done(v.image, state[0])
+
+
+# ----------------------------------------------------------------------------- protocols
+
+class Rescaler:
+    """The decoded, rescaled images every net needs at every Q, as tf ops (run inside
+    tf.data's parallel map for a split, or eagerly for one image)."""
+
+    def __init__(self, nets, protocol: str, scales):
+        self.center, self.whole = needs(protocol)
+        self.scales = list(scales)
+        configs = []  # nets with the same preprocessing share it
+        self.config_of = []
+        for net in nets:
+            d = net.d.to_dict()
+            if d not in configs:
+                configs.append(d)
+            self.config_of.append(configs.index(d))
+        self.configs = [nets[self.config_of.index(i)].d for i in range(len(configs))]
+
+    def __call__(self, image_bytes):
+        out = []
+        for d in self.configs:
+            for q in self.scales:
+                if self.center:
+                    out.append(preprocess.eval_example(image_bytes, d, scale=q, crop=True))
+                if self.whole:
+                    out.append(preprocess.eval_example(image_bytes, d, scale=q, crop=False))
+        return tuple(out)
+
+    def split(self, flat, net_index: int) -> list[dict]:
+        """Per scale {'center', 'whole'} arrays of `net_index` from __call__'s output."""
+        per = (self.center + self.whole) * len(self.scales)
+        start = self.config_of[net_index] * per
+        mine, out = list(flat[start:start + per]), []
+        for _ in self.scales:
+            r = {}
+            if self.center:
+                r["center"] = np.asarray(mine.pop(0))
+            if self.whole:
+                r["whole"] = np.asarray(mine.pop(0))
+            out.append(r)
+        return out
+
+
+def all_views(nets, rescaler, flat, image_id, protocol, crop, flip):
+    weight = 1.0 / (len(nets) * len(rescaler.scales))
+    views = []
+    for n, net in enumerate(nets):
+        views.append([v for r in rescaler.split(flat, n)
+                      for v in image_views(image_id, r, protocol, crop or net.d.image_size,
+                                           flip, weight)])
+    return views
+
+
+def posterior(net: Net | list, image_bytes, protocol: str, scales, *, flip: bool = True,
+              crop_size: int | None = None) -> np.ndarray:
+    """Soft-max posterior of one encoded image under `protocol`, averaged over `scales`
+    (and over the nets, given a list)."""
+    check_protocol(protocol)
+    nets = net if isinstance(net, list) else [net]
+    rescaler = Rescaler(nets, protocol, scales)
+    out = {}
+    batcher = Batcher(nets, 64, crop_size or nets[0].d.image_size,
+                      lambda i, p: out.__setitem__(i, p))
+    batcher.add(0, all_views(nets, rescaler, rescaler(image_bytes), 0, protocol, crop_size,
+                             flip))
+    batcher.flush()
+    return out[0]
 
 
 def rescaled(image_bytes, d, q: int, crop: bool) -> np.ndarray:
     return preprocess.eval_example(image_bytes, d, scale=q, crop=crop).numpy()
 
 
-def posterior(net: Net, image_bytes, protocol: str, scales, *, flip: bool = True,
-              crop_size: int | None = None) -> np.ndarray:
-    """Soft-max posterior of one encoded image under `protocol`, averaged over `scales`."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    crop = crop_size or net.d.image_size
-    per_scale = []
-    for q in scales:
-        parts = []
-        if protocol == "center":
-            image = rescaled(image_bytes, net.d, q, crop=True)  # torchvision: no flip
-            parts.append(net.softmax(image[None])[0])
-        if protocol in ("dense", "dense+multicrop"):
-            image = rescaled(image_bytes, net.d, q, crop=False)
-            views = [image, image[:, ::-1]] if flip else [image]
-            parts.append(np.mean([net.dense_softmax(v) for v in views], axis=0))
-        if protocol in ("multicrop", "dense+multicrop"):
-            image = rescaled(image_bytes, net.d, q, crop=False)
-            parts.append(net.softmax(multicrop_batch(image, crop)).mean(0))
-        per_scale.append(np.mean(parts, axis=0))
-    return np.mean(per_scale, axis=0)
-
-
 def evaluate(nets: list[Net], dataset: str, split: str, protocol: str, scales, *,
-             data_dir=None, flip: bool = True, limit=None, progress: bool = True) -> dict:
-    """Top-1/top-5 error of the (fused) nets over every example of the split once."""
-    source = input_pipeline.make_source(dataset, split, data_dir)
-    ds = source.epoch_dataset(0, False, 0)
-    if limit:
-        ds = ds.take(limit)
-    n = min(limit or source.num_examples, source.num_examples)
+             data_dir=None, flip: bool = True, limit=None, progress: bool = True,
+             batch_size: int = 64, crop_size: int | None = None) -> dict:
+    """Top-1/top-5 error (and the mean log-loss) of the (fused) nets over every example
+    of the split once. With several processes, each evaluates its own shard on its own
+    devices and the counts are summed; `limit` takes the first ceil(limit / processes)
+    examples of each shard."""
+    check_protocol(protocol)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    source = input_pipeline.make_source(dataset, split, data_dir, pidx, pcount)
+    n_local = source.num_examples if not limit else min(-(-limit // pcount),
+                                                        source.num_examples)
+    rescaler = Rescaler(nets, protocol, scales)
+    ds = source.epoch_dataset(0, False, 0).take(n_local).enumerate()
+    ds = ds.map(lambda pos, ex: (pos, ex[1], rescaler(ex[0])),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors(log_warning=False).prefetch(4)
+
     bar = None
-    if progress:
+    if progress and pidx == 0:
         from tqdm import tqdm
-        bar = tqdm(total=n, desc=f"eval {protocol}", unit="img", dynamic_ncols=True)
-    count = top1 = top5 = 0
-    skipped = []
-    t0 = time.time()
-    for i, (raw, label) in enumerate(ds.as_numpy_iterator()):
-        try:
-            p = np.mean([posterior(net, tf.constant(raw), protocol, scales, flip=flip)
-                         for net in nets], axis=0)
-        except tf.errors.InvalidArgumentError:
-            skipped.append(source.key(0, i, None))
-            continue
+        bar = tqdm(total=source.total_examples if not limit else min(limit, source.total_examples),
+                   desc=f"eval {protocol} {split}", unit="img", dynamic_ncols=True)
+    labels, sums, skipped = {}, np.zeros(4), []  # sums: count, top1, top5, -log p
+
+    def done(image_id, p):
+        label = labels.pop(image_id)
         ranked = np.argsort(-p)
-        count += 1
-        top1 += int(ranked[0] == label)
-        top5 += int(label in ranked[:5])
+        sums[:] += (1, ranked[0] == label, label in ranked[:5],
+                    -np.log(max(float(p[label]), 1e-30)))
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(img_per_s=f"{count / (time.time() - t0):.1f}")
+            bar.update(pcount)  # every process moves at about the same pace
+
+    batcher = Batcher(nets, batch_size, crop_size or nets[0].d.image_size, done)
+    expected, t0 = 0, time.time()
+    for pos, label, flat in ds.as_numpy_iterator():
+        for missing in range(expected, int(pos)):  # failed to decode: skipped and named
+            skipped.append(source.key(0, missing, None))
+            input_pipeline.log.warning("skipped an image that failed to decode: %s",
+                                       skipped[-1])
+        expected = int(pos) + 1
+        labels[int(pos)] = int(label)
+        batcher.add(int(pos), all_views(nets, rescaler, flat, int(pos), protocol, crop_size,
+                                        flip))
+        if bar is not None:
+            bar.set_postfix(img_per_s=f"{sums[0] * pcount / (time.time() - t0):.1f}")
+    batcher.flush()
     if bar is not None:
         bar.close()
-    return dict(protocol=protocol, scales=list(scales), nets=len(nets), images=count,
-                top1_err=1 - top1 / max(count, 1), top5_err=1 - top5 / max(count, 1),
-                skipped=len(skipped))
+    images, top1, top5, nll, n_skipped = mesh.allgather_sum([*sums, len(skipped)])
+    count = max(images, 1)
+    return dict(dataset=source.name, split=split, protocol=protocol, scales=list(scales),
+                nets=len(nets), images=int(images), top1_err=1 - top1 / count, top5_err=1 - top5 / count, loss=nll / count,
+                skipped=int(n_skipped), processes=pcount, devices=nets[0].num_devices * pcount,
+                batch_shapes=len(batcher.shapes))
 
 
 def format_result(r: dict) -> str:
-    return (f"{'protocol':<16} {'scales':<16} {'nets':>4} {'images':>7} {'top-1 err':>10} "
-            f"{'top-5 err':>10}\n"
-            f"{r['protocol']:<16} {','.join(map(str, r['scales'])):<16} {r['nets']:>4} "
-            f"{r['images']:>7} {100 * r['top1_err']:>9.2f}% {100 * r['top5_err']:>9.2f}%")
+    return (f"{'split':<12} {'protocol':<16} {'scales':<16} {'nets':>4} {'images':>7} "
+            f"{'top-1 err':>10} {'top-5 err':>10}\n"
+            f"{r['split']:<12} {r['protocol']:<16} {','.join(map(str, r['scales'])):<16} "
+            f"{r['nets']:>4} {r['images']:>7} {100 * r['top1_err']:>9.2f}% "
+            f"{100 * r['top5_err']:>9.2f}%")
 
 
 def main(args) -> None:
+    if args.distributed:
+        mesh.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id)
     dirs = [d for d in (args.ensemble or "").split(",") if d] or [args.weights]
     if not dirs[0]:
         raise ValueError("give --weights DIR or --ensemble DIR1,DIR2,...")
@@ -154,5 +384,7 @@ def main(args) -> None:
         d = nets[0].d
         scales = [d.image_size if d.recipe == "small" else d.eval_scale]
     r = evaluate(nets, args.data, args.split, args.protocol, scales, data_dir=args.data_dir,
-                 limit=args.limit, progress=not args.json)
-    print(json.dumps(r) if args.json else format_result(r))
+                 limit=args.limit, progress=not args.json, batch_size=args.batch_size,
+                 crop_size=args.crop)
+    if jax.process_index() == 0:
+        print(json.dumps(r) if args.json else format_result(r))

@@ -61,16 +61,34 @@ class Source:
         return self._key_fn(epoch, position, shuffled) if self._key_fn else f"example #{position}"
 
 
-def tfds_builder(name: str, data_dir: str | None = None):
-    """A prepared TFDS builder, or a clear error saying how to prepare it."""
+# Manual-download datasets whose archives we know by name (others: TFDS's instructions).
+MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+
+
+def _builder(name: str, data_dir: str):
     import vgg_jax.datasets  # noqa: F401  (registers the bundled builders)
-    data_dir = default_data_dir(data_dir)
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
         raise ValueError(f"unknown TFDS dataset {name!r} ({type(e).__name__}); give a TFDS "
                          f"name such as vgg_digits, cifar10, imagenet2012, or an image folder "
                          f"root/class_name/*.jpg") from None
+
+
+def manual_dir_for(data_dir: str | None = None) -> str:
+    """TFDS's own place for manually downloaded archives: DATA_DIR/downloads/manual."""
+    return os.path.join(default_data_dir(data_dir), "downloads", "manual")
+
+
+def prepare_command(name: str, data_dir: str | None = None) -> str:
+    return f"vgg-jax prepare {name} --data-dir {default_data_dir(data_dir)}"
+
+
+def tfds_builder(name: str, data_dir: str | None = None):
+    """A prepared TFDS builder (the bundled ones prepare themselves), or a clear error
+    saying how to prepare it."""
+    data_dir = default_data_dir(data_dir)
+    builder = _builder(name, data_dir)
     if builder.is_prepared():
         return builder
     if name in BUNDLED:
@@ -78,18 +96,40 @@ def tfds_builder(name: str, data_dir: str | None = None):
         builder.download_and_prepare()
         return builder
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-        manual = os.path.join(data_dir, "downloads", "manual")
-        files = ("ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"
-                 if name.startswith("imagenet2012") else "the files described below")
+        files = " and ".join(MANUAL_FILES.get(builder.name, ("the archives TFDS describes",)))
         raise FileNotFoundError(
-            f"TFDS dataset {name!r} is not prepared in {data_dir} and needs a manual download: "
-            f"put {files} in {manual}, then run `tfds build {name} --data_dir {data_dir}` "
-            f"(or `vgg-jax prepare {name} --data-dir {data_dir}`).\n"
-            f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+            f"TFDS dataset {name!r} is not prepared in {data_dir}: put {files} in "
+            f"{manual_dir_for(data_dir)}, then run `{prepare_command(name, data_dir)}`")
     raise FileNotFoundError(
         f"TFDS dataset {name!r} is not prepared in {data_dir}. This machine cannot download it: "
-        f"run `tfds build {name} --data_dir DIR` where the network is available and copy DIR "
-        f"here (set data.data_dir or TFDS_DATA_DIR), or use an image folder instead.")
+        f"prepare it where the network is available (`{prepare_command(name, 'DIR')}`) and "
+        f"copy DIR here (set data.data_dir or TFDS_DATA_DIR), or use an image folder instead.")
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None):
+    """Prepare a TFDS dataset through the builder API (no Beam, no network for
+    manual-download datasets): from the archives in `manual_dir` (default
+    DATA_DIR/downloads/manual) for datasets such as imagenet2012. TFDS shows a progress
+    bar per split. Returns the prepared builder."""
+    data_dir = default_data_dir(data_dir)
+    builder = _builder(name, data_dir)
+    if builder.is_prepared() or name in BUNDLED or not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        return tfds_builder(name, data_dir)
+    manual = os.path.abspath(manual_dir or manual_dir_for(data_dir))
+    expected = MANUAL_FILES.get(builder.name)
+    if expected:
+        missing = [f for f in expected if not os.path.isfile(os.path.join(manual, f))]
+        if missing:
+            raise FileNotFoundError(
+                f"{name}: {', '.join(missing)} not found in {manual} (expected "
+                f"{' and '.join(expected)} there, as downloaded; or give --manual-dir DIR)")
+    elif not os.path.isdir(manual) or not os.listdir(manual):
+        first = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]
+        raise FileNotFoundError(f"{name}: no downloaded files in {manual} ({first})")
+    log.info("preparing %s in %s from %s", name, data_dir, manual)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    return builder
 
 
 def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
@@ -292,7 +332,7 @@ def _with_flip(batch, flip):
 # ----------------------------------------------------------------------------- CLI
 
 def main_prepare(args):
-    builder = tfds_builder(args.dataset, args.data_dir)
+    builder = prepare(args.dataset, args.data_dir, args.manual_dir)
     print(f"{args.dataset}: prepared in {builder.data_dir}")
     for name, split in builder.info.splits.items():
         print(f"  {name}: {split.num_examples} examples")

@@ -406,6 +406,10 @@ class VGG(nn.Module):
     returns the class score map (N, h, w, num_classes). `capture=('conv3_3', 'fc7')` sows
     those activations (after ReLU; pools after pooling; fc8 = logits) as the dict
     `intermediates['layers'][0]`: pass `mutable=['intermediates']` (or use `extract`).
+    `valid=(N, 2)` (with dense=True) gives each image's true (height, width) inside a
+    zero-padded batch: every layer's output is zeroed outside the valid region, so the
+    valid part of the score map (`dense_valid_size`) equals the unpadded computation and
+    images of many sizes share a few compiled shapes (`average_valid` averages it).
     """
     arch: str = "D"
     num_classes: int = 1000
@@ -422,9 +426,11 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False, *, dense: bool = False,
-                 capture: Sequence[str] = ()):
+                 capture: Sequence[str] = (), valid=None):
         letter, batch_norm = resolve_arch(self.arch)
         check_input(x.shape, self.in_channels, dense, self.classifier_pool)
+        if valid is not None and not dense:
+            raise ValueError("valid= (true image sizes in a padded batch) needs dense=True")
         bad = set(capture) - set(layer_names(self.arch))
         if bad:
             raise ValueError(f"unknown layer(s) {sorted(bad)} for {self.arch}; "
@@ -437,6 +443,9 @@ class VGG(nn.Module):
                 captured[name] = value
 
         x = x.astype(self.dtype)
+        if valid is not None:
+            valid = jnp.asarray(valid, jnp.int32)
+            x = mask_valid(x, valid)
         for layer in layer_table(letter):
             if layer.kind == "conv":
                 x = Conv(scaled(layer.channels, self.width), layer.kernel, self.conv_impl,
@@ -447,10 +456,13 @@ class VGG(nn.Module):
                                      param_dtype=jnp.float32,
                                      name=bn_name(layer.name))(x)
                 x = nn.relu(x)
-            elif layer.kind == "lrn":
+            elif layer.kind == "lrn":  # across channels: zero stays zero
                 x = local_response_norm(x, **LRN_PARAMS)
             else:
                 x = max_pool(x)
+                valid = None if valid is None else valid // 2  # floor, as the pool
+            if valid is not None and layer.kind != "lrn":
+                x = mask_valid(x, valid)
             keep(layer.name, x)
 
         window, pool, size = None, None, self.classifier_pool
@@ -460,17 +472,43 @@ class VGG(nn.Module):
             pool = adaptive_pool_matrix(x.shape[1], size), adaptive_pool_matrix(x.shape[2], size)
         else:
             x = adaptive_avg_pool(x, size).reshape(x.shape[0], -1)
+        if valid is not None:  # fc6 is a size x size VALID conv in dense mode
+            valid = valid - (size - 1)
         for name, features in zip(("fc6", "fc7"), self.fc_widths):
             x = nn.relu(FC(features, self.dtype, fc_init, name=name)(x, window, pool))
             window, pool = (1 if dense else None), None
+            if valid is not None:
+                x = mask_valid(x, valid)
             keep(name, x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = FC(self.num_classes, self.dtype, fc_init, name="fc8")(x, window)
+        if valid is not None:
+            x = mask_valid(x, valid)
         x = x.astype(jnp.promote_types(self.dtype, jnp.float32))  # f32 (f64 for f64)
         keep("fc8", x)
         if captured:
             self.sow("intermediates", "layers", captured)
         return x
+
+
+def mask_valid(x, valid):
+    """x (N, H, W, C) with everything outside each image's valid (h, w) corner set to 0."""
+    rows = jnp.arange(x.shape[1])[None, :, None] < valid[:, 0, None, None]
+    cols = jnp.arange(x.shape[2])[None, None, :] < valid[:, 1, None, None]
+    return x * (rows & cols)[..., None].astype(x.dtype)
+
+
+def dense_valid_size(hw, classifier_pool: int = 7):
+    """The valid (h, w) of the dense score map for input sizes `hw` (..., 2): five
+    floor-halving pools, then fc6's classifier_pool x classifier_pool VALID window."""
+    return hw // 2 ** POOLS - (classifier_pool - 1)
+
+
+def average_valid(scores, valid_out):
+    """(N, K): the score map (N, h, w, K) averaged over each image's valid positions
+    (`dense_valid_size`); the positions outside are zero after `valid=` masking."""
+    count = (valid_out[:, 0] * valid_out[:, 1]).astype(scores.dtype)
+    return scores.sum(axis=(1, 2)) / count[:, None]
 
 
 def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: int = 7):

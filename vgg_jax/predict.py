@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, models, preprocess
+from vgg_jax import checkpoint, classes, models, preprocess
 
 
 def data_config(meta: dict) -> ml_collections.ConfigDict:
@@ -43,6 +43,7 @@ class Predictor:
         self.d = data_config(self.meta)
         self.class_names = self.meta.get("class_names") or [
             str(i) for i in range(self.model.num_classes)]
+        self.display_names = classes.display_names(self.meta, self.model.num_classes)
         self._apply = models.jit_eval(self.model.apply,
                                       static_argnames=("train", "dense", "capture", "mutable"))
 
@@ -62,7 +63,7 @@ class Predictor:
     def top(self, path: str, k: int = 5, **kw) -> list[tuple[str, float]]:
         p = self.probabilities(path, **kw)
         order = np.argsort(-p)[:k]
-        return [(self.class_names[i], float(p[i])) for i in order]
+        return [(self.display_names[i], float(p[i])) for i in order]
 
     def features(self, paths, layer: str) -> np.ndarray:
         images = np.stack([self.image(p) for p in paths])

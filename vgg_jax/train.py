@@ -22,9 +22,9 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from vgg_jax import checkpoint, input_pipeline, models, optim, preprocess
+from vgg_jax import checkpoint, classes, input_pipeline, mesh, models, optim, preprocess
+from vgg_jax.mesh import data_mesh
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def build_model(config, num_classes: int) -> models.VGG:
 def model_meta(config, model: models.VGG, class_names) -> dict:
     """What a weights directory / workdir records about the model and its inputs."""
     d = config.data
-    return dict(
+    meta = dict(
         model=dict(arch=model.arch, num_classes=model.num_classes,
                    in_channels=model.in_channels, width=model.width,
                    fc_widths=list(model.fc_widths), dropout_rate=model.dropout_rate,
@@ -136,6 +136,10 @@ def model_meta(config, model: models.VGG, class_names) -> dict:
             recipe=d.recipe, image_size=d.image_size, eval_scale=d.eval_scale,
             channels=d.channels),
         class_names=list(class_names))
+    described = classes.descriptions(class_names)  # ImageNet synsets -> readable names
+    if described:
+        meta["class_descriptions"] = described
+    return meta
 
 
 # ----------------------------------------------------------------------------- steps
@@ -228,15 +232,6 @@ def create_state(model, tx, plateau, rng, image_size: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=train_rng, plateau=plateau.init())
-
-
-def data_mesh(devices=None):
-    """(mesh, batch sharding, replicated sharding) over `devices` (default: all) with one
-    'data' axis, with Auto axes (jax 0.10's make_mesh defaults to Explicit)."""
-    devices = jax.devices() if devices is None else devices
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))
-    return mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
 class Parallel:
@@ -362,31 +357,27 @@ class Preemption:
 # ----------------------------------------------------------------------------- the loop
 
 def maybe_initialize_distributed(t) -> None:
-    if not t.get("distributed", False) or jax.distributed.is_initialized():
-        return
-    if jax.default_backend() == "cpu" or t.get("coordinator_address"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {}
-    if t.get("coordinator_address"):
-        kwargs = dict(coordinator_address=t.coordinator_address,
-                      num_processes=t.num_processes, process_id=t.process_id)
-    jax.distributed.initialize(**kwargs)
+    if t.get("distributed", False):
+        mesh.initialize_distributed(t.get("coordinator_address"), t.get("num_processes"),
+                                    t.get("process_id"))
 
 
 def evaluate_protocol(config, model, state, class_names) -> dict:
-    """Training-time validation with a paper protocol (config.eval.protocol): one image at
-    a time on this process; the centre-crop default stays data-parallel and fast."""
+    """Training-time validation with a paper protocol (config.eval.protocol): each process
+    evaluates its shard of the split on its own devices (evaluate.evaluate)."""
     from vgg_jax import evaluate
-    variables = jax.device_get(_variables(state.params, state.batch_stats))
+    variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),  # replicated
+                             _variables(state.params, state.batch_stats))
     net = evaluate.Net(model=model, variables=variables,
                        meta=model_meta(config, model, class_names))
     d, e = config.data, config.eval
     scales = ([int(s) for s in e.scales.split(",")] if e.scales else
               [d.image_size if d.recipe == "small" else d.eval_scale])
     r = evaluate.evaluate([net], d.dataset, d.eval_split, e.protocol, scales,
-                          data_dir=d.data_dir or None, progress=False)
+                          data_dir=d.data_dir or None, progress=False,
+                          batch_size=max(1, e.batch_size // jax.process_count()))
     return dict(top1_err=r["top1_err"], top5_err=r["top5_err"], top1_acc=1 - r["top1_err"],
-                count=float(r["images"]))
+                loss=r["loss"], count=float(r["images"]))
 
 
 def evaluate_split(par: Parallel, state, source, data_cfg, local_batch):
@@ -540,5 +531,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if bar is not None:
             bar.close()
         mngr.close()
-    result = dict(result, step=step, skipped_images=len(it.skipped))
+    result = dict(result, step=step, skipped_images=len(it.skipped), split=d.eval_split)
     return result

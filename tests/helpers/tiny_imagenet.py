@@ -1,0 +1,77 @@
+"""A tiny ImageNet in the official archive layout, written from scikit-learn's two photos.
+
+ILSVRC2012_img_train.tar is a tar of per-synset tars (`n01440764.tar` holding
+`n01440764_<i>.JPEG`); ILSVRC2012_img_val.tar is a flat tar of
+`ILSVRC2012_val_<8 digits>.JPEG`, whose labels TFDS looks up in its own copy of the
+official validation ground truth (the synset of ILSVRC2012_val_00000001 is n01751748, ...).
+"""
+import io
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+
+def _labels_file(name):
+    import tensorflow_datasets as tfds
+    root = os.path.join(os.path.dirname(tfds.__file__), "datasets", "imagenet2012")
+    with open(os.path.join(root, name)) as f:
+        return [line.strip() for line in f]
+
+
+def validation_synsets():
+    """The official synset of ILSVRC2012_val_<i+1>, from TFDS's copy of the ground truth."""
+    return _labels_file("validation_labels.txt")
+
+
+def _photos():
+    from sklearn.datasets import load_sample_images
+    return load_sample_images().images  # china.jpg, flower.jpg: 427x640x3 uint8
+
+
+def _jpeg(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _variant(photo, i, rng):
+    """A crop of a photo with a size that differs per image (portrait and landscape)."""
+    h, w = photo.shape[:2]
+    ch = int(rng.integers(h // 2, h))
+    cw = int(rng.integers(w // 3, w))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    out = photo[y:y + ch, x:x + cw]
+    return out[:, ::-1] if i % 2 else out
+
+
+def _add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_archives(manual_dir, per_class=4, num_val=8, seed=0):
+    """Writes ILSVRC2012_img_train.tar (the synsets of the first `num_val` validation
+    images, `per_class` images each) and ILSVRC2012_img_val.tar (`num_val` images) into
+    `manual_dir`; returns {'train': {synset: n}, 'validation': [synset, ...]}."""
+    os.makedirs(manual_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    val_synsets = validation_synsets()[:num_val]
+    train_synsets = sorted(set(val_synsets))
+    # Each synset gets one of the two photos, so the task is learnable.
+    photo_of = {s: photos[k % 2] for k, s in enumerate(train_synsets)}
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
+        for s in train_synsets:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for i in range(per_class):
+                    _add(inner, f"{s}_{i + 1}.JPEG", _jpeg(_variant(photo_of[s], i, rng)))
+            _add(outer, f"{s}.tar", buf.getvalue())
+    with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as tar:
+        for i, s in enumerate(val_synsets):
+            _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG",
+                 _jpeg(_variant(photo_of[s], i, rng)))
+    return {"train": {s: per_class for s in train_synsets}, "validation": val_synsets}
