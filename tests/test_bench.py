@@ -30,3 +30,14 @@ def test_input_benchmark_smoke_mode_times_the_real_pipeline():
     (row,) = r["rows"]
     assert row["cores"] == 1 and row["img_per_s"] > 0
     assert row["img_per_s_per_core"] == pytest.approx(row["img_per_s"])
+
+
+def test_eval_benchmark_smoke_mode_counts_compiles_per_bucket():
+    out = subprocess.run([sys.executable, "bench/bench_eval.py", "--smoke", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["images"] == 12 and r["distinct_sizes"] == 12
+    # Q=256 on sides in [200, 320]: the short side is 256, the long one in [256, 409], so
+    # padded to 32s it is one of 6 values: at most 11 shapes (landscape, portrait, square).
+    assert 1 <= r["compiles"] <= 11 and r["img_per_s"] > 0

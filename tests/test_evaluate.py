@@ -1,5 +1,6 @@
 """The paper's test protocols, on a VGG-11-BN trained briefly on digits in this module."""
 import json
+import os
 import subprocess
 import sys
 
@@ -113,3 +114,106 @@ def test_training_time_validation_can_use_a_paper_protocol(tmp_path):
     c.eval.protocol = "tencrop"
     with pytest.raises(ValueError, match="unknown eval.protocol 'tencrop'"):
         train.validate(c)
+
+
+def _random_digits_weights(directory):
+    """A randomly initialised (glorot, so predictions vary) tiny VGG-11 for digits."""
+    import jax
+    from vgg_jax import checkpoint, input_pipeline, models
+    c = load_config()
+    c.model.width, c.model.fc_widths, c.model.arch = 1 / 16, (16, 16), "vgg11"
+    model = train.build_model(c, 10)
+    variables = models.init_variables(model, jax.random.PRNGKey(3), 32)
+    checkpoint.save_weights(directory, variables, train.model_meta(c, model, range(10)))
+    input_pipeline.tfds_builder("vgg_digits")  # prepared before processes race for it
+    return directory
+
+
+def test_two_processes_on_8_fake_devices_evaluate_each_example_once_as_one_process(tmp_path):
+    import socket
+    weights = _random_digits_weights(str(tmp_path / "w"))
+    helper = [sys.executable, "tests/helpers/eval_procs.py", weights]
+    one = subprocess.run(helper, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = json.loads(one.stdout.strip().splitlines()[-1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [subprocess.Popen(helper + [str(i), str(port), "2"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    multi = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert single["processes"] == 1 and single["devices"] == 1
+    for r in multi:
+        assert r["processes"] == 2 and r["devices"] == 8 and r["local_devices"] == 4
+        assert r["images"] == single["images"] == 360  # every example once, overall
+        assert r["top1_err"] == single["top1_err"] and r["top5_err"] == single["top5_err"]
+        assert abs(r["loss"] - single["loss"]) < 1e-5 * single["loss"]
+    assert 0.05 < single["top1_err"] < 0.95  # the random net's answers vary
+
+
+def _odd_net(arch):
+    """A small net (width 1/16, classifier_pool 2: dense needs >= 64 px) with BN statistics
+    and weights perturbed away from their init, so every layer matters."""
+    import jax
+    from vgg_jax import models
+    model = models.create_model(arch, width=1 / 16, fc_widths=(16, 16), num_classes=7,
+                                classifier_pool=2, init_scheme="glorot")
+    v = models.init_variables(model, jax.random.PRNGKey(0), 64)
+    v = jax.tree.map(lambda a: a + 0.1 * np.random.default_rng(a.size).normal(size=a.shape)
+                     .astype(a.dtype), v)
+    meta = dict(model={}, preprocessing=dict(mean=[0.0], std=[1.0], bgr=False, recipe="paper",
+                                             image_size=64, eval_scale=64, channels=3))
+    return model, v, evaluate.Net(model=model, variables=v, meta=meta)
+
+
+@pytest.mark.parametrize("arch", ["A-LRN", "B_bn"])
+def test_bucketed_dense_equals_the_unpadded_computation_on_odd_sizes(arch):
+    from vgg_jax import models
+    model, v, net = _odd_net(arch)
+    rng = np.random.default_rng(1)
+    sizes = [(67, 93), (101, 75), (64, 64), (97, 129)]
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+    padded = np.zeros((len(sizes), 160, 160, 3), np.float32)
+    for i, x in enumerate(images):
+        padded[i, :x.shape[0], :x.shape[1]] = x
+    maps = model.apply(v, padded, dense=True, valid=np.asarray(sizes))
+    out = models.dense_valid_size(np.asarray(sizes), 2)
+    for i, x in enumerate(images):
+        ref = np.asarray(model.apply(v, x[None], dense=True))[0]  # unpadded, its own shape
+        assert ref.shape[:2] == tuple(out[i])
+        got = np.asarray(maps[i])
+        np.testing.assert_allclose(got[:out[i][0], :out[i][1]], ref, atol=1e-5 * abs(ref).max())
+        assert not got[out[i][0]:].any() and not got[:, out[i][1]:].any()  # masked outside
+        logits = ref.mean(axis=(0, 1))
+        want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose(net.dense_softmax(x), want, atol=1e-5)
+
+
+def test_dense_evaluation_compiles_one_shape_per_bucket_not_per_image(tmp_path):
+    import jax
+    from PIL import Image
+    _, _, net = _odd_net("A")
+    rng = np.random.default_rng(2)
+    sizes = [(int(rng.integers(64, 200)), int(rng.integers(64, 200))) for _ in range(24)]
+    for i, (h, w) in enumerate(sizes):
+        os.makedirs(tmp_path / "data" / f"c{i % 3}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / "data" / f"c{i % 3}" / f"{i}.png")
+    q = 64
+    rescaled = {(q, w * q // h) if h <= w else (h * q // w, q) for h, w in sizes}
+    buckets = {(-(-a // 32) * 32, -(-b // 32) * 32) for a, b in rescaled}
+    assert len(rescaled) > 2 * len(buckets)  # many image shapes, few buckets
+    compiles = []
+    listener = lambda event, *a, **k: compiles.append(event) if "backend_compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        r = evaluate.evaluate([net], str(tmp_path / "data"), None, "dense", [q], progress=False,
+                              batch_size=4)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert r["images"] == 24 and r["batch_shapes"] == len(buckets)
+    assert 1 <= len(compiles) <= len(buckets)

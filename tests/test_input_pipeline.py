@@ -178,7 +178,10 @@ def test_imagenet_says_where_the_tars_go(tmp_path):
         ip.make_source("imagenet2012", "train", data_dir=str(tmp_path))
     msg = str(e.value)
     assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in msg
-    assert os.path.join(str(tmp_path), "downloads", "manual") in msg and "tfds build" in msg
+    assert os.path.join(str(tmp_path), "downloads", "manual") in msg
+    # the command it names is the one that prepares (not itself, not Beam's `tfds build`)
+    assert f"vgg-jax prepare imagenet2012 --data-dir {tmp_path}" in msg
+    assert "tfds build" not in msg
 
 
 def test_unknown_tfds_name_is_a_clear_error(tmp_path):

@@ -179,9 +179,11 @@ def image_views(image_id, rescaled, protocol: str, crop: int, flip: bool, weight
 
 class Batcher:
     """Collects views by (net, shape) and runs them in fixed-size batches: crops in
-    batches of `batch_size`, dense views in batches of about the same number of pixels
-    (one compiled shape per bucket). An image's posterior is complete when all its views
-    have run; `on_done(image_id, posterior)` is then called."""
+    batches of `batch_size`, dense views in batches of about the same number of pixels.
+    A partial batch (at a flush) runs at the full size halved as often as it still fits,
+    so each shape compiles at most log2(batch) + 1 times, whatever the number of images.
+    An image's posterior is complete when all its views have run; `on_done(image_id,
+    posterior)` is then called."""
 
     def __init__(self, nets, batch_size: int, crop: int, on_done, max_pending: int = 0):
         self.nets, self.batch_size, self.crop, self.on_done = nets, batch_size, crop, on_done
@@ -219,6 +221,8 @@ class Batcher:
         views, self.buffers[key] = self.buffers[key], []
         net = self.nets[n]
         size = self.batch_for(net, shape)
+        while size // 2 >= len(views) and (size // 2) % net.num_devices == 0:
+            size //= 2  # a partial batch (a flush): the smallest halving that holds it
         self.shapes.add((n, size, *shape, dense))
         images = np.stack([v.array for v in views])
         valid = np.asarray([v.valid for v in views], np.int32) if dense else None

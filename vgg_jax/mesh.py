@@ -32,11 +32,13 @@ def initialize_distributed(coordinator_address: str | None = None,
 
 
 def allgather_sum(values):
-    """Element-wise sum of a flat list of numbers over every process (a no-op alone)."""
+    """Element-wise sum of a flat list of numbers over every process (a no-op alone), as
+    Python floats. The values travel as float32 (exact for counts below 2**24) and are
+    summed in float64."""
     import numpy as np
     values = np.asarray(values, np.float64)
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(values)).reshape(
-        jax.process_count(), -1).sum(0)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        every = multihost_utils.process_allgather(values.astype(np.float32))
+        values = np.asarray(every, np.float64).reshape(jax.process_count(), -1).sum(0)
+    return [float(v) for v in values]

@@ -75,3 +75,16 @@ def write_archives(manual_dir, per_class=4, num_val=8, seed=0):
             _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG",
                  _jpeg(_variant(photo_of[s], i, rng)))
     return {"train": {s: per_class for s in train_synsets}, "validation": val_synsets}
+
+
+def imagenet_synsets():
+    """TFDS's 1000 synset ids, in label order."""
+    return _labels_file("labels.txt")
+
+
+def imagenet_names():
+    """The human-readable ImageNet class names in label order, as torchvision lists them
+    (the same order as TFDS's sorted synsets)."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "vgg_jax", "data",
+                           "imagenet_classes.txt")) as f:
+        return [line.strip() for line in f]
