@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from conftest import write_image_folder
 from vgg_jax import input_pipeline as ip
-from vgg_jax import preprocess
+from vgg_jax import pixels, preprocess
 
 
 def paper_data(config, size=32, s_min=40, s_max=48):
@@ -23,12 +23,16 @@ def test_folder_train_and_eval_batches_shapes_dtypes_ranges(tmp_path, config):
     src = ip.make_source(str(tmp_path / "imgs"), "train")
     assert src.class_names == ["cat", "dog"] and src.num_examples == 12
     batch = next(ip.TrainIterator(src, d, 4, seed=0))
-    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["alpha"].shape == (4, 3) and batch["alpha"].dtype == np.float32
     assert batch["label"].dtype == np.int32 and set(batch["label"]) <= {0, 1}
-    # paper normalisation: 0..255 minus the mean RGB, plus a colour shift of a few units
-    assert -123.68 - 20 < batch["image"].min() < 0 < batch["image"].max() < 255 - 103.94 + 20
+    assert batch["image"].nbytes == 4 * 32 * 32 * 3  # one byte per pixel value to the device
+    # on the device, paper normalisation: 0..255 minus the mean RGB, plus a colour shift
+    x = np.asarray(pixels.for_data(d)(batch["image"], batch["alpha"]))
+    assert -123.68 - 20 < x.min() < 0 < x.max() < 255 - 103.94 + 20
     ev = list(ip.eval_batches(src, d, 5))
     assert [b["image"].shape for b in ev] == [(5, 32, 32, 3)] * 3
+    assert all(b["image"].dtype == np.uint8 for b in ev)
     assert sum(b["mask"].sum() for b in ev) == 12
 
 
@@ -36,8 +40,9 @@ def test_digits_batches(config):
     src = ip.make_source("vgg_digits", "train")
     assert (src.total_examples, src.num_classes) == (1437, 10)
     batch = next(ip.TrainIterator(src, config.data, 16, seed=0))
-    assert batch["image"].shape == (16, 32, 32, 3)
-    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0  # 'unit' normalisation
+    assert batch["image"].shape == (16, 32, 32, 3) and "alpha" not in batch  # no colour shift
+    x = np.asarray(pixels.for_data(config.data)(batch["image"]))
+    assert x.min() >= -1.0 and x.max() <= 1.0  # 'unit' normalisation
     test = ip.make_source("vgg_digits", "test")
     assert test.total_examples == 360
 
@@ -199,3 +204,26 @@ def test_fused_jpeg_decode_and_crop_matches_rescale_then_crop_in_distribution(tm
     # a horizontal ramp: any 32-wide crop of the 48-rescaled image spans 32/72 of the range
     span = float(fused[16, -1, 0] - fused[16, 0, 0])
     assert abs(span - 255 * 31 / 71) < 12
+
+
+@pytest.mark.parametrize("normalization", ["paper", "torchvision", "caffe"])
+def test_device_normalisation_equals_the_host_side_computation_for_the_same_seeds(
+        tmp_path, config, normalization):
+    """The pipeline ships uint8 crops and the colour shift's alphas; the device's
+    Pixels(images, alpha) equals what the host used to compute (tf colour shift with the
+    same per-example seed, then mean/std and BGR) on those pixels."""
+    write_image_folder(tmp_path / "imgs", per_class=4, size=(50, 60))
+    d = paper_data(config)
+    d.normalization = normalization
+    src = ip.make_source(str(tmp_path / "imgs"), "train")
+    batch = next(ip.TrainIterator(src, d, 8, seed=7))
+    device = np.asarray(pixels.for_data(d)(batch["image"], batch["alpha"]))
+    norm = preprocess.normalization(normalization)
+    for pos in range(8):  # no skipped images: batch element i is epoch position i
+        s = tf.stack([tf.constant(ip._mix(7, 0), tf.int64), tf.constant(pos, tf.int64)])
+        s_pca = preprocess.seeds(s, 4)[3]
+        shifted = preprocess.pca_colour_shift(batch["image"][pos], s_pca, d.pca_eigval,
+                                              d.pca_eigvec, d.pca_std)
+        host = preprocess.normalize(shifted, norm).numpy()
+        np.testing.assert_allclose(device[pos], host, rtol=1e-6, atol=1e-4)
+    assert np.abs(batch["alpha"]).max() > 0  # the shift is really there

@@ -13,16 +13,19 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, input_pipeline, mesh, models
+from vgg_jax import checkpoint, input_pipeline, mesh, models, pixels
 from vgg_jax.predict import data_config
 
 
-def make_embed_fn(model, layer: str, pool: bool = True, devices=None):
+def make_embed_fn(model, layer: str, pool: bool = True, devices=None, normalise=None):
     """A jitted (variables, images) -> (N, D) or (N, H, W, C), batch sharded over devices;
-    returns (fn, data_sharding, replicated_sharding)."""
+    `normalise` (pixels.Pixels) turns uint8 images into the model's input on the device.
+    Returns (fn, data_sharding, replicated_sharding)."""
     _, data, replicated = mesh.data_mesh(devices)
 
     def fn(variables, images):
+        if normalise is not None:
+            images = normalise(images)
         out = models.extract(model, variables, images, (layer,))[layer]
         if pool and out.ndim == 4:
             out = out.mean(axis=(1, 2))
@@ -38,7 +41,7 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
     the processes' shards. `batch_size` is global; it is rounded up to a multiple of the
     device count."""
     models.check_layer(model.arch, layer)
-    fn, data, replicated = make_embed_fn(model, layer, pool)
+    fn, data, replicated = make_embed_fn(model, layer, pool, normalise=pixels.for_data(data_cfg))
     n_dev = len(data.mesh.devices.flat)
     pcount = jax.process_count()
     global_batch = -(-batch_size // n_dev) * n_dev

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, input_pipeline, mesh, models, preprocess
+from vgg_jax import checkpoint, input_pipeline, mesh, models, pixels, preprocess
 from vgg_jax.predict import data_config
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
@@ -64,11 +64,13 @@ def bucket(n: int, multiple: int = DENSE_BUCKET) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _softmax_fn(model: models.VGG, dense: bool):
-    """One jitted posterior function per (model, mode), shared by every Net with that
-    architecture (the variables are an argument), so fusion compiles nothing twice."""
+def _softmax_fn(model: models.VGG, dense: bool, normalise: pixels.Pixels):
+    """One jitted posterior function per (model, mode, pixel convention), shared by every
+    Net with that architecture (the variables are an argument), so fusion compiles
+    nothing twice. It takes uint8 views and normalises them on the device."""
 
     def run(variables, images, valid):
+        images = normalise(images)  # padding becomes -mean/std: the model masks it
         if dense:
             scores = model.apply(variables, images, train=False, dense=True, valid=valid)
             logits = models.average_valid(
@@ -91,22 +93,24 @@ class Net:
             model = checkpoint.model_from_meta(meta)
         self.meta, self.model = meta, model
         self.d = data_config(self.meta)
+        self.pixels = pixels.for_data(self.d)
         _, self._sharded, replicated = mesh.data_mesh(devices or jax.local_devices())
         self.num_devices = len(self._sharded.mesh.devices.flat)
         self.variables = jax.device_put(variables, replicated)
 
     def probabilities(self, images: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Soft-max posteriors (N, K) of a batch whose size divides over the devices;
-        with `valid` (N, 2) the batch is zero-padded whole images (dense evaluation)."""
+        """Soft-max posteriors (N, K) of a batch of uint8 images (as `rescaled` gives)
+        whose size divides over the devices; with `valid` (N, 2) the batch is zero-padded
+        whole images (dense evaluation)."""
         dense = valid is not None
         valid = np.asarray(valid if dense else np.zeros((len(images), 2)), np.int32)
-        fn = _softmax_fn(self.model, dense)
+        fn = _softmax_fn(self.model, dense, self.pixels)
         put = lambda x: jax.device_put(x, self._sharded)
         return np.asarray(fn(self.variables, put(images), put(valid)))
 
     def softmax(self, images):
         """Posteriors of standard (crop) inputs, any batch size."""
-        return _padded_run(self, np.asarray(images, np.float32), None)
+        return _padded_run(self, np.asarray(images), None)
 
     def dense_softmax(self, image):
         """Spatially averaged class score map -> soft-max, for one whole image."""
@@ -116,7 +120,7 @@ class Net:
 
 
 def _pad_to(image, h, w):
-    out = np.zeros((h, w, image.shape[-1]), np.float32)
+    out = np.zeros((h, w, image.shape[-1]), image.dtype)
     out[:image.shape[0], :image.shape[1]] = image
     return out
 

@@ -219,7 +219,9 @@ def _mix(*ints) -> int:
 # ----------------------------------------------------------------------------- train
 
 class TrainIterator:
-    """Endless training batches {'image', 'label'} for this process.
+    """Endless training batches for this process: {'image': uint8 (B, H, W, C), 'label',
+    and with data.colour_pca 'alpha' (B, 3), the colour shift's random coefficients};
+    `pixels.Pixels` finishes the preprocessing on the device.
 
     `state` ({'epoch', 'offset'}: the next example's position in the epoch's order) is what
     a checkpoint stores; TrainIterator(..., state=saved) continues exactly there.
@@ -244,23 +246,25 @@ class TrainIterator:
         def prep(pos, example):
             image_bytes, label = example
             s = tf.stack([tf.constant(_mix(seed, epoch), tf.int64), pos])
-            return pos, preprocess.train_example(image_bytes, s, d), label
+            image, alpha = preprocess.train_example(image_bytes, s, d)
+            return pos, image, alpha, label
 
         ds = self.source.epoch_dataset(epoch, True, seed).enumerate().skip(offset)
         ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors(log_warning=False)  # undecodable images: counted below
-        if d.dtype == "bfloat16":
-            ds = ds.map(lambda p, x, l: (p, tf.cast(x, tf.bfloat16), l))
         return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def _generate(self):
         while True:
             epoch, expected = self.state["epoch"], self.state["offset"]
-            for pos, image, label in self._epoch(epoch, expected).as_numpy_iterator():
+            for pos, image, alpha, label in self._epoch(epoch, expected).as_numpy_iterator():
                 self._note_gaps(epoch, expected, pos)
                 expected = int(pos[-1]) + 1
                 self.state = {"epoch": epoch, "offset": expected}
-                yield {"image": image, "label": label.astype(np.int32)}
+                batch = {"image": image, "label": label.astype(np.int32)}
+                if self.d.colour_pca:  # the colour shift runs on the device
+                    batch["alpha"] = alpha
+                yield batch
             self.state = {"epoch": epoch + 1, "offset": 0}
 
     def _note_gaps(self, epoch, expected, positions):
@@ -307,7 +311,7 @@ def eval_batches(source: Source, data_cfg, local_batch: int, *, scale=None, crop
         yield _with_flip(batch, flip)
     if template is None:  # empty shard: shapes from one example of the split
         shape = (d.image_size, d.image_size, d.channels)
-        template = _pad(np.zeros((0, *shape), np.float32), np.zeros((0,), np.int32), local_batch)
+        template = _pad(np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32), local_batch)
     for _ in range(num_batches - produced):
         yield _with_flip({k: np.zeros_like(v) for k, v in template.items()}, flip)
 

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, classes, models, preprocess
+from vgg_jax import checkpoint, classes, models, pixels, preprocess
 
 
 def data_config(meta: dict) -> ml_collections.ConfigDict:
@@ -44,21 +44,30 @@ class Predictor:
         self.class_names = self.meta.get("class_names") or [
             str(i) for i in range(self.model.num_classes)]
         self.display_names = classes.display_names(self.meta, self.model.num_classes)
-        self._apply = models.jit_eval(self.model.apply,
+        self.normalise = pixels.for_data(self.d)
+        self._normalise = jax.jit(self.normalise)
+        apply = lambda v, x, **kw: self.model.apply(v, self.normalise(x), **kw)
+        self._apply = models.jit_eval(apply,
                                       static_argnames=("train", "dense", "capture", "mutable"))
 
-    def image(self, path: str, *, scale=None, crop=True) -> np.ndarray:
+    def pixels(self, path: str, *, scale=None, crop=True) -> np.ndarray:
+        """The uint8 pixels the device gets for an image file (decoded, rescaled, cropped)."""
         raw = read_image_bytes(path)
         return preprocess.eval_example(tf.constant(raw), self.d, scale=scale, crop=crop).numpy()
 
+    def image(self, path: str, *, scale=None, crop=True) -> np.ndarray:
+        """The normalised float image the network sees (for saliency, activations)."""
+        return np.asarray(self._normalise(self.pixels(path, scale=scale, crop=crop)[None])[0])
+
     def logits(self, images: np.ndarray, dense: bool = False):
+        """Logits of uint8 images (as `pixels` gives), normalised on the device."""
         return self._apply(self.variables, jnp.asarray(images), train=False, dense=dense)
 
     def probabilities(self, path: str, *, dense: bool = False, q: int = 256) -> np.ndarray:
         if dense:  # Sec. 3.2: score map over the whole image at scale Q, averaged spatially
-            scores = self.logits(self.image(path, scale=q, crop=False)[None], dense=True)
+            scores = self.logits(self.pixels(path, scale=q, crop=False)[None], dense=True)
             return np.asarray(jax.nn.softmax(scores.mean(axis=(1, 2)))[0])
-        return np.asarray(jax.nn.softmax(self.logits(self.image(path)[None]))[0])
+        return np.asarray(jax.nn.softmax(self.logits(self.pixels(path)[None]))[0])
 
     def top(self, path: str, k: int = 5, **kw) -> list[tuple[str, float]]:
         p = self.probabilities(path, **kw)
@@ -66,7 +75,7 @@ class Predictor:
         return [(self.display_names[i], float(p[i])) for i in order]
 
     def features(self, paths, layer: str) -> np.ndarray:
-        images = np.stack([self.image(p) for p in paths])
+        images = np.stack([self.pixels(p) for p in paths])
         _, state = self._apply(self.variables, jnp.asarray(images), train=False,
                                capture=(layer,), mutable=("intermediates",))
         return np.asarray(state["intermediates"]["layers"][0][layer])

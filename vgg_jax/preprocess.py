@@ -91,14 +91,27 @@ def random_flip(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed)
 
 
+def pca_alpha(seed, alpha_std: float = 0.1):
+    """The colour shift's three random coefficients alpha_i ~ N(0, alpha_std^2)."""
+    return tf.random.stateless_normal([3], seed) * alpha_std
+
+
 def pca_colour_shift(image, seed, eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC,
                      alpha_std: float = 0.1):
     """Krizhevsky et al. 2012: add sum_i alpha_i lambda_i p_i (alpha_i ~ N(0, alpha_std^2))
-    to every pixel; eigen-pairs are for [0, 1] pixels, so the shift is scaled by 255."""
-    alpha = tf.random.stateless_normal([3], seed) * alpha_std
+    to every pixel; eigen-pairs are for [0, 1] pixels, so the shift is scaled by 255.
+    (Training applies it on the device: `pixels.Pixels` with `pca_alpha`'s draws.)"""
+    alpha = pca_alpha(seed, alpha_std)
     shift = tf.linalg.matvec(tf.constant(eigvec, tf.float32),
                              alpha * tf.constant(eigval, tf.float32))
     return tf.cast(image, tf.float32) + 255.0 * shift
+
+
+def to_uint8(image):
+    """Round a resized (float) image back to 0..255 pixels, as PIL-based pipelines do."""
+    if image.dtype == tf.uint8:
+        return image
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def normalize(image, norm: dict):
@@ -137,12 +150,13 @@ def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed):
                            antialias=True)
 
 
-def train_example(image_bytes, seed, d) -> tf.Tensor:
-    """Sec. 3.1 for recipe 'paper' (rescale to S or S~[Smin,Smax], random crop, flip,
-    PCA colour shift, mean subtraction), or the seeds' small-image recipe 'small'
-    (resize to the model input, pad-and-crop, flip). `d` is config.data."""
+def train_example(image_bytes, seed, d):
+    """(uint8 image, alpha (3,)): Sec. 3.1 for recipe 'paper' (rescale to S or
+    S~[Smin,Smax], random crop, flip), or the seeds' small-image recipe 'small' (resize
+    to the model input, pad-and-crop, flip); alpha holds the PCA colour shift's random
+    coefficients (zeros without data.colour_pca). The shift and the mean subtraction run
+    on the device (`pixels.Pixels`). `d` is config.data."""
     s_scale, s_crop, s_flip, s_pca = seeds(seed, 4)
-    norm = normalization(d.normalization, d.get("mean"), d.get("std"), d.get("bgr", False))
     if d.recipe == "paper":
         s = sample_scale(s_scale, d.s_min, d.s_max)
         if d.fused_jpeg_crop:
@@ -162,17 +176,16 @@ def train_example(image_bytes, seed, d) -> tf.Tensor:
         raise ValueError(f"unknown data.recipe {d.recipe!r}; choose 'paper' or 'small'")
     if d.flip:
         image = random_flip(image, s_flip)
-    if d.colour_pca:
-        image = pca_colour_shift(image, s_pca, d.pca_eigval, d.pca_eigvec, d.pca_std)
-    image = normalize(image, norm)
+    image = to_uint8(image)
     image.set_shape((d.image_size, d.image_size, d.channels))
-    return image
+    alpha = pca_alpha(s_pca, d.pca_std) if d.colour_pca else tf.zeros([3])
+    return image, alpha
 
 
 def eval_example(image_bytes, d, *, scale: int | None = None, crop: bool = True) -> tf.Tensor:
-    """Sec. 3.2: rescale so the smallest side is Q, then a centre crop (torchvision style)
-    or, with crop=False, the whole image (dense evaluation)."""
-    norm = normalization(d.normalization, d.get("mean"), d.get("std"), d.get("bgr", False))
+    """Sec. 3.2 as uint8 pixels: rescale so the smallest side is Q, then a centre crop
+    (torchvision style) or, with crop=False, the whole image (dense evaluation). The
+    normalisation runs on the device (`pixels.Pixels`)."""
     image = decode(image_bytes, d.channels)
     if d.recipe == "small" and scale is None:
         image = resize_to(image, d.image_size)
@@ -180,5 +193,4 @@ def eval_example(image_bytes, d, *, scale: int | None = None, crop: bool = True)
         image = rescale(image, scale or d.eval_scale)
         if crop:
             image = center_crop(image, d.image_size)
-    return normalize(image, norm)
-
+    return to_uint8(image)

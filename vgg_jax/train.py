@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, classes, input_pipeline, mesh, models, optim, preprocess
+from vgg_jax import (checkpoint, classes, input_pipeline, mesh, models, optim, pixels,
+                     preprocess)
 from vgg_jax.mesh import data_mesh
 
 log = logging.getLogger(__name__)
@@ -158,11 +159,14 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=()):
+def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
+                    pixels=None):
     """train_step(state, batch) -> (state, metrics): pure; the global batch is split into
     `grad_accum_steps` micro-batches whose gradients are averaged (same global batch,
     less memory). BatchNorm layers named in `frozen` (optim.frozen_layers) keep their
-    running statistics, so a frozen layer does not change at all."""
+    running statistics, so a frozen layer does not change at all. With `pixels`
+    (pixels.Pixels) the batch's uint8 images (and 'alpha' colour shifts) are normalised
+    here, on the device; without, batch['image'] is fed to the model as it is."""
 
     def loss_fn(params, batch_stats, images, labels, rng):
         mutable = ["batch_stats"] if batch_stats else []
@@ -176,6 +180,8 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=())
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
         images, labels = batch["image"], batch["label"]
+        if pixels is not None:
+            images = pixels(images, batch.get("alpha"))
         if grad_accum_steps == 1:
             (loss, (logits, batch_stats)), grads = grad_fn(
                 state.params, state.batch_stats, images, labels, rng)
@@ -210,11 +216,13 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=())
     return train_step
 
 
-def make_eval_step(model: models.VGG):
-    """eval_step(state, batch) -> masked sums (loss, top1/top5 correct, count)."""
+def make_eval_step(model: models.VGG, pixels=None):
+    """eval_step(state, batch) -> masked sums (loss, top1/top5 correct, count); `pixels`
+    as in make_train_step."""
 
     def eval_step(state: TrainState, batch):
-        logits = model.apply(_variables(state.params, state.batch_stats), batch["image"],
+        images = batch["image"] if pixels is None else pixels(batch["image"])
+        logits = model.apply(_variables(state.params, state.batch_stats), images,
                              train=False)
         mask = batch["mask"]
         return dict(loss=jnp.sum(cross_entropy(logits, batch["label"]) * mask),
@@ -237,13 +245,13 @@ def create_state(model, tx, plateau, rng, image_size: int) -> TrainState:
 class Parallel:
     """The mesh, shardings and jitted steps for one model on some devices."""
 
-    def __init__(self, model, tx, grad_accum_steps=1, devices=None, frozen=()):
+    def __init__(self, model, tx, grad_accum_steps=1, devices=None, frozen=(), pixels=None):
         self.mesh, self.data, self.replicated = data_mesh(devices)
-        self.train_step = jax.jit(make_train_step(model, tx, grad_accum_steps, frozen),
+        self.train_step = jax.jit(make_train_step(model, tx, grad_accum_steps, frozen, pixels),
                                   in_shardings=(self.replicated, self.data),
                                   out_shardings=(self.replicated, self.replicated),
                                   donate_argnums=(0,))
-        self.eval_step = models.jit_eval(make_eval_step(model),
+        self.eval_step = models.jit_eval(make_eval_step(model, pixels),
                                          in_shardings=(self.replicated, self.data),
                                          out_shardings=self.replicated)
 
@@ -428,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     frozen = optim.frozen_layers(abstract_params, tuple(o.freeze))
     if frozen:
         log.info("frozen layers (params and BN statistics fixed): %s", ", ".join(frozen))
-    par = Parallel(model, tx, o.grad_accum_steps, frozen=frozen)
+    par = Parallel(model, tx, o.grad_accum_steps, frozen=frozen, pixels=pixels.for_data(d))
     state = jax.jit(functools.partial(create_state, model, tx, plateau, image_size=d.image_size),
                     out_shardings=par.replicated)(rng)
 
