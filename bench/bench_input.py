@@ -13,7 +13,10 @@ in its own subprocess pinned to that many cores (sched_setaffinity, which tf.dat
 autotuning respects), so "img/s per core" is what a host needs to feed one accelerator:
 e.g. a GPU training VGG-16 at ~1,000 img/s needs 1000 / (img/s per core) cores.
 Variants: S=256 with the fused JPEG decode+crop (default), the same decoding the whole
-image, and scale jittering S in [256, 512] ("S=256-512 fused").
+image, and scale jittering S in [256, 512] ("S=256-512 fused"); "aa" rows antialias the
+resize (data.antialias=True). Each is compared, in the same run and on as many cores,
+with a plain tf.data pipeline over the same files that uses the same resize ("vs plain").
+Ours delivers uint8 crops (+ the colour shift's alphas), the plain one float32.
 """
 from __future__ import annotations
 
@@ -27,7 +30,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
+    # The baselines: a plain tf.data pipeline a user would write over the same files,
+    # with tf.image.resize's default (no antialiasing) and with antialias=True.
+    "plain tf.data S=256": dict(plain=True, antialias=False),
+    "plain tf.data S=256 aa": dict(plain=True, antialias=True),
     "S=256 fused": dict(s_min=256, s_max=256, fused_jpeg_crop=True),
+    "S=256 fused aa": dict(s_min=256, s_max=256, fused_jpeg_crop=True, antialias=True),
     "S=256 full decode": dict(s_min=256, s_max=256, fused_jpeg_crop=False),
     "S=256-512 fused": dict(s_min=256, s_max=512, fused_jpeg_crop=True),
 }
@@ -52,16 +60,47 @@ def write_jpegs(root: str, n: int, size=(375, 500), classes: int = 10, seed: int
     return total / n / 1024
 
 
+def plain_pipeline(folder: str, s: int, size: int, batch: int, antialias: bool = False):
+    """What a user writes with tf.data alone: list the files, decode the whole JPEG,
+    resize so the smallest side is S, random crop, random flip, subtract the mean RGB,
+    batch, prefetch (float32 out, as such pipelines usually end)."""
+    import tensorflow as tf
+    classes = sorted(os.listdir(folder))
+    files = tf.data.Dataset.list_files(os.path.join(folder, "*", "*.jpg"), shuffle=True, seed=0)
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(classes), tf.range(len(classes), dtype=tf.int64)), -1)
+    mean = tf.constant([123.68, 116.78, 103.94])
+
+    def load(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        hw = tf.cast(tf.shape(image)[:2], tf.float32)
+        new = tf.cast(tf.round(hw * s / tf.reduce_min(hw)), tf.int32)
+        image = tf.image.resize(image, new, antialias=antialias)
+        image = tf.image.random_crop(image, (size, size, 3))
+        image = tf.image.random_flip_left_right(image)
+        label = table.lookup(tf.strings.split(path, os.sep)[-2])
+        return image - mean, label
+
+    ds = files.repeat().map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    it = ds.as_numpy_iterator()
+    return (dict(image=x, label=y) for x, y in it)
+
+
 def run_worker(a) -> dict:
     cores = int(a.worker_cores)
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     sys.path.insert(0, ROOT)
     from configs import imagenet
     from vgg_jax import input_pipeline
-    c = imagenet.get_config("D,256")
-    c.data.update(VARIANTS[a.variant], image_size=a.image_size)
-    source = input_pipeline.folder_source(a.folder)
-    it = input_pipeline.TrainIterator(source, c.data, a.batch, seed=0)
+    variant = VARIANTS[a.variant]
+    if variant.get("plain"):
+        it = plain_pipeline(a.folder, 256, a.image_size, a.batch, variant["antialias"])
+    else:
+        c = imagenet.get_config("D,256")
+        c.data.update(variant, image_size=a.image_size)
+        source = input_pipeline.folder_source(a.folder)
+        it = input_pipeline.TrainIterator(source, c.data, a.batch, seed=0)
     for _ in range(a.warmup):
         next(it)
     t0 = time.perf_counter()
@@ -71,7 +110,9 @@ def run_worker(a) -> dict:
         n += batch["image"].shape[0]
     dt = time.perf_counter() - t0
     assert batch["image"].shape == (a.batch, a.image_size, a.image_size, 3)
-    return dict(img_per_s=n / dt, cores=len(os.sched_getaffinity(0)), images=n)
+    per_image = sum(v[0].nbytes for v in batch.values())  # what goes to the device
+    return dict(img_per_s=n / dt, cores=len(os.sched_getaffinity(0)), images=n,
+                bytes_per_image=per_image, dtype=str(batch["image"].dtype))
 
 
 def parse(argv=None):
@@ -91,7 +132,7 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.images, a.batch, a.batches, a.warmup, a.cores = 24, 8, 2, 1, "1"
-        a.variants = "S=256 fused"
+        a.variants = "plain tf.data S=256,S=256 fused"
     return a
 
 
@@ -126,18 +167,30 @@ def main(argv=None):
                     raise SystemExit(f"{variant} on {k} cores failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(dict(variant=variant, cores=r["cores"], img_per_s=r["img_per_s"],
-                                 img_per_s_per_core=r["img_per_s"] / r["cores"]))
+                                 img_per_s_per_core=r["img_per_s"] / r["cores"],
+                                 bytes_per_image=r["bytes_per_image"], dtype=r["dtype"]))
+        # each pipeline against the plain one with the same resize, on as many cores
+        base = {(r["cores"], VARIANTS[r["variant"]].get("antialias", False)): r["img_per_s"]
+                for r in rows if VARIANTS[r["variant"]].get("plain")}
+        for r in rows:
+            v = VARIANTS[r["variant"]]
+            key = (r["cores"], v.get("antialias", False))
+            if key in base and (v.get("plain") or v["s_min"] == v["s_max"] == 256):
+                r["vs_plain"] = r["img_per_s"] / base[key]  # the same S: same function
     result = dict(rows=rows, image_size=a.image_size, batch=a.batch, jpeg_kb=kb,
                   images_timed=a.batch * a.batches, epochs_over_folder=needed / max(a.images, 1))
     if a.json:
         print(json.dumps(result))
         return
-    print(f"training pipeline -> {a.image_size}x{a.image_size} float32 batches of {a.batch}"
+    print(f"training pipelines -> {a.image_size}x{a.image_size} batches of {a.batch}"
           + (f"; {a.images} JPEGs, mean {kb:.0f} KB" if kb else f"; folder {folder}"))
-    print(f"{'variant':<20} {'cores':>5} {'img/s':>9} {'img/s per core':>15}")
+    print(f"{'variant':<20} {'cores':>5} {'img/s':>9} {'img/s per core':>15} "
+          f"{'vs plain':>9} {'bytes/img to device':>20}")
     for r in rows:
+        ratio = f"{r['vs_plain']:.2f}x" if "vs_plain" in r else "-"
         print(f"{r['variant']:<20} {r['cores']:>5} {r['img_per_s']:>9.0f} "
-              f"{r['img_per_s_per_core']:>15.0f}")
+              f"{r['img_per_s_per_core']:>15.0f} {ratio:>9} "
+              f"{r['bytes_per_image']:>13,} {r['dtype']:>6}")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,13 @@ def test_input_benchmark_smoke_mode_times_the_real_pipeline():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["image_size"] == 224 and r["images_timed"] == 16
     assert 30 < r["jpeg_kb"] < 300  # ImageNet-like JPEGs, not tiny ones
-    (row,) = r["rows"]
-    assert row["cores"] == 1 and row["img_per_s"] > 0
-    assert row["img_per_s_per_core"] == pytest.approx(row["img_per_s"])
+    plain, ours = r["rows"]
+    assert plain["variant"].startswith("plain") and plain["dtype"] == "float32"
+    assert ours["dtype"] == "uint8" and ours["bytes_per_image"] == 224 * 224 * 3 + 3 * 4 + 4
+    for row in (plain, ours):
+        assert row["cores"] == 1 and row["img_per_s"] > 0
+        assert row["img_per_s_per_core"] == pytest.approx(row["img_per_s"])
+    assert ours["vs_plain"] == pytest.approx(ours["img_per_s"] / plain["img_per_s"])
 
 
 def test_eval_benchmark_smoke_mode_counts_compiles_per_bucket():

@@ -61,12 +61,13 @@ def rescaled_size(h, w, s):
     return tf.cast(nh, tf.int32), tf.cast(nw, tf.int32)
 
 
-def rescale(image, s):
-    """Float32 image whose smallest side is S."""
+def rescale(image, s, antialias: bool = True):
+    """Float32 image whose smallest side is S (bilinear; antialiased when shrinking, as
+    PIL / torchvision's eval transform, unless antialias=False)."""
     shape = tf.shape(image)
     nh, nw = rescaled_size(shape[0], shape[1], s)
     return tf.image.resize(tf.cast(image, tf.float32), (nh, nw), method="bilinear",
-                           antialias=True)
+                           antialias=antialias)
 
 
 def sample_scale(seed, s_min: int, s_max: int):
@@ -134,7 +135,8 @@ def resize_to(image, size: int):
     return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
 
 
-def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed):
+def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed,
+                          antialias: bool = False):
     """Rescale-to-S then random-crop, computed as one crop of the *encoded* JPEG
     (tf.image.decode_and_crop_jpeg decodes only the window) resized to size x size."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
@@ -147,7 +149,7 @@ def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed):
     x = tf.random.stateless_uniform([], sx, 0, w - cw + 1, dtype=tf.int32)
     crop = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, ch, cw]), channels=channels)
     return tf.image.resize(tf.cast(crop, tf.float32), (size, size), method="bilinear",
-                           antialias=True)
+                           antialias=antialias)
 
 
 def train_example(image_bytes, seed, d):
@@ -159,14 +161,17 @@ def train_example(image_bytes, seed, d):
     s_scale, s_crop, s_flip, s_pca = seeds(seed, 4)
     if d.recipe == "paper":
         s = sample_scale(s_scale, d.s_min, d.s_max)
+        aa = d.get("antialias", False)
         if d.fused_jpeg_crop:
             image = tf.cond(
                 tf.io.is_jpeg(image_bytes),
-                lambda: fused_jpeg_scale_crop(image_bytes, d.channels, s, d.image_size, s_crop),
-                lambda: random_crop(rescale(decode(image_bytes, d.channels), s), d.image_size,
-                                    s_crop))
+                lambda: fused_jpeg_scale_crop(image_bytes, d.channels, s, d.image_size, s_crop,
+                                              aa),
+                lambda: random_crop(rescale(decode(image_bytes, d.channels), s, aa),
+                                    d.image_size, s_crop))
         else:
-            image = random_crop(rescale(decode(image_bytes, d.channels), s), d.image_size, s_crop)
+            image = random_crop(rescale(decode(image_bytes, d.channels), s, aa), d.image_size,
+                                s_crop)
     elif d.recipe == "small":
         image = resize_to(decode(image_bytes, d.channels), d.image_size)
         image.set_shape((d.image_size, d.image_size, d.channels))
