@@ -1,16 +1,28 @@
-"""vgg_jax vs PyTorch, same architecture, batch, input size and dtype, on this machine.
+"""vgg_jax vs PyTorch on this machine: the same network, function, batch, size and dtype.
 
-    python bench/bench_model.py --arch vgg16 --mode train --image-size 32 --batch 128
-    python bench/bench_model.py --arch vgg16 --mode infer --image-size 224 --batch 8
-    python bench/bench_model.py --smoke          # tiny sizes, seconds (the test suite runs it)
+    python bench/bench_model.py --mode train --image-size 32 --batch 128    # VGG-16
+    python bench/bench_model.py --mode infer --image-size 224 --batch 8
+    python bench/bench_model.py --mode train --image-size 224 --batch 16 --steps 2
+    python bench/bench_model.py --dtype bfloat16 ...     # vgg_jax bf16 compute vs torch autocast
+    python bench/bench_model.py --smoke --json           # seconds (the test suite runs it)
 
-Each (framework, mode) runs in its own subprocess, one after the other, so peak memory
-(max RSS) is each one's own. PyTorch's baseline is its best ordinary CPU setting:
-channels_last, all cores, torch.no_grad + eval for inference, SGD(momentum) training.
-vgg_jax: the jitted train step of vgg_jax.train (donated state) / a jitted eval forward
-(models.jit_eval: on CPU, YNNPACK convs). Each side times --repeats loops of --steps after
-a warm-up (compile) step; the best loop counts, which damps noise from other processes.
-Prints a table, or one JSON object with --json.
+Like with like, the way users run each side:
+- The same function and algebra. Below 224, pool5 is smaller than torchvision's 7x7
+  adaptive pool, which would upsample it; vgg_jax folds that pool into fc6's kernel, so
+  the PyTorch network here has fc6 on the flattened pool5 (what a PyTorch user writes for
+  32x32 inputs, e.g. the seeds' CIFAR-10 VGG): both multiply 512 x 4096 at 32x32.
+  `--torchvision-layout` gives torch the upsampling pool and 25088-row fc6 instead (the
+  figures before 2026-11-28 were measured that way), labelled as such.
+- PyTorch: eager with channels_last (its best ordinary CPU setting) and, as its own row,
+  torch.compile (inductor; needs the C++ compiler, which this machine has). SGD with
+  momentum and weight decay; no_grad + eval for inference; autocast for bfloat16.
+- vgg_jax through its public API: `jax.jit(lambda v, x: model.apply(v, x, train=False))`
+  for inference (plus `conv.jit_eval`, the wrapper the CLIs use, as its own row); for
+  training a plain `jax.value_and_grad` + optax SGD step jitted with donated state, plus
+  `train.py`'s own step (`train.Parallel`) as its own row.
+Each row runs in its own subprocess, one after the other, so peak memory (max RSS) is
+each one's own. Each times --repeats loops of --steps after a warm-up (compiling) step
+and keeps the best loop. Prints a table, or one JSON object with --json.
 """
 from __future__ import annotations
 
@@ -23,7 +35,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_NAMES = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+ROWS = {"train": ("torch eager", "torch.compile", "jax grad+optax", "jax train.py step"),
+        "infer": ("torch eager", "torch.compile", "jax jit(model.apply)", "jax conv.jit_eval")}
 
 
 def peak_mb() -> float:
@@ -45,24 +58,53 @@ def measure(step, a, t0, sync=lambda out: None) -> tuple[float, float]:
     return compile_s, dt
 
 
-def run_jax(a) -> dict:
+def data(a):
+    import numpy as np
+    x = np.random.default_rng(0).normal(size=(a.batch, a.image_size, a.image_size, 3))
+    y = np.random.default_rng(1).integers(0, 1000, a.batch)
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def run_jax(a, row: str) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from vgg_jax import models, optim, train
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from conftest import load_config
-    c = load_config()
-    c.model.update(arch=a.arch, width=a.width, fc_widths=(a.fc, a.fc), classifier_pool=7,
-                   conv_impl=a.conv_impl)
-    c.train.dtype = a.dtype
-    c.optim.update(schedule="constant", warmup_epochs=0)
-    model = train.build_model(c, 1000)
-    x = np.random.default_rng(0).normal(size=(a.batch, a.image_size, a.image_size, 3)).astype(np.float32)
-    y = np.random.default_rng(1).integers(0, 1000, a.batch).astype(np.int32)
+    import optax
+    import vgg_jax
+    from vgg_jax import conv, models
+    model = vgg_jax.create_model(a.arch, num_classes=1000, width=a.width, fc_widths=(a.fc, a.fc),
+                                 dtype=jnp.dtype(a.dtype), conv_impl=a.conv_impl)
+    x, y = data(a)
     t0 = time.perf_counter()
-    if a.mode == "train":
-        tx = optim.make_optimizer(c.optim, models.abstract_variables(model, a.image_size)["params"], 0.01)
+    if row == "jax grad+optax":
+        variables = models.init_variables(model, jax.random.key(0), a.image_size)
+        params, stats = variables["params"], variables.get("batch_stats", {})
+        tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
+
+        def loss_fn(params, stats, x, y, rng):
+            v = {"params": params, **({"batch_stats": stats} if stats else {})}
+            logits, new = model.apply(v, x, train=True, rngs={"dropout": rng},
+                                      mutable=["batch_stats"] if stats else [])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, new.get("batch_stats", stats)
+
+        def train_step(params, stats, opt_state, x, y, rng):
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, stats, x, y, rng)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), stats, opt_state, loss
+
+        train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+        state = [params, stats, tx.init(params)]
+        xj, yj, key = jnp.asarray(x), jnp.asarray(y), jax.random.key(1)
+
+        def step():
+            *new, loss = train_step(*state, xj, yj, key)
+            state[:] = new
+            return loss
+    elif row == "jax train.py step":
+        from vgg_jax import optim, train
+        tx = optim.make_optimizer(_optim_config(), models.abstract_variables(
+            model, a.image_size)["params"], 0.01)
         par = train.Parallel(model, tx)
         state = par.replicate(train.create_state(model, tx, optim.Plateau(2, 3),
                                                  jax.random.PRNGKey(0), a.image_size))
@@ -74,7 +116,8 @@ def run_jax(a) -> dict:
             return metrics
     else:
         variables = models.init_variables(model, jax.random.key(0), a.image_size)
-        f = models.jit_eval(lambda v, x: model.apply(v, x, train=False))
+        forward = lambda v, x: model.apply(v, x, train=False)
+        f = jax.jit(forward) if row == "jax jit(model.apply)" else conv.jit_eval(forward)
         xj = jnp.asarray(x)
 
         def step():
@@ -83,22 +126,58 @@ def run_jax(a) -> dict:
     plan = models.conv_plan(a.arch, a.image_size, width=a.width, impl=a.conv_impl,
                             train=a.mode == "train")
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
-                conv_impl=models.describe_plan(plan)
-                + (" (YNNPACK options)" if a.mode == "infer" and models.eval_compiler_options() else ""))
+                conv_impl=models.describe_plan(plan), xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
-def run_torch(a) -> dict:
+def _optim_config():
+    sys.path.insert(0, ROOT)
+    from configs import default
+    o = default.get_config().optim
+    o.update(schedule="constant", warmup_epochs=0, learning_rate=0.01)
+    return o
+
+
+def torch_vgg(a):
+    """torchvision's VGG module layout for `a.arch`; below 224 (pool5 smaller than 7x7)
+    fc6 reads the flattened pool5 unless a.torchvision_layout (see the module doc)."""
     import torch
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from torchvision_vgg import VGG
+    from torch import nn
+    sys.path.insert(0, ROOT)
     from vgg_jax import models
     letter, bn = models.resolve_arch(a.arch)
-    torch.set_num_threads(os.cpu_count())
-    net = VGG(TORCH_NAMES[letter], bn, width=a.width, fc=a.fc).to(memory_format=torch.channels_last)
+    layers, c = [], 3
+    for layer in models.layer_table(letter):
+        if layer.kind == "conv":
+            out = models.scaled(layer.channels, a.width)
+            layers += [nn.Conv2d(c, out, layer.kernel, padding=layer.kernel // 2)]
+            layers += [nn.BatchNorm2d(out)] if bn else []
+            layers += [nn.ReLU(inplace=True)]
+            c = out
+        elif layer.kind == "lrn":
+            layers.append(nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0))
+        else:
+            layers.append(nn.MaxPool2d(2, 2))
+    side = a.image_size // 32
+    if side >= 7 or a.torchvision_layout:
+        pool, fc_in = nn.AdaptiveAvgPool2d(7), c * 49
+    else:
+        pool, fc_in = nn.Identity(), c * side * side
+    return nn.Sequential(nn.Sequential(*layers), pool, nn.Flatten(),
+                         nn.Linear(fc_in, a.fc), nn.ReLU(True), nn.Dropout(0.5),
+                         nn.Linear(a.fc, a.fc), nn.ReLU(True), nn.Dropout(0.5),
+                         nn.Linear(a.fc, 1000)).to(memory_format=torch.channels_last)
+
+
+def run_torch(a, row: str) -> dict:
+    import torch
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    net = torch_vgg(a)
     dtype = torch.bfloat16 if a.dtype == "bfloat16" else torch.float32
-    x = torch.randn(a.batch, 3, a.image_size, a.image_size).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (a.batch,))
+    x, y = data(a)
+    x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(memory_format=torch.channels_last)
+    y = torch.from_numpy(y).long()
     t0 = time.perf_counter()
+    model = torch.compile(net) if row == "torch.compile" else net
     if a.mode == "train":
         net.train()
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -106,15 +185,16 @@ def run_torch(a) -> dict:
         def step():
             opt.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                loss = torch.nn.functional.cross_entropy(net(x), y)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
     else:
         net.eval()
 
         def step():
-            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                net(x)
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype,
+                                                 enabled=dtype != torch.float32):
+                model(x)
     compile_s, dt = measure(step, a, t0)
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
                 torch=torch.__version__)
@@ -132,50 +212,74 @@ def parse(argv=None):
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--fc", type=int, default=4096)
     p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col", "winograd"])
+    p.add_argument("--rows", default="", help="comma list of row names (default: all)")
+    p.add_argument("--torchvision-layout", action="store_true",
+                   help="torch keeps the upsampling 7x7 pool and a 25088-row fc6 below 224")
     p.add_argument("--json", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: seconds, for the tests")
-    p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.smoke:
         a.arch, a.image_size, a.batch, a.steps, a.width, a.fc = "vgg11", 32, 4, 2, 1 / 16, 32
         a.repeats = 1
+        a.rows = a.rows or "torch eager,jax grad+optax,jax train.py step,jax jit(model.apply)"
     return a
 
 
 def main(argv=None):
     a = parse(argv)
     if a.worker:
-        print(json.dumps(run_jax(a) if a.worker == "jax" else run_torch(a)))
+        try:
+            r = run_torch(a, a.worker) if a.worker.startswith("torch") else run_jax(a, a.worker)
+        except Exception as e:  # e.g. torch.compile without a working compiler
+            r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        print(json.dumps(r))
         return
     modes = ["train", "infer"] if a.mode == "both" else [a.mode]
+    wanted = [r for r in a.rows.split(",") if r]
     rows = []
     for mode in modes:
-        row = dict(mode=mode, arch=a.arch, batch=a.batch, image_size=a.image_size, dtype=a.dtype,
-                   width=a.width)
-        for fw in ("jax", "torch"):
-            args = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--mode", mode,
+        base = None
+        for name in ROWS[mode]:
+            if wanted and name not in wanted:
+                continue
+            args = [sys.executable, os.path.abspath(__file__), "--worker", name, "--mode", mode,
                     "--arch", a.arch, "--image-size", str(a.image_size), "--batch", str(a.batch),
                     "--dtype", a.dtype, "--steps", str(a.steps), "--repeats", str(a.repeats),
-                    "--width", str(a.width),
-                    "--fc", str(a.fc), "--conv-impl", a.conv_impl]
+                    "--width", str(a.width), "--fc", str(a.fc), "--conv-impl", a.conv_impl]
+            args += ["--torchvision-layout"] if a.torchvision_layout else []
             out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
-                raise SystemExit(f"{fw} {mode} failed:\n{out.stderr[-3000:]}")
-            row[fw] = json.loads(out.stdout.strip().splitlines()[-1])
-        row["ratio"] = row["jax"]["img_per_s"] / row["torch"]["img_per_s"]
-        rows.append(row)
+                raise SystemExit(f"{name} {mode} failed:\n{out.stderr[-3000:]}")
+            r = dict(json.loads(out.stdout.strip().splitlines()[-1]), mode=mode, row=name)
+            if name == "torch eager":
+                base = r
+            if base and "img_per_s" in r:
+                r["vs_torch_eager"] = r["img_per_s"] / base["img_per_s"]
+                r["mem_vs_torch_eager"] = r["peak_mb"] / base["peak_mb"]
+            rows.append(r)
+    setup = dict(arch=a.arch, batch=a.batch, image_size=a.image_size, dtype=a.dtype,
+                 width=a.width, fc=a.fc, torchvision_layout=a.torchvision_layout,
+                 cpus=len(os.sched_getaffinity(0)))
     if a.json:
-        print(json.dumps(dict(rows=rows, cpus=os.cpu_count())))
+        print(json.dumps(dict(setup, rows=rows)))
         return
-    print(f"{'mode':<6} {'arch':<8} {'batch':>5} {'size':>5} {'dtype':<9} {'vgg_jax img/s':>14} "
-          f"{'torch img/s':>12} {'ratio':>6} {'jax compile s':>13} {'jax MB':>8} {'torch MB':>8}")
+    print(f"{a.arch} {a.image_size}x{a.image_size} batch {a.batch} {a.dtype}, width {a.width}, "
+          f"{setup['cpus']} cores" + (", torch in torchvision layout" if a.torchvision_layout
+                                      else ""))
+    print(f"{'mode':<6} {'row':<22} {'img/s':>8} {'vs torch eager':>14} {'compile s':>9} "
+          f"{'peak MB':>8} {'MB vs torch':>11}")
     for r in rows:
-        print(f"{r['mode']:<6} {r['arch']:<8} {r['batch']:>5} {r['image_size']:>5} {r['dtype']:<9} "
-              f"{r['jax']['img_per_s']:>14.2f} {r['torch']['img_per_s']:>12.2f} {r['ratio']:>6.2f} "
-              f"{r['jax']['compile_s']:>13.1f} {r['jax']['peak_mb']:>8.0f} {r['torch']['peak_mb']:>8.0f}")
+        if "error" in r:
+            print(f"{r['mode']:<6} {r['row']:<22} failed: {r['error']}")
+            continue
+        print(f"{r['mode']:<6} {r['row']:<22} {r['img_per_s']:>8.2f} "
+              f"{r.get('vs_torch_eager', 1.0):>13.2f}x {r['compile_s']:>9.1f} "
+              f"{r['peak_mb']:>8.0f} {r.get('mem_vs_torch_eager', 1.0):>10.2f}x")
     for r in rows:
-        print(f"{r['mode']} conv_impl={a.conv_impl}: {r['jax']['conv_impl']}")
-    print(f"torch {rows[0]['torch']['torch']}, channels_last, {os.cpu_count()} threads")
+        if "conv_impl" in r:
+            print(f"{r['mode']} {r['row']}: {r['conv_impl']}")
+            break
 
 
 if __name__ == "__main__":

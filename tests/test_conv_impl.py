@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import models
+from vgg_jax import conv, models
 
 
 def reference(x, k, b):
@@ -26,7 +26,7 @@ def test_each_impl_matches_xla_outputs_and_gradients(impl, ksize, with_bias, dty
     b = jnp.asarray(r.normal(size=(6,)), dtype) if with_bias else None
 
     def ours(x, k, b):
-        y = models.conv2d(x, k, impl)
+        y = conv.conv2d(x, k, impl)
         return y if b is None else y + b
 
     np.testing.assert_allclose(np.asarray(ours(x, k, b), np.float32),
@@ -47,12 +47,12 @@ def test_winograd_on_maps_smaller_than_its_tiles(hw):
     r = np.random.default_rng(sum(hw))
     x = jnp.asarray(r.normal(size=(3, *hw, 4)), jnp.float32)
     k = jnp.asarray(r.normal(size=(3, 3, 4, 7)), jnp.float32)
-    np.testing.assert_allclose(models.winograd_conv3x3(x, k), reference(x, k, None),
+    np.testing.assert_allclose(conv.winograd_conv3x3(x, k), reference(x, k, None),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_auto_resolves_per_backend():
-    cpu = functools.partial(models.resolve_conv_impl, "auto", "cpu")
+    cpu = functools.partial(conv.resolve_conv_impl, "auto", "cpu")
     assert cpu(train=True, pixels=224 * 224, channels=64) == "im2col"
     assert cpu(train=True, pixels=32 * 32, channels=64) == "im2col"
     assert cpu(train=True, pixels=16 * 16, channels=128) == "winograd"
@@ -68,17 +68,17 @@ def test_auto_resolves_per_backend():
     assert models.describe_plan(plan) == "xla conv1_1-conv3_3, winograd conv4_1-conv5_3"
     assert models.conv_plan("C", 224, train=True, backend="cpu")["conv4_3"] == "im2col"  # 1x1
     assert set(models.conv_plan("E", 224, train=True, backend="gpu").values()) == {"xla"}
-    assert models.resolve_conv_impl("winograd", "gpu") == "winograd"
-    assert models.resolve_conv_impl("winograd", "cpu", kernel=1) == "im2col"
-    assert models.resolve_conv_impl("auto", "gpu", train=True) == "xla"
-    assert models.resolve_conv_impl("auto", "tpu", pixels=2 * 2) == "xla"
-    assert models.resolve_conv_impl("xla", "cpu", train=True) == "xla"
-    assert models.resolve_conv_impl("im2col", "gpu") == "im2col"
-    assert models.eval_compiler_options("gpu") is None
-    assert "INDIVIDUAL_CONVOLUTION" in models.eval_compiler_options("cpu")[
+    assert conv.resolve_conv_impl("winograd", "gpu") == "winograd"
+    assert conv.resolve_conv_impl("winograd", "cpu", kernel=1) == "im2col"
+    assert conv.resolve_conv_impl("auto", "gpu", train=True) == "xla"
+    assert conv.resolve_conv_impl("auto", "tpu", pixels=2 * 2) == "xla"
+    assert conv.resolve_conv_impl("xla", "cpu", train=True) == "xla"
+    assert conv.resolve_conv_impl("im2col", "gpu") == "im2col"
+    assert conv.eval_compiler_options("gpu") is None
+    assert "INDIVIDUAL_CONVOLUTION" in conv.eval_compiler_options("cpu")[
         "xla_cpu_experimental_ynn_fusion_type"]
     with pytest.raises(ValueError, match="unknown conv_impl 'fft'.*winograd"):
-        models.resolve_conv_impl("fft")
+        conv.resolve_conv_impl("fft")
 
 
 @pytest.mark.parametrize("impl", ["im2col", "winograd"])
@@ -107,7 +107,7 @@ def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
     r = np.random.default_rng(7)
     x = r.normal(size=(2, 12, 10, 16)).astype(np.float32)
     k = (r.normal(size=(3, 3, 16, 24)) * 0.2).astype(np.float32)
-    f = models.jit_eval(lambda x, k: models.conv2d(x, k, impl))
+    f = conv.jit_eval(lambda x, k: conv.conv2d(x, k, impl))
     np.testing.assert_allclose(np.asarray(f(x, k), np.float64),
                                numpy_conv(x.astype(np.float64), k.astype(np.float64)),
                                rtol=1e-4, atol=1e-4)
@@ -122,7 +122,7 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
     assert plan["conv4_1"] == "im2col" and plan["conv4_2"] == "winograd"
     v = models.init_variables(m, jax.random.key(0), 32)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    auto = models.jit_eval(lambda v, x: m.apply(v, x))(v, x)
+    auto = conv.jit_eval(lambda v, x: m.apply(v, x))(v, x)
     ref = jax.jit(lambda v, x: m.clone(conv_impl="xla").apply(v, x))(v, x)
     np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-6)
 

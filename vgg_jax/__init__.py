@@ -1,4 +1,7 @@
 """vgg_jax: the VGG ConvNets (Simonyan & Zisserman, 2014) in JAX/Flax."""
+from vgg_jax import conv as _conv
+
+_conv.set_default_xla_flags()  # YNNPACK convs for a plain jax.jit(model.apply) on CPU
 from vgg_jax.models import (VGG, abstract_variables, all_arch_names, count_params,
                             create_model, extract, init_variables, layer_names, resolve_arch)
 

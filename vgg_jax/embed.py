@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, input_pipeline, mesh, models, pixels
+from vgg_jax import checkpoint, conv, input_pipeline, mesh, models, pixels
 from vgg_jax.predict import data_config
 
 
@@ -31,7 +31,7 @@ def make_embed_fn(model, layer: str, pool: bool = True, devices=None, normalise=
             out = out.mean(axis=(1, 2))
         return out.astype(np.float32)
 
-    return (models.jit_eval(fn, in_shardings=(replicated, data), out_shardings=data),
+    return (conv.jit_eval(fn, in_shardings=(replicated, data), out_shardings=data),
             data, replicated)
 
 

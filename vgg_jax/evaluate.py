@@ -23,11 +23,10 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, input_pipeline, mesh, models, pixels, preprocess
+from vgg_jax import checkpoint, conv, input_pipeline, mesh, models, pixels, preprocess
 from vgg_jax.predict import data_config
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
@@ -79,7 +78,7 @@ def _softmax_fn(model: models.VGG, dense: bool, normalise: pixels.Pixels):
             logits = model.apply(variables, images, train=False)
         return jax.nn.softmax(logits)
 
-    return models.jit_eval(run)
+    return conv.jit_eval(run)
 
 
 class Net:

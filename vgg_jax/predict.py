@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, classes, models, pixels, preprocess
+from vgg_jax import checkpoint, classes, conv, pixels, preprocess
 
 
 def data_config(meta: dict) -> ml_collections.ConfigDict:
@@ -47,7 +47,7 @@ class Predictor:
         self.normalise = pixels.for_data(self.d)
         self._normalise = jax.jit(self.normalise)
         apply = lambda v, x, **kw: self.model.apply(v, self.normalise(x), **kw)
-        self._apply = models.jit_eval(apply,
+        self._apply = conv.jit_eval(apply,
                                       static_argnames=("train", "dense", "capture", "mutable"))
 
     def pixels(self, path: str, *, scale=None, crop=True) -> np.ndarray:

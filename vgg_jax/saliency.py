@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_jax import models
+from vgg_jax import conv, models
 
 
 def _score_and_grad_fn(model, variables, image, class_index, position=None):
@@ -31,7 +31,7 @@ def _score_and_grad_fn(model, variables, image, class_index, position=None):
     return score_c, c, grad
 
 
-_score_and_grad = models.jit_eval(_score_and_grad_fn, static_argnames=("model", "position"))
+_score_and_grad = conv.jit_eval(_score_and_grad_fn, static_argnames=("model", "position"))
 
 
 def input_gradient(model, variables, image, class_index: int | None = None,

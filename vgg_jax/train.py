@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from vgg_jax import (checkpoint, classes, input_pipeline, mesh, models, optim, pixels,
+from vgg_jax import (checkpoint, classes, conv, input_pipeline, mesh, models, optim, pixels,
                      preprocess)
 from vgg_jax.mesh import data_mesh
 
@@ -111,7 +111,7 @@ def validate(config) -> None:
         raise ValueError(f"train.dtype must be float32 or bfloat16, got {t.dtype!r}")
     models.resolve_arch(config.model.arch)
     models.initializers(config.model.init_scheme)
-    models.resolve_conv_impl(config.model.conv_impl)
+    conv.resolve_conv_impl(config.model.conv_impl)
 
 
 def build_model(config, num_classes: int) -> models.VGG:
@@ -251,7 +251,7 @@ class Parallel:
                                   in_shardings=(self.replicated, self.data),
                                   out_shardings=(self.replicated, self.replicated),
                                   donate_argnums=(0,))
-        self.eval_step = models.jit_eval(make_eval_step(model, pixels),
+        self.eval_step = conv.jit_eval(make_eval_step(model, pixels),
                                          in_shardings=(self.replicated, self.data),
                                          out_shardings=self.replicated)
 
