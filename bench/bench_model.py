@@ -7,12 +7,13 @@
     python bench/bench_model.py --smoke --json           # seconds (the test suite runs it)
 
 Like with like, the way users run each side:
-- The same function and algebra. Below 224, pool5 is smaller than torchvision's 7x7
-  adaptive pool, which would upsample it; vgg_jax folds that pool into fc6's kernel, so
-  the PyTorch network here has fc6 on the flattened pool5 (what a PyTorch user writes for
-  32x32 inputs, e.g. the seeds' CIFAR-10 VGG): both multiply 512 x 4096 at 32x32.
-  `--torchvision-layout` gives torch the upsampling pool and 25088-row fc6 instead (the
-  figures before 2026-11-28 were measured that way), labelled as such.
+- The same function, algebra and parameters. Below 224, pool5 is smaller than
+  torchvision's 7x7 adaptive pool, which would upsample it; both sides then put fc6 on
+  the flattened pool5 (vgg_jax: `classifier_pool` = pool5's size, as configs/default.py;
+  torch: what a PyTorch user writes for 32x32 inputs, e.g. the seeds' CIFAR-10 VGG): both
+  multiply 512 x 4096 at 32x32. `--torchvision-layout` keeps torchvision's 7x7 pool and
+  25088-row fc6 on both sides (vgg_jax folds the upsampling pool into fc6's kernel, torch
+  runs it; the figures before 2026-11-28 were measured that way), labelled as such.
 - PyTorch: eager with channels_last (its best ordinary CPU setting) and, as its own row,
   torch.compile (inductor; needs the C++ compiler, which this machine has). SGD with
   momentum and weight decay; no_grad + eval for inference; autocast for bfloat16.
@@ -58,6 +59,14 @@ def measure(step, a, t0, sync=lambda out: None) -> tuple[float, float]:
     return compile_s, dt
 
 
+def classifier_pool(a) -> int:
+    """Both sides' fc6 input grid: pool5's own size below 224 (fc6 on the flattened pool5,
+    as a user training at 32x32 writes it in either framework: the same function and the
+    same parameters), torchvision's 7x7 at 224 or with --torchvision-layout (where
+    vgg_jax folds the upsampling pool into fc6 and torch runs it)."""
+    return 7 if a.torchvision_layout else min(7, a.image_size // 32)
+
+
 def data(a):
     import numpy as np
     x = np.random.default_rng(0).normal(size=(a.batch, a.image_size, a.image_size, 3))
@@ -72,7 +81,8 @@ def run_jax(a, row: str) -> dict:
     import vgg_jax
     from vgg_jax import conv, models
     model = vgg_jax.create_model(a.arch, num_classes=1000, width=a.width, fc_widths=(a.fc, a.fc),
-                                 dtype=jnp.dtype(a.dtype), conv_impl=a.conv_impl)
+                                 dtype=jnp.dtype(a.dtype), conv_impl=a.conv_impl,
+                                 classifier_pool=classifier_pool(a))
     x, y = data(a)
     t0 = time.perf_counter()
     if row == "jax grad+optax":
@@ -157,8 +167,8 @@ def torch_vgg(a):
             layers.append(nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0))
         else:
             layers.append(nn.MaxPool2d(2, 2))
-    side = a.image_size // 32
-    if side >= 7 or a.torchvision_layout:
+    side = classifier_pool(a)
+    if side == 7:
         pool, fc_in = nn.AdaptiveAvgPool2d(7), c * 49
     else:
         pool, fc_in = nn.Identity(), c * side * side

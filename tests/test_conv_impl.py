@@ -133,3 +133,18 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
     for a, b in zip(jax.tree.leaves(loss(m)(v["params"])),
                     jax.tree.leaves(loss(m.clone(conv_impl="xla"))(v["params"]))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_auto_follows_the_platform_compiled_for_not_the_default_backend():
+    """'auto' is resolved when lowering for a platform: the same jitted training forward
+    lowered for CPU has no convolution op (im2col / Winograd matmuls), lowered for CUDA
+    (possible without a GPU) it has XLA's conv for each of A's 8 conv layers."""
+    m = models.create_model("A", width=1 / 16, fc_widths=(16, 16), num_classes=10)
+    v = models.init_variables(m, jax.random.PRNGKey(0), 32)
+    x = jnp.zeros((2, 32, 32, 3))
+    f = jax.jit(lambda v, x: m.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+    traced = f.trace(v, x)
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert cpu.count("stablehlo.convolution") == 0
+    assert cuda.count("stablehlo.convolution") == 8

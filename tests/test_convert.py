@@ -234,3 +234,29 @@ def test_predict_on_a_corrupt_image_names_the_file(tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     assert cli.main(["predict", "--weights", str(tmp_path / "w"), str(tmp_path / "bad.jpg")]) == 2
     assert f"cannot decode image {tmp_path / 'bad.jpg'}" in capsys.readouterr().err
+
+
+def test_convert_takes_the_arch_from_the_weights_and_refuses_a_mismatching_one(tmp_path,
+                                                                              capsys):
+    """vgg11_bn weights exported as vgg11 used to write 22 of 62 tensors (every BN
+    dropped). Without --arch the directory's own architecture is used; a different one
+    is refused, naming both and the layers that would be lost."""
+    import jax
+    from vgg_jax import checkpoint, cli, convert, models
+    kw = dict(arch="vgg11_bn", num_classes=10, width=1 / 16, fc_widths=(16, 16))
+    model = models.create_model(**kw)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), 32)
+    checkpoint.save_weights(str(tmp_path / "w"), variables, convert.weights_meta(kw))
+    out = tmp_path / "x.pth"
+    assert cli.main(["convert", "--arch", "vgg11", "--from", str(tmp_path / "w"),
+                     "--to-torch", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--arch vgg11 does not match the weights' architecture vgg11_bn" in err
+    assert "bn1_1" in err and "bn5_2" in err and not out.exists()
+    assert cli.main(["convert", "--from", str(tmp_path / "w"), "--to-torch", str(out)]) == 0
+    import torch
+    sd = torch.load(out, weights_only=True)
+    convs = 8  # Table 1, config A
+    assert len(sd) == 2 * convs + 5 * convs + 2 * 3  # conv w+b, BN w+b+mean+var+count, fc w+b
+    with pytest.raises(ValueError, match="vgg11 has no layer.*bn1_1"):
+        convert.to_torch(variables, "vgg11")

@@ -244,3 +244,24 @@ def test_train_mode_updates_batch_stats_and_needs_dropout_rng():
     assert not np.allclose(old, new)
     with pytest.raises(Exception, match="dropout"):
         model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("scheme", ["paper", "glorot"])
+def test_fc_kernels_drawn_in_blocks_keep_the_scheme_distribution(scheme):
+    """fc6 (25088 x 256 here) is drawn in 14 blocks of 1792 rows: the values must still be
+    i.i.d. with the scheme's law: N(0, 0.01^2), or U(+-sqrt(6 / (fan_in + fan_out)))."""
+    import jax
+    _, fc_init = models.initializers(scheme)
+    k = np.asarray(fc_init(jax.random.PRNGKey(0), (25088, 256)))
+    n = k.size
+    if scheme == "paper":
+        # the sample std of n normals is within 5 standard errors (0.01 / sqrt(2n))
+        assert abs(k.std() - 0.01) < 5 * 0.01 / np.sqrt(2 * n)
+    else:
+        limit = np.sqrt(6 / (25088 + 256))
+        assert k.min() >= -limit and k.max() <= limit
+        # a uniform's std is limit / sqrt(3), its sample std within 5 standard errors
+        assert abs(k.std() - limit / np.sqrt(3)) < 5 * limit / np.sqrt(3) / np.sqrt(n) * 2
+    blocks = k.reshape(14, 1792, 256)
+    assert not np.allclose(blocks[0], blocks[1])  # every block has its own key
+    assert abs(np.corrcoef(blocks[0].ravel(), blocks[1].ravel())[0, 1]) < 5 / np.sqrt(1792 * 256)

@@ -58,3 +58,11 @@ def test_cli_unknown_arch_exits_with_message():
     out = subprocess.run([sys.executable, "-m", "vgg_jax.cli", "summary", "vgg12"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown architecture 'vgg12'" in out.stderr
+
+
+def test_a_table_that_disagrees_with_the_module_is_an_error_even_under_python_O(monkeypatch):
+    from vgg_jax import models, summary
+    monkeypatch.setattr(models, "count_params", lambda params: 1)
+    with pytest.raises(RuntimeError, match="summary counts .* parameters for vgg11 but the "
+                                           "module has 1"):
+        summary.summarize("vgg11", image_size=32, width=1 / 16)

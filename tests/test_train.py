@@ -322,3 +322,22 @@ def test_default_config_reaches_90_percent_on_digits(tmp_path):
     lines = [json.loads(l) for l in open(tmp_path / "default" / "metrics.jsonl")]
     assert any("eval_top1_err" in l for l in lines) and all("step" in l for l in lines)
     assert os.listdir(tmp_path / "default" / "tensorboard")
+
+
+def test_logged_learning_rate_is_the_one_the_update_used():
+    """Linear warm-up over 10 steps: step k (0-based) updates with schedule(k); the
+    metric of that step must say schedule(k), not the previous step's rate."""
+    c = load_config()
+    c.model.width, c.model.fc_widths = 1 / 16, (16, 16)
+    c.optim.schedule, c.optim.warmup_epochs = "constant", 1.0
+    m, tx, state = tiny_state(c)
+    step = jax.jit(train.make_train_step(m, tx))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 8).astype(np.int32)}
+    lrs = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        lrs.append(float(metrics["lr"]))
+    expected = [c.optim.learning_rate * k / 10 for k in range(3)]  # linear 0 -> lr in 10
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=1e-9)

@@ -19,7 +19,9 @@ def _summary(sub):
 
 def _convert(sub):
     p = sub.add_parser("convert", help="torch state_dict <-> vgg_jax weights directory")
-    p.add_argument("--arch", required=True)
+    p.add_argument("--arch", default=None,
+                   help="architecture of --from-torch weights; with --from, taken from the "
+                   "weights directory (a different one is refused)")
     p.add_argument("--from-torch", help=".pth / .safetensors / .npz torch state_dict")
     p.add_argument("--out", help="weights directory to write (with --from-torch)")
     p.add_argument("--from", dest="from_dir", help="vgg_jax weights directory or train workdir")

@@ -163,3 +163,22 @@ def conv2d(x, kernel, impl: str, padding: str = "SAME"):
         patches = jnp.concatenate(
             [x[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
     return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
+
+
+def conv_layer(x, kernel, impl: str = "auto", *, train: bool = False):
+    """A VGG conv layer (stride 1, 'same') with `impl` resolved for its shape. 'auto' is
+    resolved for the platform the computation is compiled for, not for
+    jax.default_backend() at trace time: lax.platform_dependent keeps the CPU choice
+    and XLA's conv for every other platform, and the lowering picks one, so a model
+    placed on a GPU of a host whose default backend is CPU (or the reverse) gets the
+    right algorithm."""
+    h, w, cin = x.shape[1], x.shape[2], x.shape[3]
+    k = kernel.shape[0]
+    shape = dict(train=train, pixels=h * w, channels=cin, kernel=k)
+    if impl != "auto":
+        return conv2d(x, kernel, resolve_conv_impl(impl, **shape))
+    on_cpu = resolve_conv_impl("auto", "cpu", **shape)
+    if on_cpu == "xla":
+        return conv2d(x, kernel, "xla")
+    return jax.lax.platform_dependent(
+        x, kernel, cpu=lambda x, k: conv2d(x, k, on_cpu), default=lambda x, k: conv2d(x, k, "xla"))

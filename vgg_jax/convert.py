@@ -181,8 +181,14 @@ def to_torch(variables, arch: str, *, as_numpy: bool = False, pool: int = 7):
     params = variables["params"]
     stats = variables.get("batch_stats", {})
     buffers = variables.get("torch_buffers", {})
+    layout = torch_layout(arch)
+    extra = sorted(set(params) - set(layout))
+    if extra:  # e.g. vgg11_bn weights asked for as vgg11: the BN layers would be dropped
+        raise ValueError(f"{arch} has no layer(s) {', '.join(extra)}, which these variables "
+                         f"hold: converting would drop them (are the weights another "
+                         f"architecture?)")
     sd = collections.OrderedDict()
-    for name, (prefix, kind) in torch_layout(arch).items():
+    for name, (prefix, kind) in layout.items():
         if name not in params:
             raise ValueError(f"variables have no layer {name!r}, which {arch} needs")
         p = {k: np.asarray(v) for k, v in params[name].items()}
@@ -225,6 +231,8 @@ def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict
 def main(args) -> None:
     from vgg_jax import checkpoint
     if args.from_torch and args.out:
+        if not args.arch:
+            raise ValueError("--from-torch needs --arch (e.g. vgg16, vgg16_bn)")
         sd = load_state_dict(args.from_torch)
         kw = infer_model_kwargs(sd, args.arch, args.num_classes)
         variables = from_torch(sd, args.arch, args.num_classes)
@@ -233,7 +241,15 @@ def main(args) -> None:
               f"{models.count_params(variables['params']):,} params) to {args.out}")
     elif args.from_dir and args.to_torch:
         variables, meta = checkpoint.load_weights(args.from_dir)
-        sd = to_torch(variables, args.arch, as_numpy=args.to_torch.endswith(".safetensors"),
+        saved = meta["model"]["arch"]  # the weights directory knows its architecture
+        arch = args.arch or saved
+        if models.canonical_name(arch) != models.canonical_name(saved):
+            lost = sorted(set(variables["params"]) - set(torch_layout(arch)))
+            raise ValueError(
+                f"--arch {arch} does not match the weights' architecture {saved} "
+                f"({args.from_dir}/meta.json)" + (f"; {', '.join(lost)} would be lost"
+                                                  if lost else "") + "; leave out --arch")
+        sd = to_torch(variables, arch, as_numpy=args.to_torch.endswith(".safetensors"),
                       pool=meta["model"].get("classifier_pool", 7))
         if args.to_torch.endswith(".safetensors"):
             from safetensors.numpy import save_file

@@ -236,10 +236,6 @@ class TrainIterator:
         self.skipped: list[str] = []
         self._it = self._generate()
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.source.num_examples // self.batch
-
     def _epoch(self, epoch: int, offset: int):
         d, seed = self.d, self.seed
 

@@ -68,7 +68,9 @@ def summarize(arch: str, *, num_classes: int = 1000, image_size: int = 224,
 
     total_params = sum(r["params"] for r in rows)
     real = models.count_params(models.abstract_variables(model, image_size)["params"])
-    assert total_params == real, (total_params, real)  # the table must describe the module
+    if total_params != real:  # the table must describe the module (not an `assert`: -O)
+        raise RuntimeError(f"summary counts {total_params} parameters for {arch} but the "
+                           f"module has {real}: a bug in vgg_jax.summary, please report it")
     return dict(arch=models.canonical_name(arch), image_size=image_size,
                 num_classes=num_classes, width=width, params=total_params,
                 macs=sum(r["macs"] for r in rows), flops=sum(r["flops"] for r in rows),

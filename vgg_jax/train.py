@@ -210,7 +210,7 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
         new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
         metrics = dict(loss=loss, top1_err=1 - top1, top5_err=1 - top5,
-                       lr=optim.current_lr(state.opt_state))
+                       lr=optim.current_lr(opt_state))  # the rate this update used
         return new, metrics
 
     return train_step
