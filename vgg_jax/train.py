@@ -291,12 +291,12 @@ def load_layers(params, batch_stats, source_variables, layers, exclude=()):
                     if key == name and tree is params:
                         raise ValueError(f"init_from has no layer {key!r}")
                     continue
-                for leaf, value in tree[key].items():
-                    got = np.shape(src[key][leaf])
-                    if got != np.shape(value):
-                        raise ValueError(
-                            f"init_from layer {key}/{leaf}: checkpoint shape {got} != model "
-                            f"shape {np.shape(value)} (exclude it with train.init_exclude)")
+                bad = [f"{key}/{leaf}: checkpoint shape {np.shape(src[key][leaf])} != model "
+                       f"shape {np.shape(value)}" for leaf, value in sorted(tree[key].items())
+                       if np.shape(src[key][leaf]) != np.shape(value)]
+                if bad:  # every mismatching leaf (kernel and bias), in a fixed order
+                    raise ValueError(f"init_from layer {'; '.join(bad)} (exclude it with "
+                                     f"train.init_exclude)")
                 tree[key] = jax.tree.map(jnp.asarray, dict(src[key]))
                 loaded.append(key)
     return params, batch_stats, loaded
