@@ -260,3 +260,10 @@ def test_convert_takes_the_arch_from_the_weights_and_refuses_a_mismatching_one(t
     assert len(sd) == 2 * convs + 5 * convs + 2 * 3  # conv w+b, BN w+b+mean+var+count, fc w+b
     with pytest.raises(ValueError, match="vgg11 has no layer.*bn1_1"):
         convert.to_torch(variables, "vgg11")
+
+
+def test_convert_from_torch_without_arch_says_it_is_needed(tmp_path, capsys):
+    from vgg_jax import cli
+    assert cli.main(["convert", "--from-torch", str(tmp_path / "x.pth"), "--out",
+                     str(tmp_path / "w")]) == 2
+    assert "--from-torch needs --arch (e.g. vgg16, vgg16_bn)" in capsys.readouterr().err

@@ -217,3 +217,14 @@ def test_dense_evaluation_compiles_one_shape_per_bucket_not_per_image(tmp_path):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert r["images"] == 24 and r["batch_shapes"] == len(buckets)
     assert 1 <= len(compiles) <= len(buckets)
+
+
+def test_dense_below_the_crop_size_and_valid_without_dense_are_clear_errors():
+    model, v, net = _odd_net("A")
+    raw = _png(np.random.default_rng(0).integers(0, 255, (80, 90, 3)))
+    with pytest.raises(ValueError, match="dense evaluation at a scale giving 48x54 is smaller "
+                                         "than the crop 64: use Q >= 64"):
+        evaluate.posterior(net, raw, "dense", [48])
+    with pytest.raises(ValueError, match=r"valid= \(true image sizes in a padded batch\) "
+                                         "needs dense=True"):
+        model.apply(v, np.zeros((1, 64, 64, 3), np.float32), valid=np.array([[64, 64]]))
