@@ -228,3 +228,15 @@ def test_dense_below_the_crop_size_and_valid_without_dense_are_clear_errors():
     with pytest.raises(ValueError, match=r"valid= \(true image sizes in a padded batch\) "
                                          "needs dense=True"):
         model.apply(v, np.zeros((1, 64, 64, 3), np.float32), valid=np.array([[64, 64]]))
+
+
+def test_undecodable_images_are_skipped_and_counted_also_at_the_end_of_the_split(tmp_path):
+    from conftest import write_image_folder
+    _, _, net = _odd_net("A")
+    paths = write_image_folder(tmp_path / "imgs", per_class=3, size=(70, 80))
+    for p in (paths[0], paths[-1]):  # the first and the very last example of the split
+        with open(p, "wb") as f:
+            f.write(b"not an image")
+    r = evaluate.evaluate([net], str(tmp_path / "imgs"), None, "center", [64],
+                          progress=False)
+    assert r["skipped"] == 2 and r["images"] == len(paths) - 2

@@ -346,18 +346,22 @@ def evaluate(nets: list[Net], dataset: str, split: str, protocol: str, scales, *
             bar.update(pcount)  # every process moves at about the same pace
 
     batcher = Batcher(nets, batch_size, crop_size or nets[0].d.image_size, done)
-    expected, t0 = 0, time.time()
-    for pos, label, flat in ds.as_numpy_iterator():
-        for missing in range(expected, int(pos)):  # failed to decode: skipped and named
+    def skip(start, stop):  # positions that failed to decode: skipped and named
+        for missing in range(start, stop):
             skipped.append(source.key(0, missing, None))
             input_pipeline.log.warning("skipped an image that failed to decode: %s",
                                        skipped[-1])
+
+    expected, t0 = 0, time.time()
+    for pos, label, flat in ds.as_numpy_iterator():
+        skip(expected, int(pos))
         expected = int(pos) + 1
         labels[int(pos)] = int(label)
         batcher.add(int(pos), all_views(nets, rescaler, flat, int(pos), protocol, crop_size,
                                         flip))
         if bar is not None:
             bar.set_postfix(img_per_s=f"{sums[0] * pcount / (time.time() - t0):.1f}")
+    skip(expected, n_local)  # the last images of the shard too
     batcher.flush()
     if bar is not None:
         bar.close()

@@ -25,7 +25,6 @@ from jax.experimental import multihost_utils
 
 from vgg_jax import (checkpoint, classes, conv, input_pipeline, mesh, models, optim, pixels,
                      preprocess)
-from vgg_jax.mesh import data_mesh
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ class Parallel:
     """The mesh, shardings and jitted steps for one model on some devices."""
 
     def __init__(self, model, tx, grad_accum_steps=1, devices=None, frozen=(), pixels=None):
-        self.mesh, self.data, self.replicated = data_mesh(devices)
+        self.mesh, self.data, self.replicated = mesh.data_mesh(devices)
         self.train_step = jax.jit(make_train_step(model, tx, grad_accum_steps, frozen, pixels),
                                   in_shardings=(self.replicated, self.data),
                                   out_shardings=(self.replicated, self.replicated),
