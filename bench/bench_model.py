@@ -20,7 +20,7 @@ Like with like, the way users run each side:
 - vgg_jax through its public API: `jax.jit(lambda v, x: model.apply(v, x, train=False))`
   for inference (plus `conv.jit_eval`, the wrapper the CLIs use, as its own row); for
   training a plain `jax.value_and_grad` + optax SGD step jitted with donated state, plus
-  `train.py`'s own step (`train.Parallel`) as its own row.
+  `train.py`'s own step (`train.parallel_steps`) as its own row.
 Each row runs in its own subprocess, one after the other, so peak memory (max RSS) is
 each one's own. Each times --repeats loops of --steps after a warm-up (compiling) step
 and keeps the best loop. Prints a table, or one JSON object with --json.
@@ -115,7 +115,7 @@ def run_jax(a, row: str) -> dict:
         from vgg_jax import optim, train
         tx = optim.make_optimizer(_optim_config(), models.abstract_variables(
             model, a.image_size)["params"], 0.01)
-        par = train.Parallel(model, tx)
+        par = train.parallel_steps(model, tx)
         state = par.replicate(train.create_state(model, tx, optim.Plateau(2, 3),
                                                  jax.random.PRNGKey(0), a.image_size))
         batch = par.global_batch({"image": x, "label": y})

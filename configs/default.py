@@ -77,8 +77,12 @@ def get_config():
         keep_checkpoints=2,      # last K, plus the best by validation top-1
         init_from="",            # checkpoint / weights dir to initialise from
         init_from_layers="all",  # all | paper (conv1..4 + fc6..8 of net A) | comma list
-        init_exclude="",         # comma list of layers not to load (e.g. fc8 for new classes)
+        init_exclude=(),         # layers not to load, e.g. ('fc8',) or on the command line
+                                 # --config.train.init_exclude=fc8,fc7
         distributed=False,       # jax.distributed.initialize() (multi-host)
+        coordinator_address="",  # with distributed: host:port; '' -> found by JAX (TPU, SLURM)
+        num_processes=0,         # with coordinator_address: how many processes
+        process_id=-1,           # with coordinator_address: this one's index
         max_steps=0,             # 0: num_epochs * steps_per_epoch
         progress_bar=True,
     ))
@@ -86,6 +90,7 @@ def get_config():
     c.eval = ml_collections.ConfigDict(dict(
         protocol="center",       # center | dense | multicrop | dense+multicrop
         batch_size=128,
-        scales="",               # '' -> data.eval_scale; '256,384,512' for several Q
+        scales=(),               # test scales Q; () -> data.eval_scale (the crop for
+                                 # 'small'); --config.eval.scales=256,384,512 for several
     ))
     return c

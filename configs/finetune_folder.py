@@ -25,7 +25,7 @@ def get_config(arg: str = ""):
     c.optim.update(batch_size=32, learning_rate=1e-3, momentum=0.9, weight_decay=5e-4,
                    schedule="cosine", warmup_epochs=0,
                    freeze=("convs",) if "freeze" in arg.split(",") else ())
-    c.train.update(num_epochs=10, init_from="", init_from_layers="all", init_exclude="fc8",
+    c.train.update(num_epochs=10, init_from="", init_from_layers="all", init_exclude=("fc8",),
                    log_every_steps=10, checkpoint_every_steps=500)
     c.eval.batch_size = 64
     return c

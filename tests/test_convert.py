@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torchvision_vgg import VGG, randomize  # noqa: E402
 
-from vgg_jax import checkpoint, convert, models  # noqa: E402
+from vgg_jax import convert, models, weights  # noqa: E402
 
 LAYOUTS = [(n, bn) for n in ("vgg11", "vgg13", "vgg16", "vgg19") for bn in (False, True)]
 
@@ -194,7 +194,7 @@ def test_cli_convert_predict_features_and_export(tmp_path, capsys):
     torch.save(tmodel.state_dict(), tmp_path / "vgg11.pth")
     assert cli.main(["convert", "--arch", "vgg11", "--from-torch", str(tmp_path / "vgg11.pth"),
                      "--out", str(tmp_path / "w")]) == 0
-    _, meta = checkpoint.load_weights(str(tmp_path / "w"))
+    _, meta = weights.load_weights(str(tmp_path / "w"))
     assert meta["preprocessing"]["convention"] == "torchvision"
     assert len(meta["class_names"]) == 1000 and meta["class_names"][0] == "tench"
     _photo(tmp_path / "photo.jpg")
@@ -206,8 +206,7 @@ def test_cli_convert_predict_features_and_export(tmp_path, capsys):
     assert len(lines) == 5 and all(n in meta["class_names"] for n in names)
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
     # the same top class as torch with torchvision's eval transform on the same pixels
-    from vgg_jax.predict import Predictor
-    pred = Predictor(str(tmp_path / "w"))
+    pred = weights.Net(str(tmp_path / "w"))
     x = pred.image(str(tmp_path / "photo.jpg"))
     with torch.no_grad():
         ref = tmodel(torch.from_numpy(x.transpose(2, 0, 1)[None].copy())).softmax(-1)[0].numpy()
@@ -242,11 +241,11 @@ def test_convert_takes_the_arch_from_the_weights_and_refuses_a_mismatching_one(t
     dropped). Without --arch the directory's own architecture is used; a different one
     is refused, naming both and the layers that would be lost."""
     import jax
-    from vgg_jax import checkpoint, cli, convert, models
+    from vgg_jax import cli, convert, models, weights
     kw = dict(arch="vgg11_bn", num_classes=10, width=1 / 16, fc_widths=(16, 16))
     model = models.create_model(**kw)
     variables = models.init_variables(model, jax.random.PRNGKey(0), 32)
-    checkpoint.save_weights(str(tmp_path / "w"), variables, convert.weights_meta(kw))
+    weights.save_weights(str(tmp_path / "w"), variables, convert.weights_meta(kw))
     out = tmp_path / "x.pth"
     assert cli.main(["convert", "--arch", "vgg11", "--from", str(tmp_path / "w"),
                      "--to-torch", str(out)]) == 2

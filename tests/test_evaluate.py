@@ -108,7 +108,7 @@ def test_every_protocol_runs_from_the_cli_and_beats_chance(trained, protocol):
 def test_training_time_validation_can_use_a_paper_protocol(tmp_path):
     c = load_config()
     c.model.width, c.model.fc_widths, c.train.progress_bar = 1 / 16, (16, 16), False
-    c.train.max_steps, c.eval.protocol, c.eval.scales = 6, "dense", "32"
+    c.train.max_steps, c.eval.protocol, c.eval.scales = 6, "dense", (32,)
     r = train.train_and_evaluate(c, str(tmp_path / "w"))
     assert r["count"] == 360 and 0 <= r["top1_err"] <= 1
     c.eval.protocol = "tencrop"
@@ -119,12 +119,12 @@ def test_training_time_validation_can_use_a_paper_protocol(tmp_path):
 def _random_digits_weights(directory):
     """A randomly initialised (glorot, so predictions vary) tiny VGG-11 for digits."""
     import jax
-    from vgg_jax import checkpoint, input_pipeline, models
+    from vgg_jax import input_pipeline, models, weights
     c = load_config()
     c.model.width, c.model.fc_widths, c.model.arch = 1 / 16, (16, 16), "vgg11"
     model = train.build_model(c, 10)
     variables = models.init_variables(model, jax.random.PRNGKey(3), 32)
-    checkpoint.save_weights(directory, variables, train.model_meta(c, model, range(10)))
+    weights.save_weights(directory, variables, weights.model_meta(model, c.data, range(10)))
     input_pipeline.tfds_builder("vgg_digits")  # prepared before processes race for it
     return directory
 

@@ -85,9 +85,9 @@ def test_readme_chain_from_archives_to_named_predictions(imagenet):
     for out in trains:  # each stage trained and validated on the validation split
         assert re.search(r"validation top-1 accuracy: .* on 8 images after 2 steps", out), out
     runs = root / "runs"
-    from vgg_jax import checkpoint
-    a, _ = checkpoint.load_weights(str(runs / "A256"))
-    d256, meta = checkpoint.load_weights(str(runs / "D256"))
+    from vgg_jax import weights
+    a, _ = weights.load_weights(str(runs / "A256"))
+    d256, meta = weights.load_weights(str(runs / "D256"))
     assert meta["model"]["arch"] == "vgg16"
     # D's fc6 after two steps stays close to A's (copied in), not a fresh init.
     drift = np.abs(d256["params"]["fc6"]["kernel"] - a["params"]["fc6"]["kernel"]).max()

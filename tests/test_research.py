@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, load_config
-from vgg_jax import checkpoint, cli, embed, input_pipeline, models, optim, plots, saliency, train
+from vgg_jax import cli, embed, input_pipeline, models, optim, plots, saliency, train, weights
 from vgg_jax.datasets import digits
-from vgg_jax.predict import Predictor
+from vgg_jax.weights import Net
 
 sys.path.insert(0, ROOT)
 from configs import finetune_folder  # noqa: E402
@@ -81,17 +81,17 @@ def test_embed_sharded_over_4_devices_equals_features_one_by_one(digits_run, tmp
         emb, labels = f["embeddings"], f["labels"]
     assert emb.shape == (15, 4096)
     np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], 5))
-    pred = Predictor(digits_run)
+    pred = Net(digits_run)
     one_by_one = np.concatenate([pred.features([p], "fc7") for p in sorted(paths)])
     np.testing.assert_allclose(emb, one_by_one, rtol=1e-5, atol=1e-5)
 
 
 def test_embed_pools_conv_maps_and_rejects_unknown_layers(digits_run, tmp_path):
     write_digit_folder(tmp_path / "folder", per_class=2)
-    variables, meta = checkpoint.load_weights(digits_run)
-    model = checkpoint.model_from_meta(meta)
+    variables, meta = weights.load_weights(digits_run)
+    model = weights.model_from_meta(meta)
     source = input_pipeline.make_source(str(tmp_path / "folder"), "")
-    d = Predictor(digits_run).d
+    d = Net(digits_run).d
     pooled, _ = embed.embed(model, variables, source, d, "conv3_2", 4)
     maps, _ = embed.embed(model, variables, source, d, "conv3_2", 4, pool=False)
     assert maps.shape == (6, 8, 8, 32) and pooled.shape == (6, 32)
@@ -233,14 +233,14 @@ def test_finetune_loads_every_layer_but_the_new_head(digits_run, tmp_path):
     write_digit_folder(tmp_path / "f" / "train", per_class=4)
     write_digit_folder(tmp_path / "f" / "val", per_class=2, offset=4)
     c = finetune_config(digits_run, tmp_path / "f", freeze=False)
-    train.adopt_init_from(c)
+    weights.adopt_init_from(c)
     assert (c.model.arch, c.model.width, tuple(c.model.fc_widths)) == ("vgg11_bn", 0.125, (4096, 4096))
     assert c.data.normalization == "custom" and c.data.mean == (127.5,)  # the digits run's 'unit'
     model = train.build_model(c, 3)
     tx = optim.make_optimizer(c.optim, models.abstract_variables(model, 32)["params"], 1e-3)
     state = train.create_state(model, tx, optim.Plateau(2, 3), jax.random.PRNGKey(5), 32)
     new = train.init_from_checkpoint(state, c)
-    source, _ = checkpoint.load_weights(digits_run)
+    source, _ = weights.load_weights(digits_run)
     for name, layer in new.params.items():
         for leaf, value in layer.items():
             if name == "fc8":
@@ -258,8 +258,8 @@ def test_finetune_with_frozen_convs_trains_only_the_classifier(digits_run, tmp_p
     c = finetune_config(digits_run, tmp_path / "f", freeze=True)
     result = train.train_and_evaluate(c, str(tmp_path / "ft"))
     assert result["count"] == 6  # the val folder, each image once
-    after, meta = checkpoint.load_weights(str(tmp_path / "ft"))
-    before, _ = checkpoint.load_weights(digits_run)
+    after, meta = weights.load_weights(str(tmp_path / "ft"))
+    before, _ = weights.load_weights(digits_run)
     assert meta["class_names"] == ["0", "1", "2"] and meta["step"] == 3
     for name in after["params"]:
         if name.startswith(("conv", "bn")):
@@ -275,10 +275,10 @@ def test_finetune_with_frozen_convs_trains_only_the_classifier(digits_run, tmp_p
 def test_finetune_config_without_a_dataset_says_what_to_set(tmp_path):
     c = finetune_folder.get_config()
     with pytest.raises(ValueError, match="need train.init_from"):
-        train.adopt_init_from(c)
+        weights.adopt_init_from(c)
     c.train.init_from = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="has no meta.json: expected a weights directory"):
-        train.adopt_init_from(c)
+        weights.adopt_init_from(c)
     c.model.arch, c.data.normalization = "vgg16", "torchvision"
     with pytest.raises(ValueError, match="data.dataset is empty: set --config.data.dataset"):
         train.validate(c)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from vgg_jax import checkpoint, models, optim, train
+from vgg_jax import models, optim, train, weights
 
 TINY = ["--config.model.width=0.0625", "--config.model.fc_widths=(16, 16)",
         "--config.optim.batch_size=32", "--config.train.progress_bar=False",
@@ -31,7 +31,7 @@ def run_train(workdir, *flags, wait=True, **kw):
 
 
 def final_params(workdir):
-    variables, meta = checkpoint.load_weights(str(workdir))
+    variables, meta = weights.load_weights(str(workdir))
     return variables, meta
 
 
@@ -167,14 +167,14 @@ def test_paper_plateau_rule_divides_by_10_at_most_3_times():
 def test_pre_initialisation_copies_exactly_the_named_layers_from_A_into_D(tmp_path):
     a = models.create_model("A", num_classes=10, width=1 / 16, fc_widths=(16, 16), classifier_pool=1)
     a_vars = models.init_variables(a, jax.random.key(7), 32)
-    checkpoint.save_weights(str(tmp_path / "netA"), a_vars, {"model": {"arch": "vgg11"}})
+    weights.save_weights(str(tmp_path / "netA"), a_vars, {"model": {"arch": "vgg11"}})
     c = load_config()
     c.model.arch, c.model.width, c.model.fc_widths = "D", 1 / 16, (16, 16)
     c.train.init_from, c.train.init_from_layers = str(tmp_path / "netA"), "paper"
     _, _, state = tiny_state(c)
     new = train.init_from_checkpoint(state, c)
     copied = ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"]
-    assert train.paper_preinit_layers("A") == copied
+    assert weights.paper_preinit_layers("A") == copied
     for name in copied:
         assert_trees_equal(new.params[name], a_vars["params"][name])
     for name in set(new.params) - set(copied):  # the rest stay as randomly initialised
@@ -183,7 +183,7 @@ def test_pre_initialisation_copies_exactly_the_named_layers_from_A_into_D(tmp_pa
 
 def test_init_from_with_a_mismatched_layer_names_it_and_both_shapes(tmp_path):
     a = models.create_model("A", num_classes=5, width=1 / 16, fc_widths=(16, 16), classifier_pool=1)
-    checkpoint.save_weights(str(tmp_path / "w"), models.init_variables(a, jax.random.key(0), 32),
+    weights.save_weights(str(tmp_path / "w"), models.init_variables(a, jax.random.key(0), 32),
                             {"model": {"arch": "vgg11"}})
     c = load_config()
     c.model.arch, c.model.width, c.model.fc_widths = "A", 1 / 16, (16, 16)
@@ -191,7 +191,7 @@ def test_init_from_with_a_mismatched_layer_names_it_and_both_shapes(tmp_path):
     _, _, state = tiny_state(c)
     with pytest.raises(ValueError, match=r"fc8/kernel: checkpoint shape \(16, 5\) != model shape \(16, 10\)"):
         train.init_from_checkpoint(state, c)
-    c.train.init_exclude = "fc8"  # fine-tuning: a new head for the new classes
+    c.train.init_exclude = ("fc8",)  # fine-tuning: a new head for the new classes
     new = train.init_from_checkpoint(state, c)
     assert_trees_equal(new.params["fc8"], state.params["fc8"])
 

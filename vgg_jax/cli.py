@@ -1,9 +1,27 @@
-"""`vgg-jax`: one command, a sub-command per job. Each sub-command's work lives in the
-module that owns the idea; this file only parses arguments."""
+"""`vgg-jax`: one command, a sub-command per job. Each sub-command's work is a function
+with keyword arguments in the module that owns the idea (`run="module:function"`); this
+file parses the arguments and passes each one by name, so an option the function does not
+take fails loudly instead of being ignored."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+from vgg_jax import choices
+from vgg_jax.errors import UserError
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 256 or 256,384,512, "
+                                         f"got {text!r}") from None
 
 
 def _summary(sub):
@@ -13,8 +31,9 @@ def _summary(sub):
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.summary").summary.main(a))
+    p.add_argument("--json", dest="json_output", action="store_true",
+                   help="print one JSON object")
+    p.set_defaults(run="vgg_jax.summary:main")
 
 
 def _convert(sub):
@@ -22,14 +41,16 @@ def _convert(sub):
     p.add_argument("--arch", default=None,
                    help="architecture of --from-torch weights; with --from, taken from the "
                    "weights directory (a different one is refused)")
-    p.add_argument("--from-torch", help=".pth / .safetensors / .npz torch state_dict")
+    p.add_argument("--from-torch", dest="torch_file",
+                   help=".pth / .safetensors / .npz torch state_dict")
     p.add_argument("--out", help="weights directory to write (with --from-torch)")
     p.add_argument("--from", dest="from_dir", help="vgg_jax weights directory or train workdir")
-    p.add_argument("--to-torch", help="torch state_dict file to write (.pth or .safetensors)")
+    p.add_argument("--to-torch", dest="torch_out",
+                   help="torch state_dict file to write (.pth or .safetensors)")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--preprocessing", default="torchvision",
-                   help="convention the weights expect: torchvision | paper | caffe")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.convert").convert.main(a))
+    p.add_argument("--preprocessing", default="torchvision", choices=choices.NORMALIZATIONS,
+                   help="pixel convention the weights expect")
+    p.set_defaults(run="vgg_jax.convert:main")
 
 
 def _predict(sub):
@@ -39,7 +60,7 @@ def _predict(sub):
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--dense", action="store_true", help="paper's dense evaluation at --q")
     p.add_argument("--q", type=int, default=256, help="test scale Q for --dense")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.predict").predict.main_predict(a))
+    p.set_defaults(run="vgg_jax.predict:predict")
 
 
 def _features(sub):
@@ -48,7 +69,7 @@ def _features(sub):
     p.add_argument("--layer", default="fc7")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help=".npy file")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.predict").predict.main_features(a))
+    p.set_defaults(run="vgg_jax.predict:features")
 
 
 def _prepare(sub):
@@ -59,7 +80,7 @@ def _prepare(sub):
                    help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--manual-dir", default=None,
                    help="where the downloaded archives are (default: DATA_DIR/downloads/manual)")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.input_pipeline").input_pipeline.main_prepare(a))
+    p.set_defaults(run="vgg_jax.input_pipeline:main_prepare")
 
 
 def _stats(sub):
@@ -68,32 +89,33 @@ def _stats(sub):
     p.add_argument("--split", default="train")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-images", type=int, default=10000)
-    p.set_defaults(run=lambda a: __import__("vgg_jax.input_pipeline").input_pipeline.main_stats(a))
+    p.set_defaults(run="vgg_jax.input_pipeline:main_stats")
 
 
 def _evaluate(sub):
     p = sub.add_parser("evaluate", help="the paper's test protocols (Sec. 3.2)")
     p.add_argument("--weights", help="weights directory or train workdir")
-    p.add_argument("--ensemble", help="comma-separated weights dirs: average soft-max")
+    p.add_argument("--ensemble", type=comma_list, default=(),
+                   help="comma-separated weights dirs: average soft-max")
     p.add_argument("--data", required=True, help="TFDS name or image folder")
     p.add_argument("--split", default="test")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--protocol", default="center",
-                   choices=["center", "dense", "multicrop", "dense+multicrop"])
-    p.add_argument("--scales", default=None, help="Q or Q1,Q2,... (default: the crop size)")
+    p.add_argument("--protocol", default="center", choices=choices.PROTOCOLS)
+    p.add_argument("--scales", type=int_list, default=(),
+                   help="Q or Q1,Q2,... (default: the crop size)")
     p.add_argument("--crop", type=int, default=None,
                    help="crop size of center / multicrop views (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="crops per batch on this process (dense views: as many pixels)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", dest="json_output", action="store_true")
     p.add_argument("--distributed", action="store_true",
                    help="one of several processes (jax.distributed.initialize): each "
                    "evaluates its shard, counts are summed")
     p.add_argument("--coordinator-address", default=None, help="with --distributed: host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    p.set_defaults(run=lambda a: __import__("vgg_jax.evaluate").evaluate.main(a))
+    p.set_defaults(run="vgg_jax.evaluate:main")
 
 
 def _embed(sub):
@@ -108,17 +130,17 @@ def _embed(sub):
     p.add_argument("--batch-size", type=int, default=64, help="global, over all devices")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--out", required=True, help=".npz: embeddings, labels, class_names")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.embed").embed.main(a))
+    p.set_defaults(run="vgg_jax.embed:main")
 
 
 def _plot_embeddings(sub):
     p = sub.add_parser("plot-embeddings", help="2-D PCA / t-SNE scatter of `embed` output")
     p.add_argument("embeddings", help=".npz written by `vgg-jax embed`")
-    p.add_argument("--method", default="pca", choices=["pca", "tsne"])
+    p.add_argument("--method", default="pca", choices=choices.EMBED_METHODS)
     p.add_argument("--out", required=True, help=".png")
     p.add_argument("--size", default="1000x800", help="WIDTHxHEIGHT pixels")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_plot_embeddings(a))
+    p.set_defaults(run="vgg_jax.plots:main_plot_embeddings")
 
 
 def _activations(sub):
@@ -129,7 +151,7 @@ def _activations(sub):
     p.add_argument("--max-maps", type=int, default=64, help="show the N strongest channels")
     p.add_argument("--out", required=True, help=".png")
     p.add_argument("--size", default="1400x700", help="WIDTHxHEIGHT pixels")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_activations(a))
+    p.set_defaults(run="vgg_jax.plots:main_activations")
 
 
 def _saliency(sub):
@@ -139,7 +161,7 @@ def _saliency(sub):
     p.add_argument("--class-name", default=None, help="default: the top class")
     p.add_argument("--out", required=True, help=".png")
     p.add_argument("--size", default="1200x450", help="WIDTHxHEIGHT pixels")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_saliency(a))
+    p.set_defaults(run="vgg_jax.plots:main_saliency")
 
 
 def _plot_metrics(sub):
@@ -147,7 +169,7 @@ def _plot_metrics(sub):
     p.add_argument("workdir", help="training workdir (has metrics.jsonl)")
     p.add_argument("--out", required=True, help=".png")
     p.add_argument("--size", default="1200x900", help="WIDTHxHEIGHT pixels")
-    p.set_defaults(run=lambda a: __import__("vgg_jax.plots").plots.main_plot_metrics(a))
+    p.set_defaults(run="vgg_jax.plots:main_plot_metrics")
 
 
 def main(argv=None) -> int:
@@ -156,11 +178,13 @@ def main(argv=None) -> int:
     for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate, _embed,
                 _plot_embeddings, _activations, _saliency, _plot_metrics):
         add(sub)
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    command, target = args.pop("command"), args.pop("run")
+    module, function = target.split(":")
     try:
-        args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"vgg-jax {args.command}: error: {e}", file=sys.stderr)
+        getattr(importlib.import_module(module), function)(**args)
+    except UserError as e:
+        print(f"vgg-jax {command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,7 +15,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
+from vgg_jax.choices import CONV_IMPLS
+from vgg_jax.errors import check_choice
+
 # XLA:CPU runs lax.conv through YNNPACK only when asked (jaxlib 0.10); with it, the 3x3
 # convs of VGG at >= 4x4 maps run 2-5x faster than with Eigen or im2col (bench/RESULTS.md).
 # The list replaces XLA's default one, so it keeps YNNPACK's dots on as well.
@@ -43,8 +45,7 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
       YNNPACK by `eval_compiler_options`; 'im2col' for smaller maps.
     'winograd' is for 3x3 kernels; asked of a 1x1 conv (config C) it means 'im2col'
     (a plain matmul)."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"unknown conv_impl {impl!r}; choose one of {', '.join(CONV_IMPLS)}")
+    check_choice("conv_impl", impl, CONV_IMPLS)
     if impl == "winograd" and kernel != 3:
         return "im2col"
     if impl != "auto":

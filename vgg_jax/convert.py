@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from vgg_jax import classes, models
+from vgg_jax.errors import UserError, NotFound
 
 BN_TORCH = {"weight": "scale", "bias": "bias"}
 BN_STATS = {"running_mean": "mean", "running_var": "var"}
@@ -45,7 +46,7 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"weights file {path} does not exist")
+            raise NotFound(f"weights file {path} does not exist")
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
             sd = load_file(path)
@@ -61,7 +62,7 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # pickle.UnpicklingError for anything but tensors
-                raise ValueError(f"refusing to load {path}: it is not a plain tensor state_dict "
+                raise UserError(f"refusing to load {path}: it is not a plain tensor state_dict "
                                  f"(torch.load(weights_only=True) said: "
                                  f"{str(e).splitlines()[0]})") from None
     else:
@@ -85,7 +86,7 @@ def infer_model_kwargs(sd, arch: str, num_classes: int | None = None) -> dict:
     fc8 = layout["fc8"][0] + ".weight"
     for key in (first, fc6, fc8, layout["fc7"][0] + ".weight"):
         if key not in sd:
-            raise ValueError(f"weights lack {key!r}, which {models.canonical_name(arch)} needs; "
+            raise UserError(f"weights lack {key!r}, which {models.canonical_name(arch)} needs; "
                              f"found keys like {sorted(sd)[:4]}")
     kw = dict(arch=models.canonical_name(arch), in_channels=int(sd[first].shape[1]),
               width=float(sd[first].shape[0]) / 64.0,
@@ -100,14 +101,14 @@ def _check(sd, expected: dict[str, tuple], arch: str):
     bad key and both shapes."""
     for key, shape in expected.items():
         if key not in sd:
-            raise ValueError(f"{arch}: weights file has no {key!r} (expected shape {shape}); "
+            raise UserError(f"{arch}: weights file has no {key!r} (expected shape {shape}); "
                              f"is it the file of another architecture?")
         if tuple(sd[key].shape) != tuple(shape):
-            raise ValueError(f"{arch}: {key!r} has shape {tuple(sd[key].shape)} in the weights "
+            raise UserError(f"{arch}: {key!r} has shape {tuple(sd[key].shape)} in the weights "
                              f"file but the model expects {tuple(shape)}")
     extra = [k for k in sd if k not in expected and not k.endswith("num_batches_tracked")]
     if extra:
-        raise ValueError(f"{arch}: unexpected key {extra[0]!r} with shape {tuple(sd[extra[0]].shape)} "
+        raise UserError(f"{arch}: unexpected key {extra[0]!r} with shape {tuple(sd[extra[0]].shape)} "
                          f"in the weights file ({len(extra)} unexpected in all); is it the file "
                          f"of another architecture?")
 
@@ -184,13 +185,13 @@ def to_torch(variables, arch: str, *, as_numpy: bool = False, pool: int = 7):
     layout = torch_layout(arch)
     extra = sorted(set(params) - set(layout))
     if extra:  # e.g. vgg11_bn weights asked for as vgg11: the BN layers would be dropped
-        raise ValueError(f"{arch} has no layer(s) {', '.join(extra)}, which these variables "
+        raise UserError(f"{arch} has no layer(s) {', '.join(extra)}, which these variables "
                          f"hold: converting would drop them (are the weights another "
                          f"architecture?)")
     sd = collections.OrderedDict()
     for name, (prefix, kind) in layout.items():
         if name not in params:
-            raise ValueError(f"variables have no layer {name!r}, which {arch} needs")
+            raise UserError(f"variables have no layer {name!r}, which {arch} needs")
         p = {k: np.asarray(v) for k, v in params[name].items()}
         if kind == "conv":
             sd[prefix + ".weight"] = p["kernel"].transpose(3, 2, 0, 1)
@@ -228,35 +229,38 @@ def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict
                 class_names=classes.imagenet_names() if n == 1000 else [str(i) for i in range(n)])
 
 
-def main(args) -> None:
-    from vgg_jax import checkpoint
-    if args.from_torch and args.out:
-        if not args.arch:
-            raise ValueError("--from-torch needs --arch (e.g. vgg16, vgg16_bn)")
-        sd = load_state_dict(args.from_torch)
-        kw = infer_model_kwargs(sd, args.arch, args.num_classes)
-        variables = from_torch(sd, args.arch, args.num_classes)
-        checkpoint.save_weights(args.out, variables, weights_meta(kw, args.preprocessing))
+def main(*, arch: str | None = None, torch_file: str | None = None, out: str | None = None,
+         from_dir: str | None = None, torch_out: str | None = None,
+         num_classes: int | None = None, preprocessing: str = "torchvision") -> None:
+    """`vgg-jax convert`: a torch state_dict into a weights directory, or back."""
+    from vgg_jax import weights
+    if torch_file and out:
+        if not arch:
+            raise UserError("--from-torch needs --arch (e.g. vgg16, vgg16_bn)")
+        sd = load_state_dict(torch_file)
+        kw = infer_model_kwargs(sd, arch, num_classes)
+        variables = from_torch(sd, arch, num_classes)
+        weights.save_weights(out, variables, weights_meta(kw, preprocessing))
         print(f"wrote {kw['arch']} ({kw['num_classes']} classes, "
-              f"{models.count_params(variables['params']):,} params) to {args.out}")
-    elif args.from_dir and args.to_torch:
-        variables, meta = checkpoint.load_weights(args.from_dir)
+              f"{models.count_params(variables['params']):,} params) to {out}")
+    elif from_dir and torch_out:
+        variables, meta = weights.load_weights(from_dir)
         saved = meta["model"]["arch"]  # the weights directory knows its architecture
-        arch = args.arch or saved
+        arch = arch or saved
         if models.canonical_name(arch) != models.canonical_name(saved):
             lost = sorted(set(variables["params"]) - set(torch_layout(arch)))
-            raise ValueError(
+            raise UserError(
                 f"--arch {arch} does not match the weights' architecture {saved} "
-                f"({args.from_dir}/meta.json)" + (f"; {', '.join(lost)} would be lost"
-                                                  if lost else "") + "; leave out --arch")
-        sd = to_torch(variables, arch, as_numpy=args.to_torch.endswith(".safetensors"),
+                f"({from_dir}/meta.json)" + (f"; {', '.join(lost)} would be lost"
+                                             if lost else "") + "; leave out --arch")
+        sd = to_torch(variables, arch, as_numpy=torch_out.endswith(".safetensors"),
                       pool=meta["model"].get("classifier_pool", 7))
-        if args.to_torch.endswith(".safetensors"):
+        if torch_out.endswith(".safetensors"):
             from safetensors.numpy import save_file
-            save_file(dict(sd), args.to_torch)
+            save_file(dict(sd), torch_out)
         else:
             import torch
-            torch.save(sd, args.to_torch)
-        print(f"wrote {len(sd)} tensors to {args.to_torch}")
+            torch.save(sd, torch_out)
+        print(f"wrote {len(sd)} tensors to {torch_out}")
     else:
-        raise ValueError("give --from-torch FILE --out DIR, or --from DIR --to-torch FILE")
+        raise UserError("give --from-torch FILE --out DIR, or --from DIR --to-torch FILE")

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import checkpoint, conv, input_pipeline, mesh, models, pixels
-from vgg_jax.predict import data_config
+from vgg_jax import conv, input_pipeline, mesh, models, pixels
+from vgg_jax.weights import Net
 
 
 def make_embed_fn(model, layer: str, pool: bool = True, devices=None, normalise=None):
@@ -64,17 +64,18 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
     return np.concatenate(outs), np.concatenate(labels)
 
 
-def main(args) -> None:
-    variables, meta = checkpoint.load_weights(args.weights)
-    model = checkpoint.model_from_meta(meta)
-    source = input_pipeline.make_source(args.data, args.split, args.data_dir,
-                                        jax.process_index(), jax.process_count())
-    emb, labels = embed(model, variables, source, data_config(meta), args.layer,
-                        args.batch_size, pool=not args.no_pool, limit=args.limit,
-                        progress=True)
+def main(*, weights: str, data: str, out: str, split: str = "test",
+         data_dir: str | None = None, layer: str = "fc7", no_pool: bool = False,
+         batch_size: int = 64, limit: int | None = None) -> None:
+    """`vgg-jax embed`: write `layer`'s embeddings of a split, with labels, to `out`."""
+    net = Net(weights)
+    source = input_pipeline.make_source(data, split, data_dir, jax.process_index(),
+                                        jax.process_count())
+    emb, labels = embed(net.model, net.variables, source, net.d, layer, batch_size,
+                        pool=not no_pool, limit=limit, progress=True)
     if jax.process_index() == 0:
-        np.savez(args.out, embeddings=emb, labels=labels,
-                 class_names=np.asarray(source.class_names), layer=args.layer,
-                 weights=str(args.weights), data=f"{args.data}:{args.split}")
-        print(f"wrote {args.layer} embeddings {emb.shape} and labels of {source.name}:"
-              f"{source.split} ({len(source.class_names)} classes) to {args.out}")
+        np.savez(out, embeddings=emb, labels=labels,
+                 class_names=np.asarray(source.class_names), layer=layer,
+                 weights=str(weights), data=f"{data}:{split}")
+        print(f"wrote {layer} embeddings {emb.shape} and labels of {source.name}:"
+              f"{source.split} ({len(source.class_names)} classes) to {out}")

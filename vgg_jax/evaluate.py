@@ -10,7 +10,7 @@ Several scales Q and several nets (fusion, Table 6) average soft-max posteriors.
 How it runs at ImageNet scale: every image becomes a list of weighted *views* (a crop, or
 a whole rescaled image for dense). Views of the same shape, from many images, are batched
 and sharded over this process's devices. Dense views are zero-padded up to a multiple of
-`DENSE_BUCKET` pixels a side and the net masks the padding after every layer
+`weights.DENSE_BUCKET` pixels a side and the net masks the padding after every layer
 (`VGG(valid=...)`), so the score map equals the unpadded one while the number of compiled
 shapes stays bounded whatever the number of images. With several processes each takes
 its own shard of the split (every example once overall) and the counts are summed.
@@ -18,7 +18,6 @@ its own shard of the split (every example once overall) and the counts are summe
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 
@@ -26,11 +25,11 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import checkpoint, conv, input_pipeline, mesh, models, pixels, preprocess
-from vgg_jax.predict import data_config
+from vgg_jax import input_pipeline, mesh, preprocess
+from vgg_jax.choices import PROTOCOLS
+from vgg_jax.errors import UserError, check_choice
+from vgg_jax.weights import Net, bucket, pad_to
 
-PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
-DENSE_BUCKET = 32  # dense views are padded to multiples of this (paper Q's are multiples)
 
 
 def paper_scales(s: int | None = None, s_min: int | None = None, s_max: int | None = None):
@@ -58,85 +57,6 @@ def multicrop_batch(image: np.ndarray, crop: int, n: int = 5) -> np.ndarray:
     return np.concatenate([crops, crops[:, :, ::-1]])
 
 
-def bucket(n: int, multiple: int = DENSE_BUCKET) -> int:
-    return -(-n // multiple) * multiple
-
-
-@functools.lru_cache(maxsize=None)
-def _softmax_fn(model: models.VGG, dense: bool, normalise: pixels.Pixels):
-    """One jitted posterior function per (model, mode, pixel convention), shared by every
-    Net with that architecture (the variables are an argument), so fusion compiles
-    nothing twice. It takes uint8 views and normalises them on the device."""
-
-    def run(variables, images, valid):
-        images = normalise(images)  # padding becomes -mean/std: the model masks it
-        if dense:
-            scores = model.apply(variables, images, train=False, dense=True, valid=valid)
-            logits = models.average_valid(
-                scores, models.dense_valid_size(valid, model.classifier_pool))
-        else:
-            logits = model.apply(variables, images, train=False)
-        return jax.nn.softmax(logits)
-
-    return conv.jit_eval(run)
-
-
-class Net:
-    """One set of weights, replicated on this process's devices, with batched standard
-    and (masked) dense forwards whose batches are sharded over those devices."""
-
-    def __init__(self, weights: str | None = None, *, model=None, variables=None, meta=None,
-                 devices=None):
-        if weights is not None:
-            variables, meta = checkpoint.load_weights(weights)
-            model = checkpoint.model_from_meta(meta)
-        self.meta, self.model = meta, model
-        self.d = data_config(self.meta)
-        self.pixels = pixels.for_data(self.d)
-        _, self._sharded, replicated = mesh.data_mesh(devices or jax.local_devices())
-        self.num_devices = len(self._sharded.mesh.devices.flat)
-        self.variables = jax.device_put(variables, replicated)
-
-    def probabilities(self, images: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Soft-max posteriors (N, K) of a batch of uint8 images (as `rescaled` gives)
-        whose size divides over the devices; with `valid` (N, 2) the batch is zero-padded
-        whole images (dense evaluation)."""
-        dense = valid is not None
-        valid = np.asarray(valid if dense else np.zeros((len(images), 2)), np.int32)
-        fn = _softmax_fn(self.model, dense, self.pixels)
-        put = lambda x: jax.device_put(x, self._sharded)
-        return np.asarray(fn(self.variables, put(images), put(valid)))
-
-    def softmax(self, images):
-        """Posteriors of standard (crop) inputs, any batch size."""
-        return _padded_run(self, np.asarray(images), None)
-
-    def dense_softmax(self, image):
-        """Spatially averaged class score map -> soft-max, for one whole image."""
-        h, w = image.shape[:2]
-        padded = _pad_to(image, bucket(h), bucket(w))
-        return _padded_run(self, padded[None], np.array([[h, w]]))[0]
-
-
-def _pad_to(image, h, w):
-    out = np.zeros((h, w, image.shape[-1]), image.dtype)
-    out[:image.shape[0], :image.shape[1]] = image
-    return out
-
-
-def _padded_run(net: Net, images, valid, batch: int | None = None):
-    """net.probabilities on `images` padded (with empty views) to `batch` or to a multiple
-    of the devices; returns the rows of the real views."""
-    n = len(images)
-    size = batch or -(-n // net.num_devices) * net.num_devices
-    if size > n:
-        images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
-        if valid is not None:  # empty views are 'valid' on their whole padded size
-            fill = np.tile([[images.shape[1], images.shape[2]]], (size - n, 1))
-            valid = np.concatenate([valid, fill])
-    return net.probabilities(images, valid)[:n]
-
-
 # ----------------------------------------------------------------------------- views
 
 @dataclasses.dataclass
@@ -148,8 +68,7 @@ class View:
 
 
 def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    check_choice("protocol", protocol, PROTOCOLS)
 
 
 def needs(protocol: str) -> tuple[bool, bool]:
@@ -167,11 +86,11 @@ def image_views(image_id, rescaled, protocol: str, crop: int, flip: bool, weight
     if protocol in ("dense", "dense+multicrop"):
         h, w = whole.shape[:2]
         if min(h, w) < crop:
-            raise ValueError(f"dense evaluation at a scale giving {h}x{w} is smaller than "
+            raise UserError(f"dense evaluation at a scale giving {h}x{w} is smaller than "
                              f"the crop {crop}: use Q >= {crop}")
         flips = [whole, whole[:, ::-1]] if flip else [whole]
         hb, wb = bucket(h), bucket(w)
-        parts.append([View(image_id, 0.0, _pad_to(v, hb, wb), (h, w)) for v in flips])
+        parts.append([View(image_id, 0.0, pad_to(v, hb, wb), (h, w)) for v in flips])
     if protocol in ("multicrop", "dense+multicrop"):
         parts.append([View(image_id, 0.0, c, None) for c in multicrop_batch(whole, crop)])
     for part in parts:
@@ -229,7 +148,7 @@ class Batcher:
         self.shapes.add((n, size, *shape, dense))
         images = np.stack([v.array for v in views])
         valid = np.asarray([v.valid for v in views], np.int32) if dense else None
-        probs = _padded_run(net, images, valid, size)
+        probs = net.padded_posteriors(images, valid, size)
         for v, p in zip(views, probs):
             state = self.pending[v.image]
             state[0] = state[0] + v.weight * p
@@ -381,21 +300,29 @@ def format_result(r: dict) -> str:
             f"{100 * r['top5_err']:>9.2f}%")
 
 
-def main(args) -> None:
-    if args.distributed:
-        mesh.initialize_distributed(args.coordinator_address, args.num_processes,
-                                    args.process_id)
-    dirs = [d for d in (args.ensemble or "").split(",") if d] or [args.weights]
-    if not dirs[0]:
-        raise ValueError("give --weights DIR or --ensemble DIR1,DIR2,...")
+def default_scales(d) -> list[int]:
+    """The test scale when none is given: the crop size for the 'small' recipe, else Q
+    (data.eval_scale)."""
+    return [d.image_size if d.recipe == "small" else d.eval_scale]
+
+
+def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "test",
+         data_dir: str | None = None, protocol: str = "center", scales=(),
+         crop: int | None = None, batch_size: int = 64, limit: int | None = None,
+         json_output: bool = False, distributed: bool = False,
+         coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None) -> dict:
+    """`vgg-jax evaluate`: print (and return) the result of `protocol` over a split with
+    one net (`weights`) or the fusion of several (`ensemble`)."""
+    if distributed:
+        mesh.initialize_distributed(coordinator_address, num_processes, process_id)
+    dirs = list(ensemble) or ([weights] if weights else [])
+    if not dirs:
+        raise UserError("give --weights DIR or --ensemble DIR1,DIR2,...")
     nets = [Net(d) for d in dirs]
-    if args.scales:
-        scales = [int(s) for s in args.scales.split(",")]
-    else:
-        d = nets[0].d
-        scales = [d.image_size if d.recipe == "small" else d.eval_scale]
-    r = evaluate(nets, args.data, args.split, args.protocol, scales, data_dir=args.data_dir,
-                 limit=args.limit, progress=not args.json, batch_size=args.batch_size,
-                 crop_size=args.crop)
+    r = evaluate(nets, data, split, protocol, list(scales) or default_scales(nets[0].d),
+                 data_dir=data_dir, limit=limit, progress=not json_output,
+                 batch_size=batch_size, crop_size=crop)
     if jax.process_index() == 0:
-        print(json.dumps(r) if args.json else format_result(r))
+        print(json.dumps(r) if json_output else format_result(r))
+    return r

@@ -19,6 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vgg_jax import preprocess
+from vgg_jax.errors import UserError, NotFound
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 BUNDLED = ("vgg_digits",)  # prepared on first use: they need no download
@@ -70,7 +71,7 @@ def _builder(name: str, data_dir: str):
     try:
         return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
-        raise ValueError(f"unknown TFDS dataset {name!r} ({type(e).__name__}); give a TFDS "
+        raise UserError(f"unknown TFDS dataset {name!r} ({type(e).__name__}); give a TFDS "
                          f"name such as vgg_digits, cifar10, imagenet2012, or an image folder "
                          f"root/class_name/*.jpg") from None
 
@@ -97,10 +98,10 @@ def tfds_builder(name: str, data_dir: str | None = None):
         return builder
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         files = " and ".join(MANUAL_FILES.get(builder.name, ("the archives TFDS describes",)))
-        raise FileNotFoundError(
+        raise NotFound(
             f"TFDS dataset {name!r} is not prepared in {data_dir}: put {files} in "
             f"{manual_dir_for(data_dir)}, then run `{prepare_command(name, data_dir)}`")
-    raise FileNotFoundError(
+    raise NotFound(
         f"TFDS dataset {name!r} is not prepared in {data_dir}. This machine cannot download it: "
         f"prepare it where the network is available (`{prepare_command(name, 'DIR')}`) and "
         f"copy DIR here (set data.data_dir or TFDS_DATA_DIR), or use an image folder instead.")
@@ -120,12 +121,12 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
     if expected:
         missing = [f for f in expected if not os.path.isfile(os.path.join(manual, f))]
         if missing:
-            raise FileNotFoundError(
+            raise NotFound(
                 f"{name}: {', '.join(missing)} not found in {manual} (expected "
                 f"{' and '.join(expected)} there, as downloaded; or give --manual-dir DIR)")
     elif not os.path.isdir(manual) or not os.listdir(manual):
         first = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]
-        raise FileNotFoundError(f"{name}: no downloaded files in {manual} ({first})")
+        raise NotFound(f"{name}: no downloaded files in {manual} ({first})")
     log.info("preparing %s in %s from %s", name, data_dir, manual)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual))
@@ -158,18 +159,18 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
 def folder_index(root: str):
     """(paths, labels, class_names) of root/class_name/image files, sorted."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} does not exist (expected "
+        raise NotFound(f"image folder {root} does not exist (expected "
                                 f"{root}/CLASS_NAME/*.jpg, one folder per class)")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
-        raise ValueError(f"image folder {root} has no class sub-folders (expected "
+        raise UserError(f"image folder {root} has no class sub-folders (expected "
                          f"{root}/CLASS_NAME/*.jpg)")
     paths, labels = [], []
     for i, c in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, c))
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(f"class folder {os.path.join(root, c)} has no images "
+            raise UserError(f"class folder {os.path.join(root, c)} has no images "
                              f"({', '.join(IMAGE_EXTENSIONS)})")
         paths += [os.path.join(root, c, f) for f in files]
         labels += [i] * len(files)
@@ -229,7 +230,7 @@ class TrainIterator:
 
     def __init__(self, source: Source, data_cfg, local_batch: int, seed: int, state=None):
         if local_batch > source.num_examples:
-            raise ValueError(f"per-process batch {local_batch} is larger than the "
+            raise UserError(f"per-process batch {local_batch} is larger than the "
                              f"{source.num_examples} examples of {source.name}:{source.split}")
         self.source, self.d, self.batch, self.seed = source, data_cfg, local_batch, seed
         self.state = dict(state or {"epoch": 0, "offset": 0})
@@ -331,9 +332,10 @@ def _with_flip(batch, flip):
 
 # ----------------------------------------------------------------------------- CLI
 
-def main_prepare(args):
-    builder = prepare(args.dataset, args.data_dir, args.manual_dir)
-    print(f"{args.dataset}: prepared in {builder.data_dir}")
+def main_prepare(*, dataset: str = "vgg_digits", data_dir: str | None = None,
+                 manual_dir: str | None = None):
+    builder = prepare(dataset, data_dir, manual_dir)
+    print(f"{dataset}: prepared in {builder.data_dir}")
     for name, split in builder.info.splits.items():
         print(f"  {name}: {split.num_examples} examples")
 
@@ -358,5 +360,6 @@ def dataset_stats(dataset, split="train", data_dir=None, max_images=10_000, chan
             "pca_eigvec": eigvec[:, order].round(4).tolist(), "pixels": int(n)}
 
 
-def main_stats(args):
-    print(json.dumps(dataset_stats(args.dataset, args.split, args.data_dir, args.max_images)))
+def main_stats(*, dataset: str, split: str = "train", data_dir: str | None = None,
+               max_images: int = 10_000):
+    print(json.dumps(dataset_stats(dataset, split, data_dir, max_images)))

@@ -42,3 +42,39 @@ def allgather_sum(values):
         every = multihost_utils.process_allgather(values.astype(np.float32))
         values = np.asarray(every, np.float64).reshape(jax.process_count(), -1).sum(0)
     return [float(v) for v in values]
+
+
+class DataParallel:
+    """Pure steps jitted over a 'data' mesh: the state replicated (and donated to the
+    train step), batches sharded on their first axis. `train_step(state, batch) ->
+    (state, metrics)` and `eval_step(state, batch) -> sums` are given, not built here."""
+
+    def __init__(self, train_step=None, eval_step=None, devices=None):
+        from vgg_jax import conv
+        self.mesh, self.data, self.replicated = data_mesh(devices)
+        if train_step is not None:
+            self.train_step = jax.jit(train_step, in_shardings=(self.replicated, self.data),
+                                      out_shardings=(self.replicated, self.replicated),
+                                      donate_argnums=(0,))
+        if eval_step is not None:
+            self.eval_step = conv.jit_eval(eval_step, in_shardings=(self.replicated, self.data),
+                                           out_shardings=self.replicated)
+
+    def replicate(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    def global_batch(self, local_batch: dict):
+        """This process's slice -> global arrays sharded over 'data'."""
+        return {k: jax.make_array_from_process_local_data(self.data, v)
+                for k, v in local_batch.items()}
+
+
+def allgather_rows(row):
+    """One small integer row per process -> a list of every process's row, in order."""
+    import numpy as np
+    mine = np.asarray(row, np.int64)
+    if jax.process_count() == 1:
+        return [mine.tolist()]
+    from jax.experimental import multihost_utils
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
+    return [r.tolist() for r in every]

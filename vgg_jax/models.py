@@ -18,6 +18,8 @@ import numpy as np
 from flax import linen as nn
 
 from vgg_jax import conv
+from vgg_jax.errors import UserError
+from vgg_jax.initializers import initializers
 
 # Table 1, one row per block; every block ends in a 2x2/2 max-pool.
 CONFIGS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -62,7 +64,7 @@ def resolve_arch(arch: str) -> tuple[str, bool]:
         return name.upper(), batch_norm
     if name.lower() in _BY_NAME:
         return _BY_NAME[name.lower()], batch_norm
-    raise ValueError(f"unknown architecture {arch!r}; valid names: {', '.join(all_arch_names())}")
+    raise UserError(f"unknown architecture {arch!r}; valid names: {', '.join(all_arch_names())}")
 
 
 def canonical_name(arch: str) -> str:
@@ -107,66 +109,13 @@ def bn_name(conv_name: str) -> str:
 def check_layer(arch: str, layer: str) -> None:
     """A clear error for a layer name `arch` does not have (capture, embed, plots)."""
     if layer not in layer_names(arch):
-        raise ValueError(f"unknown layer {layer!r} for {arch}; valid: "
+        raise UserError(f"unknown layer {layer!r} for {arch}; valid: "
                          f"{', '.join(layer_names(arch))}")
 
 
 def layer_names(arch: str) -> list[str]:
     """Every name `capture=` accepts for this architecture."""
     return [l.name for l in layer_table(arch)] + ["fc6", "fc7", "fc8"]
-
-
-# ----------------------------------------------------------------------------- init
-
-INIT_SCHEMES = ("paper", "paper_literal", "glorot", "kaiming")
-
-
-def initializers(scheme: str) -> tuple[Callable, Callable]:
-    """(conv kernel init, fc kernel init); biases are always zero.
-
-    paper         N(0, 0.01^2): std 0.01 as in the public Caffe prototxts (Sec. 3.1).
-    paper_literal N(0, 1e-2): the paper's words read literally ("10^-2 variance"), std 0.1.
-    glorot        Glorot & Bengio (2010) uniform, which the authors later found trains D/E
-                  without pre-initialisation.
-    kaiming       torchvision: He normal (fan_out, ReLU gain) for convs, N(0, 0.01) for fc.
-    """
-    if scheme == "paper":
-        return nn.initializers.normal(0.01), fc_initializer(std=0.01)
-    if scheme == "paper_literal":
-        return nn.initializers.normal(0.1), fc_initializer(std=0.1)
-    if scheme == "glorot":
-        return nn.initializers.xavier_uniform(), fc_initializer(glorot=True)
-    if scheme == "kaiming":
-        he = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-        return he, fc_initializer(std=0.01)
-    raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
-
-
-FC_INIT_BLOCK_ROWS = 2048
-
-
-def fc_initializer(std: float | None = None, glorot: bool = False) -> Callable:
-    """An (in, out) FC kernel initializer: N(0, std^2), or Glorot uniform on
-    [-sqrt(6 / (in + out)), +sqrt(6 / (in + out))] (flax's xavier_uniform), drawn in blocks
-    of at most FC_INIT_BLOCK_ROWS rows. Same distribution; but fc6's 103M values no longer need
-    the RNG's full-size temporaries at once (they put init's peak memory at ~4x the
-    kernel, above a whole inference run's)."""
-    def init(key, shape, dtype=jnp.float32):
-        rows, cols = shape
-        if glorot:
-            limit = float(np.sqrt(6.0 / (rows + cols)))
-            draw = lambda k, s: jax.random.uniform(k, s, dtype, -limit, limit)
-        else:
-            draw = lambda k, s: std * jax.random.normal(k, s, dtype)
-        # rows split into equal blocks (25088 = 14 x 1792), so the result is a free
-        # reshape of the stacked blocks, not a copy
-        block = max(d for d in range(1, min(rows, FC_INIT_BLOCK_ROWS) + 1) if rows % d == 0)
-        if block == rows or block < FC_INIT_BLOCK_ROWS // 8:
-            return draw(key, shape)
-        blocks = jax.lax.map(lambda k: draw(k, (block, cols)),
-                             jax.random.split(key, rows // block))
-        return blocks.reshape(rows, cols)
-    return init
 
 
 # ----------------------------------------------------------------------------- layers
@@ -327,10 +276,10 @@ class VGG(nn.Module):
         letter, batch_norm = resolve_arch(self.arch)
         check_input(x.shape, self.in_channels, dense, self.classifier_pool)
         if valid is not None and not dense:
-            raise ValueError("valid= (true image sizes in a padded batch) needs dense=True")
+            raise UserError("valid= (true image sizes in a padded batch) needs dense=True")
         bad = set(capture) - set(layer_names(self.arch))
         if bad:
-            raise ValueError(f"unknown layer(s) {sorted(bad)} for {self.arch}; "
+            raise UserError(f"unknown layer(s) {sorted(bad)} for {self.arch}; "
                              f"valid: {', '.join(layer_names(self.arch))}")
         conv_init, fc_init = initializers(self.init_scheme)
         captured = {}
@@ -410,16 +359,16 @@ def average_valid(scores, valid_out):
 
 def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: int = 7):
     if len(shape) != 4:
-        raise ValueError(f"expected NHWC images (N, H, W, C), got shape {tuple(shape)}")
+        raise UserError(f"expected NHWC images (N, H, W, C), got shape {tuple(shape)}")
     _, h, w, c = shape
     if c != in_channels:
-        raise ValueError(f"images have {c} channels but the model was built for "
+        raise UserError(f"images have {c} channels but the model was built for "
                          f"in_channels={in_channels}")
     need = 2 ** POOLS * (classifier_pool if dense else 1)
     if h < need or w < need:
         what = (f"dense evaluation needs pool5 to be at least {classifier_pool}x{classifier_pool}"
                 if dense else "the five 2x2 max-pools need at least 1x1 left at pool5")
-        raise ValueError(f"input {h}x{w} is smaller than {need}x{need}: {what}")
+        raise UserError(f"input {h}x{w} is smaller than {need}x{need}: {what}")
 
 
 def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: int = 3,
@@ -432,14 +381,14 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
     sets fc6/fc7; `dtype` is the compute dtype (params stay float32)."""
     resolve_arch(arch)
     if not (isinstance(width, (int, float)) and 0 < width <= 16):
-        raise ValueError(f"width must be a number in (0, 16], got {width!r}")
+        raise UserError(f"width must be a number in (0, 16], got {width!r}")
     if num_classes < 1 or in_channels < 1:
-        raise ValueError(f"num_classes and in_channels must be >= 1, got "
+        raise UserError(f"num_classes and in_channels must be >= 1, got "
                          f"{num_classes} and {in_channels}")
     if len(fc_widths) != 2 or min(fc_widths) < 1:
-        raise ValueError(f"fc_widths must be two positive sizes (fc6, fc7), got {fc_widths}")
+        raise UserError(f"fc_widths must be two positive sizes (fc6, fc7), got {fc_widths}")
     if not 0 <= dropout_rate < 1:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+        raise UserError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     initializers(init_scheme)
     conv.resolve_conv_impl(conv_impl)
     return VGG(arch=canonical_name(arch), num_classes=num_classes, in_channels=in_channels,

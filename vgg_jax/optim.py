@@ -14,8 +14,9 @@ import optax
 from flax import traverse_util
 
 from vgg_jax import models
+from vgg_jax.choices import SCHEDULES, WEIGHT_DECAY_MODES
+from vgg_jax.errors import UserError, check_choice
 
-SCHEDULES = ("paper", "step", "cosine", "constant")
 
 
 def decay_mask(params, decay_biases_and_bn: bool):
@@ -46,7 +47,7 @@ def frozen_layers(params, freeze) -> tuple[str, ...]:
             if entry.startswith("conv") and models.bn_name(entry) in layers:
                 out.add(models.bn_name(entry))
         else:
-            raise ValueError(f"optim.freeze names {entry!r}, which the model does not have; "
+            raise UserError(f"optim.freeze names {entry!r}, which the model does not have; "
                              f"use layer names ({', '.join(layers)}) or groups "
                              f"({', '.join(FREEZE_GROUPS)})")
     return tuple(sorted(out))
@@ -63,8 +64,7 @@ def freeze_labels(params, frozen: tuple[str, ...]):
 def learning_rate_schedule(o, steps_per_epoch: int, total_steps: int):
     """A step -> lr function. 'paper' is constant here: its divisions by 10 happen on
     validation plateaus (`Plateau`), applied as a scale on this value."""
-    if o.schedule not in SCHEDULES:
-        raise ValueError(f"unknown optim.schedule {o.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    check_choice("optim.schedule", o.schedule, SCHEDULES)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     lr = o.learning_rate
     if o.schedule == "cosine":
@@ -87,13 +87,8 @@ def make_optimizer(o, params, schedule):
         mask = decay_mask(params, o.decay_biases_and_bn)
         momentum = optax.trace(decay=o.momentum, nesterov=o.nesterov)
         decay = optax.add_decayed_weights(o.weight_decay, mask)
-        if o.weight_decay_mode == "coupled":
-            parts = [decay, momentum]
-        elif o.weight_decay_mode == "decoupled":
-            parts = [momentum, decay]
-        else:
-            raise ValueError(f"unknown optim.weight_decay_mode {o.weight_decay_mode!r}; "
-                             "choose 'coupled' or 'decoupled'")
+        check_choice("optim.weight_decay_mode", o.weight_decay_mode, WEIGHT_DECAY_MODES)
+        parts = [decay, momentum] if o.weight_decay_mode == "coupled" else [momentum, decay]
         if o.grad_clip_norm > 0:
             parts.insert(0, optax.clip_by_global_norm(o.grad_clip_norm))
         return optax.chain(*parts, optax.scale(-learning_rate * lr_scale))
@@ -140,3 +135,9 @@ class Plateau:
     def update(self, state, val_error: float):
         _, state = self.tx.update({}, state, value=jnp.asarray(val_error, jnp.float32))
         return state
+
+    def after_validation(self, plateau_state, opt_state, val_error: float):
+        """(plateau_state, opt_state) after one validation: the plateau rule's bookkeeping
+        and the learning-rate scale it gives, written into the optimiser state."""
+        plateau_state = self.update(plateau_state, val_error)
+        return plateau_state, set_lr_scale(opt_state, plateau_state.scale)

@@ -39,7 +39,7 @@ class Pixels:
 
 
 def for_data(d) -> Pixels:
-    """The Pixels of config.data (or of a weights directory's `predict.data_config`)."""
+    """The Pixels of config.data (or of a weights directory's `weights.data_config`)."""
     norm = preprocess.normalization(d.normalization, d.get("mean"), d.get("std"),
                                     d.get("bgr", False))
     as_tuple = lambda v: tuple(tuple(float(x) for x in r) if isinstance(r, (list, tuple))

@@ -12,6 +12,9 @@ import os
 
 import numpy as np
 
+from vgg_jax.choices import EMBED_METHODS
+from vgg_jax.errors import NotFound, UserError, check_choice
+
 DPI = 100
 DEFAULT_SIZE = (1000, 800)
 
@@ -21,9 +24,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--size must be WIDTHxHEIGHT in pixels, like 1000x800; got {text!r}")
+        raise UserError(f"--size must be WIDTHxHEIGHT in pixels, like 1000x800; got {text!r}")
     if w < 200 or h < 150:
-        raise ValueError(f"--size {text} is too small to read; use at least 200x150")
+        raise UserError(f"--size {text} is too small to read; use at least 200x150")
     return w, h
 
 
@@ -44,7 +47,7 @@ def _save(fig, out: str):
 
 def display_image(image: np.ndarray, d) -> np.ndarray:
     """A preprocessed (normalised) HWC image back to [0, 1] RGB for showing; `d` has the
-    normalisation fields of config.data (predict.data_config(meta))."""
+    normalisation fields of config.data (weights.data_config(meta))."""
     from vgg_jax import preprocess
     norm = preprocess.normalization(d.normalization, d.get("mean"), d.get("std"),
                                     d.get("bgr", False))
@@ -60,9 +63,10 @@ def display_image(image: np.ndarray, d) -> np.ndarray:
 
 def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0):
     """(points (N, 2), axis labels) by PCA or t-SNE."""
+    check_choice("projection method", method, EMBED_METHODS)
     x = np.asarray(embeddings, np.float64).reshape(len(embeddings), -1)
     if len(x) < 3:
-        raise ValueError(f"need at least 3 embeddings to project, got {len(x)}")
+        raise UserError(f"need at least 3 embeddings to project, got {len(x)}")
     if method == "pca":
         from sklearn.decomposition import PCA
         pca = PCA(n_components=2, random_state=seed)
@@ -75,7 +79,7 @@ def project_2d(embeddings: np.ndarray, method: str = "pca", seed: int = 0):
         points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed
                       ).fit_transform(x)
         return points, ("t-SNE 1", "t-SNE 2")
-    raise ValueError(f"unknown method {method!r}; choose pca or tsne")
+    raise AssertionError(method)  # checked above
 
 
 def plot_embeddings(embeddings, labels, class_names, out: str, *, method: str = "pca",
@@ -101,16 +105,17 @@ def plot_embeddings(embeddings, labels, class_names, out: str, *, method: str = 
     return _save(fig, out)
 
 
-def main_plot_embeddings(args):
-    with np.load(args.embeddings, allow_pickle=False) as f:
+def main_plot_embeddings(*, embeddings: str, out: str, method: str = "pca",
+                         size: str = "1000x800", seed: int = 0):
+    with np.load(embeddings, allow_pickle=False) as f:
         emb, labels = f["embeddings"], f["labels"]
         names = [str(n) for n in f["class_names"]] if "class_names" in f else []
         layer = str(f["layer"]) if "layer" in f else "embedding"
         data = str(f["data"]) if "data" in f else ""
-    title = f"{layer} embeddings of {data} ({'PCA' if args.method == 'pca' else 't-SNE'}, " \
+    title = f"{layer} embeddings of {data} ({'PCA' if method == 'pca' else 't-SNE'}, " \
             f"{len(emb)} images)"
-    out = plot_embeddings(emb, labels, names, args.out, method=args.method, title=title,
-                          size=parse_size(args.size), seed=args.seed)
+    out = plot_embeddings(emb, labels, names, out, method=method, title=title,
+                          size=parse_size(size), seed=seed)
     print(f"wrote {out}")
 
 
@@ -145,19 +150,20 @@ def plot_activations(image, maps, out: str, *, layer: str, max_maps: int = 64,
     return _save(fig, out)
 
 
-def main_activations(args):
+def main_activations(*, weights: str, image: str, out: str, layer: str = "conv3_1",
+                     max_maps: int = 64, size: str = "1400x700"):
     from vgg_jax import models
-    from vgg_jax.predict import Predictor
-    pred = Predictor(args.weights)
-    image = pred.image(args.image)
-    models.check_layer(pred.model.arch, args.layer)
-    maps = models.extract(pred.model, pred.variables, image[None], (args.layer,))[args.layer][0]
+    from vgg_jax.weights import Net
+    net = Net(weights)
+    x = net.image(image)
+    models.check_layer(net.model.arch, layer)
+    maps = models.extract(net.model, net.variables, x[None], (layer,))[layer][0]
     if np.ndim(maps) != 3:
-        raise ValueError(f"{args.layer} is not a convolutional layer (output shape "
-                         f"{np.shape(maps)}); pick a conv or pool layer, e.g. conv3_1")
-    out = plot_activations(display_image(image, pred.d), np.asarray(maps), args.out,
-                           layer=args.layer, max_maps=args.max_maps, size=parse_size(args.size),
-                           title=os.path.basename(args.image))
+        raise UserError(f"{layer} is not a convolutional layer (output shape "
+                        f"{np.shape(maps)}); pick a conv or pool layer, e.g. conv3_1")
+    out = plot_activations(display_image(x, net.d), np.asarray(maps), out, layer=layer,
+                           max_maps=max_maps, size=parse_size(size),
+                           title=os.path.basename(image))
     print(f"wrote {out}")
 
 
@@ -184,24 +190,24 @@ def plot_saliency(image, saliency, out: str, *, title: str = "", size=(1200, 450
     return _save(fig, out)
 
 
-def main_saliency(args):
+def main_saliency(*, weights: str, image: str, out: str, class_name: str | None = None,
+                  size: str = "1200x450"):
     from vgg_jax import saliency
-    from vgg_jax.predict import Predictor
-    pred = Predictor(args.weights)
-    image = pred.image(args.image)
+    from vgg_jax.weights import Net
+    net = Net(weights)
+    x = net.image(image)
     class_index = None
-    if args.class_name is not None:
-        if args.class_name not in pred.class_names:
-            raise ValueError(f"unknown class {args.class_name!r}; the weights' classes are "
-                             f"{', '.join(pred.class_names[:20])}"
-                             + (" ..." if len(pred.class_names) > 20 else ""))
-        class_index = pred.class_names.index(args.class_name)
-    sal, c, score = saliency.saliency_map(pred.model, pred.variables, image, class_index)
-    p = float(np.asarray(pred.probabilities(args.image))[c])
-    title = (f"{os.path.basename(args.image)}: class saliency of '{pred.class_names[c]}' "
+    if class_name is not None:
+        if class_name not in net.class_names:
+            raise UserError(f"unknown class {class_name!r}; the weights' classes are "
+                            f"{', '.join(net.class_names[:20])}"
+                            + (" ..." if len(net.class_names) > 20 else ""))
+        class_index = net.class_names.index(class_name)
+    sal, c, score = saliency.saliency_map(net.model, net.variables, x, class_index)
+    p = float(np.asarray(net.probabilities(image))[c])
+    title = (f"{os.path.basename(image)}: class saliency of '{net.class_names[c]}' "
              f"(score {score:.2f}, p={p:.3f})")
-    out = plot_saliency(display_image(image, pred.d), sal, args.out, title=title,
-                        size=parse_size(args.size))
+    out = plot_saliency(display_image(x, net.d), sal, out, title=title, size=parse_size(size))
     print(f"wrote {out}")
 
 
@@ -210,12 +216,12 @@ def main_saliency(args):
 def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: pass a training workdir (train.py "
+        raise NotFound(f"{path} not found: pass a training workdir (train.py "
                                 f"--workdir) that has logged at least one step")
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
-        raise ValueError(f"{path} is empty: no step has been logged yet")
+        raise UserError(f"{path} is empty: no step has been logged yet")
     return rows
 
 
@@ -251,8 +257,8 @@ def plot_metrics(rows: list[dict], out: str, *, title: str = "", size=(1200, 900
     return _save(fig, out)
 
 
-def main_plot_metrics(args):
-    rows = read_metrics(args.workdir)
-    out = plot_metrics(rows, args.out, title=f"{os.path.abspath(args.workdir)}: training curves",
-                       size=parse_size(args.size))
+def main_plot_metrics(*, workdir: str, out: str, size: str = "1200x900"):
+    rows = read_metrics(workdir)
+    out = plot_metrics(rows, out, title=f"{os.path.abspath(workdir)}: training curves",
+                       size=parse_size(size))
     print(f"wrote {out}")

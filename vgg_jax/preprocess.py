@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from vgg_jax import choices
+from vgg_jax.errors import UserError, check_choice
+
 # Sec. 2.1: the mean RGB of the ImageNet training set, on 0..255 pixels.
 IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
 # torchvision's eval transform: mean/std on [0, 1] pixels, expressed here on 0..255.
@@ -27,18 +30,17 @@ NORMALIZATIONS = {
     "caffe": dict(mean=IMAGENET_MEAN_RGB, std=(1.0, 1.0, 1.0), bgr=True),
     "unit": dict(mean=(127.5,), std=(127.5,), bgr=False),  # [-1, 1]; small datasets
 }
+assert tuple(NORMALIZATIONS) == choices.NORMALIZATIONS  # the names are listed in choices
 
 
 def normalization(name: str, mean=None, std=None, bgr: bool = False) -> dict:
     """A preset by name, or 'custom' with explicit mean/std (0..255 pixel units)."""
     if name == "custom":
         if mean is None or std is None:
-            raise ValueError("normalization 'custom' needs data.mean and data.std (0..255 units)")
+            raise UserError("normalization 'custom' needs data.mean and data.std (0..255 units)")
         return dict(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
                     bgr=bool(bgr))
-    if name not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {name!r}; choose one of "
-                         f"{', '.join(NORMALIZATIONS)} or 'custom'")
+    check_choice("normalization", name, (*choices.NORMALIZATIONS, "custom"))
     return dict(NORMALIZATIONS[name])
 
 
@@ -159,6 +161,7 @@ def train_example(image_bytes, seed, d):
     coefficients (zeros without data.colour_pca). The shift and the mean subtraction run
     on the device (`pixels.Pixels`). `d` is config.data."""
     s_scale, s_crop, s_flip, s_pca = seeds(seed, 4)
+    check_choice("data.recipe", d.recipe, choices.RECIPES)
     if d.recipe == "paper":
         s = sample_scale(s_scale, d.s_min, d.s_max)
         aa = d.get("antialias", False)
@@ -172,13 +175,11 @@ def train_example(image_bytes, seed, d):
         else:
             image = random_crop(rescale(decode(image_bytes, d.channels), s, aa), d.image_size,
                                 s_crop)
-    elif d.recipe == "small":
+    else:  # 'small'
         image = resize_to(decode(image_bytes, d.channels), d.image_size)
         image.set_shape((d.image_size, d.image_size, d.channels))
         if d.pad:
             image = pad_and_random_crop(image, d.pad, s_crop)
-    else:
-        raise ValueError(f"unknown data.recipe {d.recipe!r}; choose 'paper' or 'small'")
     if d.flip:
         image = random_flip(image, s_flip)
     image = to_uint8(image)

@@ -101,7 +101,8 @@ def format_table(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> None:
-    s = summarize(args.arch, num_classes=args.num_classes, image_size=args.image_size,
-                  in_channels=args.in_channels, width=args.width)
-    print(json.dumps(s) if args.json else format_table(s))
+def main(*, arch: str, num_classes: int = 1000, image_size: int = 224, in_channels: int = 3,
+         width: float = 1.0, json_output: bool = False) -> None:
+    s = summarize(arch, num_classes=num_classes, image_size=image_size,
+                  in_channels=in_channels, width=width)
+    print(json.dumps(s) if json_output else format_table(s))

@@ -37,7 +37,7 @@ def sharded(arch):
     c, model, tx, state, batches = setup(arch)
     out = {}
     for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
-        par = train.Parallel(model, tx, devices=devices)
+        par = train.parallel_steps(model, tx, devices=devices)
         s = par.replicate(jax.tree.map(jnp.copy, state))
         s, m = par.train_step(s, par.global_batch(batches[0]))
         out[name] = jax.device_get(s)
@@ -62,7 +62,7 @@ def process(pid, port):
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     from vgg_jax import train
     c, model, tx, state, batches = setup("A_bn")
-    par = train.Parallel(model, tx)
+    par = train.parallel_steps(model, tx)
     s = par.replicate(state)
     for b in batches:  # each process feeds its own half of the global batch
         half = {k: v[pid * 8:(pid + 1) * 8] for k, v in b.items()}

@@ -1,0 +1,16 @@
+"""Every option that takes one of a fixed set of values, listed once. Config validation,
+the command-line `choices` and the error messages all read these (`errors.check_choice`).
+No imports, so the CLI can build its parser without loading JAX or TensorFlow."""
+
+PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")   # Sec. 3.2 (evaluate)
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd")                 # conv algorithms (conv)
+RECIPES = ("paper", "small")                                       # training crops (preprocess)
+# Pixel conventions (preprocess.NORMALIZATIONS), plus 'custom' (data.mean / data.std) and,
+# in training configs, 'from_init' (those of train.init_from's weights).
+NORMALIZATIONS = ("paper", "torchvision", "caffe", "unit")
+SCHEDULES = ("paper", "step", "cosine", "constant")                # learning rate (optim)
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")                      # optim
+INIT_SCHEMES = ("paper", "paper_literal", "glorot", "kaiming")     # models
+DTYPES = ("float32", "bfloat16")                                   # train.dtype
+INIT_FROM_LAYERS = ("all", "paper")                                # or a list of layer names
+EMBED_METHODS = ("pca", "tsne")                                    # plots

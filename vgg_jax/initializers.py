@@ -1,0 +1,63 @@
+"""Weight initialisation (Sec. 3.1): the schemes a VGG's conv and fc kernels are drawn
+with, and fc kernels drawn in row blocks so VGG-16's fc6 never needs its 103M values
+twice in memory."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from vgg_jax.choices import INIT_SCHEMES
+from vgg_jax.errors import check_choice
+
+
+def initializers(scheme: str) -> tuple[Callable, Callable]:
+    """(conv kernel init, fc kernel init); biases are always zero.
+
+    paper         N(0, 0.01^2): std 0.01 as in the public Caffe prototxts (Sec. 3.1).
+    paper_literal N(0, 1e-2): the paper's words read literally ("10^-2 variance"), std 0.1.
+    glorot        Glorot & Bengio (2010) uniform, which the authors later found trains D/E
+                  without pre-initialisation.
+    kaiming       torchvision: He normal (fan_out, ReLU gain) for convs, N(0, 0.01) for fc.
+    """
+    check_choice("init scheme", scheme, INIT_SCHEMES)
+    if scheme == "paper":
+        return nn.initializers.normal(0.01), fc_initializer(std=0.01)
+    if scheme == "paper_literal":
+        return nn.initializers.normal(0.1), fc_initializer(std=0.1)
+    if scheme == "glorot":
+        return nn.initializers.xavier_uniform(), fc_initializer(glorot=True)
+    if scheme == "kaiming":
+        he = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        return he, fc_initializer(std=0.01)
+    raise AssertionError(scheme)  # every INIT_SCHEMES entry is handled above
+
+
+FC_INIT_BLOCK_ROWS = 2048
+
+
+def fc_initializer(std: float | None = None, glorot: bool = False) -> Callable:
+    """An (in, out) FC kernel initializer: N(0, std^2), or Glorot uniform on
+    [-sqrt(6 / (in + out)), +sqrt(6 / (in + out))] (flax's xavier_uniform), drawn in blocks
+    of at most FC_INIT_BLOCK_ROWS rows. Same distribution; but fc6's 103M values no longer need
+    the RNG's full-size temporaries at once (they put init's peak memory at ~4x the
+    kernel, above a whole inference run's)."""
+    def init(key, shape, dtype=jnp.float32):
+        rows, cols = shape
+        if glorot:
+            limit = float(np.sqrt(6.0 / (rows + cols)))
+            draw = lambda k, s: jax.random.uniform(k, s, dtype, -limit, limit)
+        else:
+            draw = lambda k, s: std * jax.random.normal(k, s, dtype)
+        # rows split into equal blocks (25088 = 14 x 1792), so the result is a free
+        # reshape of the stacked blocks, not a copy
+        block = max(d for d in range(1, min(rows, FC_INIT_BLOCK_ROWS) + 1) if rows % d == 0)
+        if block == rows or block < FC_INIT_BLOCK_ROWS // 8:
+            return draw(key, shape)
+        blocks = jax.lax.map(lambda k: draw(k, (block, cols)),
+                             jax.random.split(key, rows // block))
+        return blocks.reshape(rows, cols)
+    return init

@@ -1,0 +1,331 @@
+"""A trained net, on disk and in memory: everything that finds, reads, describes or runs
+a set of weights (the trainer only writes them).
+
+On disk, a weights directory is an orbax PyTree of the Flax variables in DIR/variables
+plus DIR/meta.json, which records the architecture, the model options and the
+preprocessing the weights expect (`model_meta`). `vgg-jax convert` and training write
+them; a training workdir (its latest or best checkpoint) is accepted wherever a weights
+directory is. `Net` is a loaded net: its model, variables (replicated on this process's
+devices), pixel convention and class names, with the forwards that predict, evaluate,
+embed, saliency and the plots use. Initialising a new model from weights (fine-tuning,
+the paper's pre-initialisation of Sec. 3.1) is here too: `adopt_init_from`,
+`paper_preinit_layers`, `load_layers`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow as tf
+
+from vgg_jax import checkpoint, classes, conv, mesh, models, pixels, preprocess
+from vgg_jax.errors import NotFound, UserError
+
+log = logging.getLogger(__name__)
+MODEL_FIELDS_FROM_INIT = ("arch", "width", "fc_widths", "classifier_pool")
+DENSE_BUCKET = 32  # dense inputs are padded to multiples of this (paper Q's are multiples)
+
+
+# ----------------------------------------------------------------------------- on disk
+
+def save_weights(directory: str, variables, meta: dict) -> None:
+    """variables ({'params'[, 'batch_stats']}) + meta.json into `directory`."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    variables = jax.tree.map(np.asarray, variables)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, "variables"), variables, force=True)
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_meta(path: str) -> dict:
+    """meta.json of a weights directory or training workdir, without loading weights."""
+    f = os.path.join(os.path.abspath(path), "meta.json")
+    if not os.path.isfile(f):
+        raise NotFound(
+            f"{path} has no meta.json: expected a weights directory (written by `vgg-jax "
+            f"convert` or training) or a training workdir")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def load_weights(path: str, which: str = "latest"):
+    """(variables, meta) from a weights directory or a training workdir (`which`:
+    'latest' or 'best' checkpoint of a workdir)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(
+            os.path.join(path, "variables")):
+        meta = read_meta(path)
+        with ocp.StandardCheckpointer() as ckptr:
+            variables = ckptr.restore(os.path.join(path, "variables"))
+        return variables, meta
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        meta = read_meta(path)
+        step, state = checkpoint.restore_params(path, which)
+        variables = {"params": state["params"]}
+        if state.get("batch_stats"):
+            variables["batch_stats"] = state["batch_stats"]
+        return variables, dict(meta, step=int(step))
+    raise NotFound(
+        f"{path} is neither a weights directory (meta.json + variables/, written by "
+        f"`vgg-jax convert` or training) nor a training workdir (checkpoints/)")
+
+
+def model_from_meta(meta: dict, **overrides) -> models.VGG:
+    """The VGG module described by a weights directory's meta.json."""
+    return models.create_model(**dict(meta["model"], **overrides))
+
+
+def model_meta(model: models.VGG, data: ml_collections.ConfigDict, class_names) -> dict:
+    """What a weights directory / workdir records about the model and its inputs
+    (`data`: config.data)."""
+    meta = dict(
+        model=dict(arch=model.arch, num_classes=model.num_classes,
+                   in_channels=model.in_channels, width=model.width,
+                   fc_widths=list(model.fc_widths), dropout_rate=model.dropout_rate,
+                   init_scheme=model.init_scheme, conv_impl=model.conv_impl,
+                   classifier_pool=model.classifier_pool),
+        preprocessing=dict(
+            preprocess.normalization(data.normalization, data.mean, data.std, data.bgr),
+            recipe=data.recipe, image_size=data.image_size, eval_scale=data.eval_scale,
+            channels=data.channels),
+        class_names=list(class_names))
+    described = classes.descriptions(class_names)  # ImageNet synsets -> readable names
+    if described:
+        meta["class_descriptions"] = described
+    return meta
+
+
+def data_config(meta: dict) -> ml_collections.ConfigDict:
+    """The eval-time fields of config.data, rebuilt from a weights directory's meta."""
+    p = meta["preprocessing"]
+    return ml_collections.ConfigDict(dict(
+        normalization="custom", mean=tuple(p["mean"]), std=tuple(p["std"]), bgr=p["bgr"],
+        recipe=p["recipe"], image_size=p["image_size"], eval_scale=p["eval_scale"],
+        channels=p["channels"]))
+
+
+# ----------------------------------------------------------------------------- init_from
+
+def adopt_init_from(config) -> None:
+    """Fine-tuning conveniences: model.arch='from_init' takes the architecture (arch,
+    width, fc_widths, classifier_pool) of train.init_from's weights, and
+    data.normalization='from_init' the pixel convention they were trained with, so a
+    fine-tuning config need not restate them. Edits `config` in place."""
+    m, d, t = config.model, config.data, config.train
+    if m.arch != "from_init" and d.normalization != "from_init":
+        return
+    if not t.init_from:
+        raise UserError("model.arch / data.normalization = 'from_init' need "
+                        "train.init_from (a weights directory or training workdir)")
+    meta = read_meta(t.init_from)
+    if m.arch == "from_init":
+        for key in MODEL_FIELDS_FROM_INIT:
+            value = meta["model"].get(key, getattr(m, key))
+            setattr(m, key, tuple(value) if isinstance(value, list) else value)
+    if d.normalization == "from_init":
+        p = meta["preprocessing"]
+        d.update(normalization="custom", mean=tuple(p["mean"]), std=tuple(p["std"]),
+                 bgr=bool(p["bgr"]))
+
+
+def paper_preinit_layers(source_arch: str) -> list[str]:
+    """Sec. 3.1: the first four conv layers and the three FC layers of net A, matched by
+    name (A's conv1_1, conv2_1, conv3_1, conv3_2 have the same shapes in B..E)."""
+    convs = [l.name for l in models.layer_table(source_arch) if l.kind == "conv"]
+    return convs[:4] + ["fc6", "fc7", "fc8"]
+
+
+def load_layers(params, batch_stats, source_variables, layers, exclude=()):
+    """Copy the named layers (and their BN) from source_variables. A named layer that is
+    missing or has another shape is an error naming it and both shapes."""
+    src_p = source_variables["params"]
+    src_bs = source_variables.get("batch_stats", {})
+    params, batch_stats = dict(params), dict(batch_stats)
+    loaded = []
+    for name in layers:
+        if name in exclude:
+            continue
+        for tree, src in ((params, src_p), (batch_stats, src_bs)):
+            for key in (name, models.bn_name(name)) if name.startswith("conv") else (name,):
+                if key not in tree:
+                    continue
+                if key not in src:
+                    if key == name and tree is params:
+                        raise UserError(f"init_from has no layer {key!r}")
+                    continue
+                bad = [f"{key}/{leaf}: checkpoint shape {np.shape(src[key][leaf])} != model "
+                       f"shape {np.shape(value)}" for leaf, value in sorted(tree[key].items())
+                       if np.shape(src[key][leaf]) != np.shape(value)]
+                if bad:  # every mismatching leaf (kernel and bias), in a fixed order
+                    raise UserError(f"init_from layer {'; '.join(bad)} (exclude it with "
+                                    f"train.init_exclude)")
+                tree[key] = jax.tree.map(jnp.asarray, dict(src[key]))
+                loaded.append(key)
+    return params, batch_stats, loaded
+
+
+def init_layers(params, batch_stats, train_cfg):
+    """(params, batch_stats) with the layers train_cfg.init_from_layers ('all', 'paper'
+    or names) of train_cfg.init_from's weights copied in, minus train_cfg.init_exclude."""
+    variables, meta = load_weights(train_cfg.init_from)
+    if train_cfg.init_from_layers == "paper":
+        layers = paper_preinit_layers(meta["model"]["arch"])
+    elif train_cfg.init_from_layers == "all":
+        layers = [k for k in variables["params"] if not k.startswith("bn")]
+    else:
+        layers = names(train_cfg.init_from_layers)
+    params, batch_stats, loaded = load_layers(params, batch_stats, variables, layers,
+                                              names(train_cfg.init_exclude))
+    log.info("initialised %s from %s", ", ".join(dict.fromkeys(loaded)), train_cfg.init_from)
+    return params, batch_stats
+
+
+def names(value) -> tuple[str, ...]:
+    """A config list of names: a tuple of names, or names separated by commas (a string,
+    or the one-element tuple `--config.train.init_exclude=fc8,fc7` gives)."""
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(x.strip() for item in items for x in str(item).split(",") if x.strip())
+
+
+# ----------------------------------------------------------------------------- in memory
+
+def read_image_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        tf.io.decode_image(raw, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+        raise UserError(f"cannot decode image {path}: {e.message.splitlines()[0]}") from None
+    return raw
+
+
+def bucket(n: int, multiple: int = DENSE_BUCKET) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pad_to(image, h, w):
+    out = np.zeros((h, w, image.shape[-1]), image.dtype)
+    out[:image.shape[0], :image.shape[1]] = image
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_fn(model: models.VGG, dense: bool, normalise: pixels.Pixels):
+    """One jitted posterior function per (model, mode, pixel convention), shared by every
+    Net with that architecture (the variables are an argument), so fusion compiles
+    nothing twice. It takes uint8 views and normalises them on the device."""
+
+    def run(variables, images, valid):
+        images = normalise(images)  # padding becomes -mean/std: the model masks it
+        if dense:
+            scores = model.apply(variables, images, train=False, dense=True, valid=valid)
+            logits = models.average_valid(
+                scores, models.dense_valid_size(valid, model.classifier_pool))
+        else:
+            logits = model.apply(variables, images, train=False)
+        return jax.nn.softmax(logits)
+
+    return conv.jit_eval(run)
+
+
+class Net:
+    """One set of weights (a directory or workdir, or model + variables + meta), with its
+    preprocessing (`d`: config.data's eval fields; `normalise`: on the device), class
+    names, and forwards: batched posteriors sharded over this process's devices (crops,
+    or zero-padded whole images with their valid sizes for dense evaluation), and per-file
+    helpers (pixels, image, probabilities, top, features)."""
+
+    def __init__(self, weights: str | None = None, *, model=None, variables=None, meta=None,
+                 devices=None):
+        if weights is not None:
+            variables, meta = load_weights(weights)
+            model = model_from_meta(meta)
+        self.meta, self.model = meta, model
+        self.d = data_config(meta)
+        self.normalise = pixels.for_data(self.d)
+        self.class_names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+        self.display_names = classes.display_names(meta, model.num_classes)
+        _, self._sharded, replicated = mesh.data_mesh(devices or jax.local_devices())
+        self.num_devices = len(self._sharded.mesh.devices.flat)
+        self.variables = jax.device_put(variables, replicated)
+        self._normalise = jax.jit(self.normalise)
+        apply = lambda v, x, **kw: model.apply(v, self.normalise(x), **kw)
+        self._apply = conv.jit_eval(apply, static_argnames=("train", "dense", "capture",
+                                                            "mutable"))
+
+    # -- batches of uint8 arrays
+
+    def posteriors(self, images: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Soft-max posteriors (N, K) of a batch of uint8 images whose size divides over
+        the devices; with `valid` (N, 2) the batch is zero-padded whole images (dense)."""
+        dense = valid is not None
+        valid = np.asarray(valid if dense else np.zeros((len(images), 2)), np.int32)
+        fn = _softmax_fn(self.model, dense, self.normalise)
+        put = lambda x: jax.device_put(x, self._sharded)
+        return np.asarray(fn(self.variables, put(images), put(valid)))
+
+    def padded_posteriors(self, images, valid=None, batch: int | None = None):
+        """`posteriors` of `images` padded (with empty views) to `batch` or to a multiple
+        of the devices; returns the rows of the real views."""
+        n = len(images)
+        size = batch or -(-n // self.num_devices) * self.num_devices
+        if size > n:
+            images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]),
+                                                      images.dtype)])
+            if valid is not None:  # empty views are 'valid' on their whole padded size
+                fill = np.tile([[images.shape[1], images.shape[2]]], (size - n, 1))
+                valid = np.concatenate([valid, fill])
+        return self.posteriors(images, valid)[:n]
+
+    def softmax(self, images):
+        """Posteriors of standard (crop) inputs, any batch size."""
+        return self.padded_posteriors(np.asarray(images))
+
+    def dense_softmax(self, image):
+        """Spatially averaged class score map -> soft-max, for one whole image (padded to
+        a DENSE_BUCKET multiple and masked, so one compile serves many sizes)."""
+        h, w = image.shape[:2]
+        return self.padded_posteriors(pad_to(image, bucket(h), bucket(w))[None],
+                                      np.array([[h, w]]))[0]
+
+    def logits(self, images, dense: bool = False):
+        """Logits of uint8 images, normalised on the device."""
+        return self._apply(self.variables, jnp.asarray(images), train=False, dense=dense)
+
+    # -- image files
+
+    def pixels(self, path: str, *, scale=None, crop=True) -> np.ndarray:
+        """The uint8 pixels the device gets for an image file (decoded, rescaled, cropped)."""
+        raw = read_image_bytes(path)
+        return preprocess.eval_example(tf.constant(raw), self.d, scale=scale, crop=crop).numpy()
+
+    def image(self, path: str, *, scale=None, crop=True) -> np.ndarray:
+        """The normalised float image the network sees (for saliency, activations)."""
+        return np.asarray(self._normalise(self.pixels(path, scale=scale, crop=crop)[None])[0])
+
+    def probabilities(self, path: str, *, dense: bool = False, q: int = 256) -> np.ndarray:
+        """Soft-max of one image file: the centre crop, or with `dense` the class score map
+        of the whole image at scale Q averaged spatially (Sec. 3.2, without the flip)."""
+        if dense:
+            return self.dense_softmax(self.pixels(path, scale=q, crop=False))
+        return self.softmax(self.pixels(path)[None])[0]
+
+    def top(self, path: str, k: int = 5, **kw) -> list[tuple[str, float]]:
+        p = self.probabilities(path, **kw)
+        order = np.argsort(-p)[:k]
+        return [(self.display_names[i], float(p[i])) for i in order]
+
+    def features(self, paths, layer: str) -> np.ndarray:
+        images = np.stack([self.pixels(p) for p in paths])
+        _, state = self._apply(self.variables, jnp.asarray(images), train=False,
+                               capture=(layer,), mutable=("intermediates",))
+        return np.asarray(state["intermediates"]["layers"][0][layer])
