@@ -85,6 +85,8 @@ def get_config():
         process_id=-1,           # with coordinator_address: this one's index
         max_steps=0,             # 0: num_epochs * steps_per_epoch
         progress_bar=True,
+        compile_cache="",        # JAX's persistent compile cache: '' -> ~/.cache/vgg_jax/jax,
+                                 # a folder, or 'off' ($VGG_JAX_COMPILE_CACHE wins)
     ))
 
     c.eval = ml_collections.ConfigDict(dict(

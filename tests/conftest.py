@@ -1,10 +1,14 @@
 import importlib.util
 import os
+import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The commands the tests start share one persistent compile cache, away from ~/.cache.
+os.environ.setdefault("VGG_JAX_COMPILE_CACHE",
+                      os.path.join(tempfile.gettempdir(), "vgg_jax_test_compile_cache"))
 
 
 def load_config(name="default"):

@@ -4,7 +4,6 @@ The "trained" model is a short run of the default config on the bundled digits (
 1/8 width, but torchvision-wide fc6/fc7 so fc7 is 4096-d): XLA's CPU convs are slow, and
 these tests check the tools, not the accuracy.
 """
-import json
 import os
 import subprocess
 import sys

@@ -251,28 +251,6 @@ def test_config_errors_are_clear_before_compiling(tmp_path):
     assert out.returncode != 0 and "learnin_rate" in out.stderr
 
 
-def test_kill_after_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path):
-    flags = ["--config.train.max_steps=40", "--config.train.checkpoint_every_steps=4",
-             "--config.train.eval_every_epochs=1000"]
-    ref = run_train(tmp_path / "ref", *flags, timeout=600)
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
-    proc = run_train(tmp_path / "run", *flags, wait=False)
-    ckpts = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ckpts.exists() and any(
-            p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir())):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
-    assert 4 <= killed_at < 40, "the run finished before it could be killed"
-    resumed = run_train(tmp_path / "run", *flags, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    (a, _), (b, meta) = final_params(tmp_path / "ref"), final_params(tmp_path / "run")
-    assert meta["step"] == 40
-    assert_trees_equal(a, b)
-
-
 def test_sigterm_leaves_a_checkpoint_at_the_current_step(tmp_path):
     proc = run_train(tmp_path / "w", "--config.train.max_steps=100000",
                      "--config.train.checkpoint_every_steps=100000",

@@ -1,5 +1,8 @@
 """vgg_jax: the VGG ConvNets (Simonyan & Zisserman, 2014) in JAX/Flax."""
-from vgg_jax import conv as _conv
+from vgg_jax import runtime as _runtime
+
+_runtime.quiet_tensorflow()  # before anything loads TensorFlow
+from vgg_jax import conv as _conv  # noqa: E402
 
 _conv.set_default_xla_flags()  # YNNPACK convs for a plain jax.jit(model.apply) on CPU
 from vgg_jax.models import (VGG, abstract_variables, all_arch_names, count_params,

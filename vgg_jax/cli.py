@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from vgg_jax import choices
+from vgg_jax import choices, runtime
 from vgg_jax.errors import UserError
 
 
@@ -182,6 +182,7 @@ def main(argv=None) -> int:
     command, target = args.pop("command"), args.pop("run")
     module, function = target.split(":")
     try:
+        runtime.enable_compile_cache()
         getattr(importlib.import_module(module), function)(**args)
     except UserError as e:
         print(f"vgg-jax {command}: error: {e}", file=sys.stderr)

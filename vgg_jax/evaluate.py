@@ -23,12 +23,14 @@ import time
 
 import jax
 import numpy as np
-import tensorflow as tf
 
-from vgg_jax import input_pipeline, mesh, preprocess
+from vgg_jax import input_pipeline, mesh, preprocess, runtime
 from vgg_jax.choices import PROTOCOLS
 from vgg_jax.errors import UserError, check_choice
 from vgg_jax.weights import Net, bucket, pad_to
+
+with runtime.tensorflow_banners_filtered():
+    import tensorflow as tf
 
 
 

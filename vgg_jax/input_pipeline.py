@@ -15,11 +15,13 @@ import math
 import os
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from vgg_jax import preprocess
-from vgg_jax.errors import UserError, NotFound
+from vgg_jax import preprocess, runtime
+from vgg_jax.errors import NotFound, UserError
+
+with runtime.tensorflow_banners_filtered():
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 BUNDLED = ("vgg_digits",)  # prepared on first use: they need no download
@@ -177,10 +179,32 @@ def folder_index(root: str):
     return paths, np.asarray(labels, np.int64), classes
 
 
+SPLIT_FOLDERS = ("train", "val", "validation", "test")
+EVAL_SPLIT_FOLDERS = ("val", "validation", "test")  # one name for the held-out images
+
+
+def split_folder(root: str, split: str | None) -> str:
+    """The folder of `split` in an image folder. A folder with split sub-folders (train/,
+    val/, validation/ or test/) gives root/split; asked for any held-out split name it
+    takes whichever held-out folder exists, so train/ + val/ works whatever
+    data.eval_split says. A folder of class folders only is its own every split."""
+    if not split or not os.path.isdir(root):
+        return root
+    present = [s for s in SPLIT_FOLDERS if os.path.isdir(os.path.join(root, s))]
+    if not present:
+        return root
+    if split in present:
+        return os.path.join(root, split)
+    held_out = [s for s in EVAL_SPLIT_FOLDERS if s in present]
+    if split in EVAL_SPLIT_FOLDERS and held_out:
+        return os.path.join(root, held_out[0])
+    raise NotFound(f"image folder {root} has no split {split!r}: its sub-folders are "
+                   f"{', '.join(sorted(os.listdir(root)))}")
+
+
 def folder_source(root, split=None, process_index=0, process_count=1) -> Source:
-    """An image folder; with `split`, root/split if that sub-folder exists."""
-    if split and os.path.isdir(os.path.join(root, split)):
-        root = os.path.join(root, split)
+    """An image folder's split (`split_folder`)."""
+    root = split_folder(root, split)
     paths, labels, classes = folder_index(root)
     mine = np.arange(process_index, len(paths), process_count)
     my_paths = np.asarray(paths, dtype=object)[mine]

@@ -43,6 +43,7 @@ _BY_NAME = {v: k for k, v in ALIASES.items()}
 # Krizhevsky et al. 2012, Sec. 3.3 (used by A-LRN): n=5, k=2, alpha=1e-4, beta=0.75.
 LRN_PARAMS = dict(size=5, k=2.0, alpha=1e-4, beta=0.75)
 POOLS = 5  # five 2x2 stride-2 max-pools: inputs need at least 2**5 pixels a side.
+MIN_SIZE = 2 ** POOLS  # the smallest image side a VGG takes
 
 
 def all_arch_names() -> list[str]:

@@ -23,9 +23,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import (checkpoint, choices, input_pipeline, mesh, models, optim, pixels,
-                     preprocess, weights)
-from vgg_jax.errors import UserError, check_choice
+from vgg_jax import checkpoint, input_pipeline, mesh, models, optim, pixels, weights
+from vgg_jax.configuration import validate
+from vgg_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,48 +38,6 @@ class TrainState:
     opt_state: Any
     rng: jax.Array      # raw uint32[2]; each step folds in its step number
     plateau: Any        # optax reduce_on_plateau state (the paper's lr rule)
-
-
-# ----------------------------------------------------------------------------- config
-
-def validate(config) -> None:
-    """Config errors as clear messages, before any data is read or anything compiles."""
-    d, o, t = config.data, config.optim, config.train
-    if not d.dataset:
-        raise UserError("data.dataset is empty: set --config.data.dataset to an image folder "
-                        "(root/train/CLASS/*.jpg, root/val/CLASS/*.jpg) or a TFDS name")
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    if o.batch_size % n_proc:
-        raise UserError(f"optim.batch_size={o.batch_size} must divide evenly over "
-                        f"{n_proc} processes")
-    micro = o.batch_size // max(o.grad_accum_steps, 1)
-    if o.batch_size % max(o.grad_accum_steps, 1) or micro % n_dev:
-        raise UserError(f"optim.batch_size={o.batch_size} / grad_accum_steps="
-                        f"{o.grad_accum_steps} must be a whole multiple of the {n_dev} devices")
-    check_choice("data.recipe", d.recipe, choices.RECIPES)
-    if d.recipe == "paper":
-        if d.s_min > d.s_max:
-            raise UserError(f"data.s_min={d.s_min} is larger than data.s_max={d.s_max}")
-        if d.image_size > d.s_min:
-            raise UserError(f"crop data.image_size={d.image_size} is larger than the training "
-                            f"scale S (data.s_min={d.s_min}): Sec. 3.1 crops from images "
-                            f"whose smallest side is S >= the crop")
-        if d.image_size > d.eval_scale:
-            raise UserError(f"crop data.image_size={d.image_size} is larger than the test "
-                            f"scale Q (data.eval_scale={d.eval_scale})")
-    check_choice("data.normalization", d.normalization, (*choices.NORMALIZATIONS, "custom"))
-    norm = preprocess.normalization(d.normalization, d.mean, d.std, d.bgr)
-    for key in ("mean", "std"):
-        if len(norm[key]) not in (1, d.channels):
-            raise UserError(f"normalization {key} has {len(norm[key])} values for "
-                            f"{d.channels} channels")
-    check_choice("optim.schedule", o.schedule, choices.SCHEDULES)
-    check_choice("optim.weight_decay_mode", o.weight_decay_mode, choices.WEIGHT_DECAY_MODES)
-    check_choice("eval.protocol", config.eval.protocol, choices.PROTOCOLS)
-    check_choice("train.dtype", t.dtype, choices.DTYPES)
-    models.resolve_arch(config.model.arch)
-    check_choice("model.init_scheme", config.model.init_scheme, choices.INIT_SCHEMES)
-    check_choice("model.conv_impl", config.model.conv_impl, choices.CONV_IMPLS)
 
 
 def build_model(config, num_classes: int) -> models.VGG:
@@ -273,12 +231,9 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Validate the config, open the data, build the model, optimiser and jitted steps,
-    and restore the latest checkpoint of `workdir` (or initialise, from train.init_from
-    if set)."""
+    and restore the newest readable checkpoint of `workdir` (or initialise, from
+    train.init_from if set)."""
     t = config.train
-    if t.distributed:
-        mesh.initialize_distributed(t.coordinator_address or None, t.num_processes or None,
-                                    None if t.process_id < 0 else t.process_id)
     weights.adopt_init_from(config)
     validate(config)
     d, o = config.data, config.optim
@@ -308,11 +263,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 
     mngr = checkpoint.manager(workdir, t.keep_checkpoints)
     data_state = None
-    if mngr.latest_step() is not None:
-        step0 = mngr.latest_step()
-        shardings = jax.tree.map(lambda _: par.replicated, state)
-        state, saved = checkpoint.restore(mngr, step0, checkpoint.abstract(state, shardings))
-        data_state = saved["per_process"][pidx]
+    shardings = jax.tree.map(lambda _: par.replicated, state)
+    step0, restored, saved = checkpoint.restore_latest(mngr, checkpoint.abstract(state, shardings))
+    if step0 is not None:
+        state, data_state = restored, saved["per_process"][pidx]
         log.info("resumed from step %d in %s", step0, workdir)
     elif t.init_from:
         state = par.replicate(init_from_checkpoint(state, config))
@@ -384,7 +338,22 @@ class Saver:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir` (resuming from its latest checkpoint) and return the
     final evaluation metrics."""
-    run = setup(config, workdir)
+    t = config.train
+    if t.distributed:  # before anything asks JAX about devices
+        mesh.initialize_distributed(t.coordinator_address or None, t.num_processes or None,
+                                    None if t.process_id < 0 else t.process_id)
+    lock = checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        return loop(setup(config, workdir))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def loop(run: Run) -> dict:
+    """The training procedure over a set-up run: steps, logging, validation (with the
+    paper's plateau rule), checkpoints, preemption; returns the last validation result."""
+    config, workdir = run.config, run.workdir
     o, t = config.optim, config.train
     state, step, total = run.state, int(run.state.step), run.total_steps
     saver, writer, preempt = Saver(run), MetricWriter(workdir), Preemption()

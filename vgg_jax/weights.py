@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow as tf
 
-from vgg_jax import checkpoint, classes, conv, mesh, models, pixels, preprocess
+from vgg_jax import checkpoint, classes, conv, mesh, models, pixels, preprocess, runtime
 from vgg_jax.errors import NotFound, UserError
+
+with runtime.tensorflow_banners_filtered():
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 MODEL_FIELDS_FROM_INIT = ("arch", "width", "fc_widths", "classifier_pool")

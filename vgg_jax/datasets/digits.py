@@ -5,7 +5,11 @@ that the README's training command and the test suite use. Images are upsampled 
 RGB (the smallest input five 2x2 pools allow) and split once, stratified, with a fixed seed.
 """
 import numpy as np
-import tensorflow_datasets as tfds
+
+from vgg_jax import runtime
+
+with runtime.tensorflow_banners_filtered():
+    import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32
 TEST_SIZE = 360  # 1,437 train / 360 test, stratified by class

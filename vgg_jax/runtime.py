@@ -1,0 +1,88 @@
+"""How a vgg_jax command starts: quietly, and with JAX's persistent compilation cache.
+
+Quiet: loading TensorFlow (the input pipeline's engine here) prints start-up banners from
+C++ before any logging is set up (oneDNN, CPU features, absl's "before
+absl::InitializeLog" warning), which no environment variable silences in TF 2.21. The
+modules that import TensorFlow do it inside `tensorflow_banners_filtered()`, which drops
+exactly those lines from stderr and passes every other line through. `quiet_tensorflow()`
+also sets TF_CPP_MIN_LOG_LEVEL=1 (INFO off later on) unless the user set it.
+
+Compile cache: the first run of a command compiles its steps (~35 s for the VGG-16 CPU
+training step); JAX can keep the compiled programs on disk and reuse them when nothing
+changed. The commands (`train.py`, `vgg-jax`) turn it on in COMPILE_CACHE_ENV's folder,
+else config.train.compile_cache, else ~/.cache/vgg_jax/jax (XDG_CACHE_HOME respected);
+'off' (in either) leaves it off.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+
+log = logging.getLogger(__name__)
+COMPILE_CACHE_ENV = "VGG_JAX_COMPILE_CACHE"
+OFF = ("off", "none", "0", "false")
+
+
+BANNERS = re.compile(r"All log messages before absl::InitializeLog|port\.cc:\d+\] oneDNN custom "
+                     r"operations are on|cpu_feature_guard\.cc|^To enable the following "
+                     r"instructions:|rebuild TensorFlow with the appropriate compiler flags")
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+@contextlib.contextmanager
+def tensorflow_banners_filtered():
+    """Run the body (an `import tensorflow`) with file descriptor 2 captured; afterwards
+    write back every captured line except TensorFlow's start-up banners (BANNERS)."""
+    if "tensorflow" in sys.modules:  # loaded already: its banners are behind us
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [l for l in capture.read().decode(errors="replace").splitlines(True)
+                    if not BANNERS.search(l)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vgg_jax", "jax")
+
+
+def compile_cache_dir(configured: str = "") -> str | None:
+    """The folder the persistent compile cache uses, or None when it is turned off: the
+    environment variable wins over the config field, which wins over the default."""
+    choice = os.environ.get(COMPILE_CACHE_ENV) or configured or default_cache_dir()
+    return None if choice.strip().lower() in OFF else os.path.abspath(os.path.expanduser(choice))
+
+
+def enable_compile_cache(configured: str = "") -> str | None:
+    """Turn JAX's persistent compilation cache on (see module doc); returns its folder."""
+    import jax
+    path = compile_cache_dir(configured)
+    if path is None:
+        return None
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # cache every program that took a while to compile, however small it is on disk
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    log.debug("persistent compilation cache in %s", path)
+    return path
