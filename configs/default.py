@@ -22,6 +22,7 @@ def get_config():
         init_scheme="glorot",
         conv_impl="auto",        # XLA's conv on GPU/TPU; per layer on CPU (models.conv_plan)
         classifier_pool=1,       # pool5 -> 1x1 -> fc6 (7 = the paper / torchvision)
+        pool_ceil=False,         # Caffe's ceil-mode pools (original Caffe weights, dense eval)
         num_classes=0,           # 0: from the dataset
     ))
 
@@ -58,7 +59,7 @@ def get_config():
         nesterov=False,
         weight_decay=5e-4,       # Sec. 3.1
         weight_decay_mode="coupled",  # coupled (Caffe / torch SGD) | decoupled
-        decay_biases_and_bn=True,
+        decay_biases_and_bn=True,  # the paper is silent; small nets here regularise them
         grad_clip_norm=0.0,      # 0: off
         schedule="cosine",       # paper (reduce on plateau) | step | cosine | constant
         warmup_epochs=0.5,
@@ -77,6 +78,7 @@ def get_config():
         keep_checkpoints=2,      # last K, plus the best by validation top-1
         init_from="",            # checkpoint / weights dir to initialise from
         init_from_layers="all",  # all | paper (conv1..4 + fc6..8 of net A) | comma list
+        init_from_required="",   # a config that fine-tunes names here the run to start from
         init_exclude=(),         # layers not to load, e.g. ('fc8',) or on the command line
                                  # --config.train.init_exclude=fc8,fc7
         distributed=False,       # jax.distributed.initialize() (multi-host)

@@ -17,6 +17,8 @@ from configs import cifar10_vgg16_bn, default, fashion_mnist_vgg11_small, imagen
     imagenet.get_config("A,256"), imagenet.get_config("D,384"), imagenet.get_config("E,256-512"),
 ])
 def test_shipped_configs_validate(config):
+    if config.train.init_from_required:  # a fine-tuning stage: run as the README shows
+        config.train.init_from = "runs/parent"
     train.validate(config)
 
 

@@ -66,7 +66,8 @@ def subcommands():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     for add in (cli._summary, cli._convert, cli._predict, cli._features, cli._prepare,
-                cli._stats, cli._evaluate, cli._embed, cli._plot_embeddings, cli._activations,
+                cli._stats, cli._evaluate, cli._embed, cli._transfer, cli._plot_embeddings,
+                cli._activations,
                 cli._saliency, cli._plot_metrics):
         add(sub)
     return sub.choices

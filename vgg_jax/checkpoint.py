@@ -23,6 +23,10 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from vgg_jax.errors import NotFound, UserError
 
 log = logging.getLogger(__name__)
+# orbax warns whenever a checkpoint directory is opened read-only, which is how a trained
+# net is read from a workdir (weights.load_weights): nothing for the user to act on
+logging.getLogger("absl").addFilter(lambda record: not record.getMessage().startswith(
+    ("Given directory is read only", "CheckpointManagerOptions.read_only=True")))
 
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:

@@ -58,7 +58,9 @@ def _predict(sub):
     p.add_argument("--weights", required=True, help="weights directory or train workdir")
     p.add_argument("images", nargs="+")
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("--dense", action="store_true", help="paper's dense evaluation at --q")
+    p.add_argument("--dense", action="store_true",
+                   help="the fully-convolutional net over the whole image at --q, without "
+                   "the flip averaging of `evaluate --protocol dense`")
     p.add_argument("--q", type=int, default=256, help="test scale Q for --dense")
     p.set_defaults(run="vgg_jax.predict:predict")
 
@@ -105,6 +107,9 @@ def _evaluate(sub):
                    help="Q or Q1,Q2,... (default: the crop size)")
     p.add_argument("--crop", type=int, default=None,
                    help="crop size of center / multicrop views (default: the model's)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with horizontal flips (default: as the weights were "
+                   "trained, from their meta.json)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="crops per batch on this process (dense views: as many pixels)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N")
@@ -127,10 +132,35 @@ def _embed(sub):
     p.add_argument("--layer", default="fc7")
     p.add_argument("--no-pool", action="store_true",
                    help="keep conv/pool maps (N, H, W, C) instead of averaging over space")
+    p.add_argument("--protocol", default="center", choices=("center", "paper"),
+                   help="center: the centre crop; paper: Appendix B's descriptors (dense "
+                   "fc7 over --scales, flip-averaged, L2-normalised)")
+    p.add_argument("--scales", type=int_list, default=(),
+                   help="with --protocol paper: Q1,Q2,... (default 256,384,512)")
+    p.add_argument("--aggregate", default="average", choices=("average", "stack"),
+                   help="with --protocol paper: how the scales are combined")
     p.add_argument("--batch-size", type=int, default=64, help="global, over all devices")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
     p.add_argument("--out", required=True, help=".npz: embeddings, labels, class_names")
     p.set_defaults(run="vgg_jax.embed:main")
+
+
+def _transfer(sub):
+    p = sub.add_parser("transfer", help="Appendix B: linear SVM on the net's descriptors of "
+                       "another dataset")
+    p.add_argument("--weights", required=True, help="weights directory or train workdir")
+    p.add_argument("--data", required=True, help="TFDS name or image folder")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--scales", type=int_list, default=(),
+                   help="Q1,Q2,... (default 256,384,512, the paper's)")
+    p.add_argument("--aggregate", default="average", choices=("average", "stack"))
+    p.add_argument("--c", type=float, default=1.0, help="the SVM's C")
+    p.add_argument("--batch-size", type=int, default=32, help="views per batch")
+    p.add_argument("--limit", type=int, default=None, help="first N images of each split")
+    p.add_argument("--json", dest="json_output", action="store_true")
+    p.set_defaults(run="vgg_jax.transfer:main")
 
 
 def _plot_embeddings(sub):
@@ -176,7 +206,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vgg-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate, _embed,
-                _plot_embeddings, _activations, _saliency, _plot_metrics):
+                _transfer, _plot_embeddings, _activations, _saliency, _plot_metrics):
         add(sub)
     args = vars(parser.parse_args(argv))
     command, target = args.pop("command"), args.pop("run")

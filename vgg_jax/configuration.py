@@ -45,6 +45,10 @@ def validate(config) -> None:
     """Config errors as clear messages, before any data is read or anything compiles."""
     d, o, t = config.data, config.optim, config.train
     check_ranges(config)
+    if t.init_from_required and not t.init_from:
+        raise UserError(f"this config fine-tunes {t.init_from_required} (Sec. 3.1): set "
+                        f"--config.train.init_from=WORKDIR of that run, or "
+                        f"--config.train.init_from_required='' to train from scratch")
     if not d.dataset:
         raise UserError("data.dataset is empty: set --config.data.dataset to an image folder "
                         "(root/train/CLASS/*.jpg, root/val/CLASS/*.jpg) or a TFDS name")

@@ -225,7 +225,7 @@ def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict
                 preprocessing=dict(preprocess.normalization(preprocessing), recipe="paper",
                                    image_size=224, eval_scale=256,
                                    channels=model_kwargs.get("in_channels", 3),
-                                   convention=preprocessing),
+                                   convention=preprocessing, flip=True),
                 class_names=classes.imagenet_names() if n == 1000 else [str(i) for i in range(n)])
 
 

@@ -1,8 +1,10 @@
 """A trained VGG as a feature extractor: one layer's activations for a whole dataset.
 
-fc7 gives the 4096-d image descriptor the paper uses on other datasets (Sec. 4 /
-Appendix B; with torchvision-width classifiers). Conv and pool layers give (N, H, W, C)
-maps, which `embed` averages over space (global average pooling) unless `pool=False`.
+fc7 of the centre crop gives a 4096-d image descriptor (with torchvision-width
+classifiers); Appendix B's descriptor is different: the dense fc7 map at several scales,
+averaged with the flipped image's (`paper_descriptors`, `embed --protocol paper`). Conv
+and pool layers give (N, H, W, C) maps, which `embed` averages over space (global
+average pooling) unless `pool=False`.
 Batches are sharded over every device ('data' mesh axis, like training); every example
 of the split is embedded exactly once (the padded tail of the last batch is dropped by
 its mask); with several processes each reads its own shard and the results are gathered.
@@ -13,8 +15,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import conv, input_pipeline, mesh, models, pixels
-from vgg_jax.weights import Net
+from vgg_jax import conv, input_pipeline, mesh, models, pixels, preprocess, runtime
+from vgg_jax.errors import check_choice
+from vgg_jax.weights import Net, bucket, pad_to
+
+with runtime.tensorflow_banners_filtered():
+    import tensorflow as tf
 
 
 def make_embed_fn(model, layer: str, pool: bool = True, devices=None, normalise=None):
@@ -64,15 +70,94 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
     return np.concatenate(outs), np.concatenate(labels)
 
 
+PAPER_SCALES = (256, 384, 512)  # Appendix B's Q
+
+
+def paper_descriptors(net: Net, source, scales=PAPER_SCALES, *, layer: str = "fc7",
+                      aggregate: str = "average", batch_size: int = 32,
+                      limit: int | None = None, progress: bool = False):
+    """Appendix B's image descriptors for every example of `source` (this process's
+    shard, gathered over processes): at each scale Q the whole image (smallest side Q)
+    goes through the fully-convolutional net, the fc7 map is averaged over space and
+    with the flipped image's; the scales are averaged (`aggregate='average'`) or
+    concatenated ('stack'); the result is L2-normalised. Returns (descriptors, labels)."""
+    check_choice("aggregate", aggregate, ("average", "stack"))
+    n_local = source.num_examples if limit is None else min(-(-limit // jax.process_count()),
+                                                            source.num_examples)
+    ds = source.epoch_dataset(0, False, 0).take(n_local).map(
+        lambda raw, label: (tuple(preprocess.eval_example(raw, net.d, scale=q, crop=False)
+                                  for q in scales), label),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(4)
+    batch = -(-batch_size // net.num_devices) * net.num_devices
+    per_scale = {}   # (image, scale) -> sum of its views' features
+    buffers = {}     # padded shape -> [(image, scale, array, (h, w))]
+
+    def run(shape):
+        views, buffers[shape] = buffers[shape], []
+        feats = net.dense_features(np.stack([v[2] for v in views]),
+                                   np.asarray([v[3] for v in views]), layer, batch)
+        for (image, scale, _, _), f in zip(views, feats):
+            per_scale[image, scale] = per_scale.get((image, scale), 0.0) + f / 2
+
+    labels = []
+    items = ds.as_numpy_iterator()
+    if progress:
+        from tqdm import tqdm
+        items = tqdm(items, total=n_local, desc="paper descriptors", unit="img")
+    for image, (wholes, label) in enumerate(items):
+        labels.append(int(label))
+        for scale, whole in enumerate(wholes):
+            h, w = whole.shape[:2]
+            shape = (bucket(h), bucket(w))
+            for view in (whole, whole[:, ::-1]):
+                buffers.setdefault(shape, []).append((image, scale, pad_to(view, *shape),
+                                                      (h, w)))
+            if len(buffers[shape]) >= batch:
+                run(shape)
+    for shape in list(buffers):
+        if buffers[shape]:
+            run(shape)
+    rows = [[per_scale[i, s] for s in range(len(scales))] for i in range(len(labels))]
+    desc = np.asarray([np.mean(r, axis=0) if aggregate == "average" else np.concatenate(r)
+                       for r in rows], np.float32).reshape(len(labels), -1)
+    desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+    return gather_shards(desc, np.asarray(labels, np.int64), source.max_shard_examples
+                         if limit is None else n_local)
+
+
+def gather_shards(values: np.ndarray, labels: np.ndarray, rows: int):
+    """Every process's (values, labels), padded to `rows` for the collective and
+    concatenated in process order (a no-op with one process)."""
+    if jax.process_count() == 1:
+        return values, labels
+    pad = rows - len(values)
+    mask = np.concatenate([np.ones(len(values)), np.zeros(pad)]).astype(np.float32)
+    padded = dict(v=np.concatenate([values, np.zeros((pad, *values.shape[1:]), values.dtype)]),
+                  l=np.concatenate([labels, np.zeros(pad, labels.dtype)]).astype(np.int32),
+                  m=mask)
+    every = multihost_utils.process_allgather(padded)
+    keep = np.asarray(every["m"]).reshape(-1) > 0
+    return (np.asarray(every["v"]).reshape(-1, *values.shape[1:])[keep],
+            np.asarray(every["l"]).reshape(-1)[keep].astype(np.int64))
+
+
 def main(*, weights: str, data: str, out: str, split: str = "test",
          data_dir: str | None = None, layer: str = "fc7", no_pool: bool = False,
+         protocol: str = "center", scales=(), aggregate: str = "average",
          batch_size: int = 64, limit: int | None = None) -> None:
-    """`vgg-jax embed`: write `layer`'s embeddings of a split, with labels, to `out`."""
+    """`vgg-jax embed`: write `layer`'s embeddings of a split, with labels, to `out`:
+    of the centre crop (`protocol='center'`), or Appendix B's descriptors ('paper')."""
+    check_choice("embed protocol", protocol, ("center", "paper"))
     net = Net(weights)
     source = input_pipeline.make_source(data, split, data_dir, jax.process_index(),
                                         jax.process_count())
-    emb, labels = embed(net.model, net.variables, source, net.d, layer, batch_size,
-                        pool=not no_pool, limit=limit, progress=True)
+    if protocol == "paper":
+        emb, labels = paper_descriptors(net, source, tuple(scales) or PAPER_SCALES,
+                                        layer=layer, aggregate=aggregate,
+                                        batch_size=batch_size, limit=limit, progress=True)
+    else:
+        emb, labels = embed(net.model, net.variables, source, net.d, layer, batch_size,
+                            pool=not no_pool, limit=limit, progress=True)
     if jax.process_index() == 0:
         np.savez(out, embeddings=emb, labels=labels,
                  class_names=np.asarray(source.class_names), layer=layer,

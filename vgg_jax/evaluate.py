@@ -4,6 +4,8 @@ center          rescale to Q, centre crop (torchvision style).
 dense           rescale the whole image to Q, run the fully-convolutional net, average the
                 class score map spatially, soft-max; averaged with the flipped image.
 multicrop       5x5 regular grid of crops x 2 flips = 50 crops per scale, soft-max averaged.
+The flips follow the weights' own training recipe (meta.json's preprocessing.flip: a net
+trained without flips is not averaged with mirror images it never saw); `flip=` overrides.
 dense+multicrop both, averaged (the paper's best single-net result, Table 5).
 Several scales Q and several nets (fusion, Table 6) average soft-max posteriors.
 
@@ -52,11 +54,12 @@ def multicrop_boxes(h: int, w: int, crop: int, n: int = 5):
     return [(y, x) for y in grid_offsets(h, crop, n) for x in grid_offsets(w, crop, n)]
 
 
-def multicrop_batch(image: np.ndarray, crop: int, n: int = 5) -> np.ndarray:
-    """(2 n^2, crop, crop, C): the grid crops, then their horizontal flips."""
+def multicrop_batch(image: np.ndarray, crop: int, n: int = 5, flip: bool = True) -> np.ndarray:
+    """(2 n^2, crop, crop, C): the grid crops, then their horizontal flips (n^2 crops
+    without `flip`)."""
     h, w = image.shape[:2]
     crops = np.stack([image[y:y + crop, x:x + crop] for y, x in multicrop_boxes(h, w, crop, n)])
-    return np.concatenate([crops, crops[:, :, ::-1]])
+    return np.concatenate([crops, crops[:, :, ::-1]]) if flip else crops
 
 
 # ----------------------------------------------------------------------------- views
@@ -94,7 +97,8 @@ def image_views(image_id, rescaled, protocol: str, crop: int, flip: bool, weight
         hb, wb = bucket(h), bucket(w)
         parts.append([View(image_id, 0.0, pad_to(v, hb, wb), (h, w)) for v in flips])
     if protocol in ("multicrop", "dense+multicrop"):
-        parts.append([View(image_id, 0.0, c, None) for c in multicrop_batch(whole, crop)])
+        parts.append([View(image_id, 0.0, c, None)
+                      for c in multicrop_batch(whole, crop, flip=flip)])
     for part in parts:
         for v in part:
             v.weight = weight / (len(parts) * len(part))
@@ -204,16 +208,17 @@ class Rescaler:
 
 
 def all_views(nets, rescaler, flat, image_id, protocol, crop, flip):
+    """Every net's views of one image; `flip` None: each net's own (Net.flip)."""
     weight = 1.0 / (len(nets) * len(rescaler.scales))
     views = []
     for n, net in enumerate(nets):
         views.append([v for r in rescaler.split(flat, n)
                       for v in image_views(image_id, r, protocol, crop or net.d.image_size,
-                                           flip, weight)])
+                                           net.flip if flip is None else flip, weight)])
     return views
 
 
-def posterior(net: Net | list, image_bytes, protocol: str, scales, *, flip: bool = True,
+def posterior(net: Net | list, image_bytes, protocol: str, scales, *, flip: bool | None = None,
               crop_size: int | None = None) -> np.ndarray:
     """Soft-max posterior of one encoded image under `protocol`, averaged over `scales`
     (and over the nets, given a list)."""
@@ -234,7 +239,7 @@ def rescaled(image_bytes, d, q: int, crop: bool) -> np.ndarray:
 
 
 def evaluate(nets: list[Net], dataset: str, split: str, protocol: str, scales, *,
-             data_dir=None, flip: bool = True, limit=None, progress: bool = True,
+             data_dir=None, flip: bool | None = None, limit=None, progress: bool = True,
              batch_size: int = 64, crop_size: int | None = None) -> dict:
     """Top-1/top-5 error (and the mean log-loss) of the (fused) nets over every example
     of the split once. With several processes, each evaluates its own shard on its own
@@ -310,7 +315,8 @@ def default_scales(d) -> list[int]:
 
 def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "test",
          data_dir: str | None = None, protocol: str = "center", scales=(),
-         crop: int | None = None, batch_size: int = 64, limit: int | None = None,
+         crop: int | None = None, flip: bool | None = None, batch_size: int = 64,
+         limit: int | None = None,
          json_output: bool = False, distributed: bool = False,
          coordinator_address: str | None = None, num_processes: int | None = None,
          process_id: int | None = None) -> dict:
@@ -323,7 +329,7 @@ def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "te
         raise UserError("give --weights DIR or --ensemble DIR1,DIR2,...")
     nets = [Net(d) for d in dirs]
     r = evaluate(nets, data, split, protocol, list(scales) or default_scales(nets[0].d),
-                 data_dir=data_dir, limit=limit, progress=not json_output,
+                 data_dir=data_dir, flip=flip, limit=limit, progress=not json_output,
                  batch_size=batch_size, crop_size=crop)
     if jax.process_index() == 0:
         print(json.dumps(r) if json_output else format_result(r))

@@ -17,7 +17,9 @@ from vgg_jax.errors import check_choice
 def initializers(scheme: str) -> tuple[Callable, Callable]:
     """(conv kernel init, fc kernel init); biases are always zero.
 
-    paper         N(0, 0.01^2): std 0.01 as in the public Caffe prototxts (Sec. 3.1).
+    paper         N(0, 0.01^2): std 0.01, the convention of AlexNet and Caffe's ImageNet
+                  example, which the paper's "10^-2 variance" is read as here (the VGG
+                  release has deploy prototxts only, without fillers); Sec. 3.1.
     paper_literal N(0, 1e-2): the paper's words read literally ("10^-2 variance"), std 0.1.
     glorot        Glorot & Bengio (2010) uniform, which the authors later found trains D/E
                   without pre-initialisation.

@@ -34,10 +34,14 @@ CONFIGS: dict[str, tuple[tuple[str, ...], ...]] = {
           ("conv3-512",) * 3),
     "E": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 4, ("conv3-512",) * 4,
           ("conv3-512",) * 4),
+    # Sec. 4.1's shallow net: B with each pair of 3x3 convs replaced by one 5x5 conv
+    # (the same receptive field; the paper reports 7% higher top-1 error than B).
+    "B-5x5": (("conv5-64",), ("conv5-128",), ("conv5-256",), ("conv5-512",), ("conv5-512",)),
 }
 # Paper letter <-> the names people know from torchvision (C and A-LRN have none there).
 ALIASES = {"A": "vgg11", "A-LRN": "vgg11_lrn", "B": "vgg13", "C": "vgg16_c", "D": "vgg16",
-           "E": "vgg19"}
+           "E": "vgg19", "B-5x5": "vgg13_5x5"}
+_LETTERS = {k.upper(): k for k in CONFIGS}
 _BY_NAME = {v: k for k, v in ALIASES.items()}
 
 # Krizhevsky et al. 2012, Sec. 3.3 (used by A-LRN): n=5, k=2, alpha=1e-4, beta=0.75.
@@ -61,8 +65,8 @@ def resolve_arch(arch: str) -> tuple[str, bool]:
         if name.endswith(suffix):
             name, batch_norm = name[: -len(suffix)], True
             break
-    if name.upper() in CONFIGS:
-        return name.upper(), batch_norm
+    if name.upper() in _LETTERS:
+        return _LETTERS[name.upper()], batch_norm
     if name.lower() in _BY_NAME:
         return _BY_NAME[name.lower()], batch_norm
     raise UserError(f"unknown architecture {arch!r}; valid names: {', '.join(all_arch_names())}")
@@ -221,13 +225,17 @@ def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
     return p
 
 
-def max_pool(x):
+def max_pool(x, ceil: bool = False):
     """VGG's 2x2 stride-2 max pool (odd sizes floor, as torch's MaxPool2d(2, 2)), as a
     reshape and a max: the same values as nn.max_pool, and on XLA:CPU its backward is an
     elementwise select instead of a select-and-scatter over argmax indices (~7x faster
     for pool1 at batch 128). Ties share the gradient (a 2x2 window of ReLU zeros gets
     none either way: ReLU's gradient at 0 is 0)."""
     n, h, w, c = x.shape
+    if ceil and (h % 2 or w % 2):  # Caffe's ceil mode: a last window over the odd row
+        # zero padding is Caffe's -inf padding here: the pools follow ReLU, inputs are >= 0
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+        h, w = h + h % 2, w + w % 2
     x = x[:, :h // 2 * 2, :w // 2 * 2]
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
@@ -268,6 +276,7 @@ class VGG(nn.Module):
     init_scheme: str = "kaiming"
     conv_impl: str = "auto"
     classifier_pool: int = 7  # pool5 -> adaptive average pool to this size -> fc6
+    pool_ceil: bool = False   # Caffe's ceil-mode pools (see max_pool); torchvision floors
     bn_momentum: float = 0.9  # Flax's momentum = 1 - torch's 0.1
     bn_epsilon: float = 1e-5
 
@@ -306,8 +315,9 @@ class VGG(nn.Module):
             elif layer.kind == "lrn":  # across channels: zero stays zero
                 x = local_response_norm(x, **LRN_PARAMS)
             else:
-                x = max_pool(x)
-                valid = None if valid is None else valid // 2  # floor, as the pool
+                x = max_pool(x, self.pool_ceil)
+                if valid is not None:  # as the pool: floor, or ceil
+                    valid = (valid + 1) // 2 if self.pool_ceil else valid // 2
             if valid is not None and layer.kind != "lrn":
                 x = mask_valid(x, valid)
             keep(layer.name, x)
@@ -345,10 +355,15 @@ def mask_valid(x, valid):
     return x * (rows & cols)[..., None].astype(x.dtype)
 
 
-def dense_valid_size(hw, classifier_pool: int = 7):
+def dense_valid_size(hw, classifier_pool: int = 7, pool_ceil: bool = False):
     """The valid (h, w) of the dense score map for input sizes `hw` (..., 2): five
-    floor-halving pools, then fc6's classifier_pool x classifier_pool VALID window."""
-    return hw // 2 ** POOLS - (classifier_pool - 1)
+    halving pools (floor, or ceil), then fc6's classifier_pool x classifier_pool VALID
+    window."""
+    if not pool_ceil:
+        return hw // 2 ** POOLS - (classifier_pool - 1)
+    for _ in range(POOLS):
+        hw = (hw + 1) // 2
+    return hw - (classifier_pool - 1)
 
 
 def average_valid(scores, valid_out):
@@ -375,9 +390,12 @@ def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: i
 def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: int = 3,
                  width: float = 1.0, fc_widths: Sequence[int] = (4096, 4096),
                  dropout_rate: float = 0.5, dtype: Any = jnp.float32, init_scheme: str = "kaiming",
-                 conv_impl: str = "auto", classifier_pool: int = 7) -> VGG:
-    """Build a VGG. `arch`: paper letter (A, A-LRN, B, C, D, E) or vgg11, vgg11_lrn, vgg13,
-    vgg16_c, vgg16, vgg19, each optionally with `_bn` (BatchNorm after every conv).
+                 conv_impl: str = "auto", classifier_pool: int = 7,
+                 pool_ceil: bool = False) -> VGG:
+    """Build a VGG. `arch`: paper letter (A, A-LRN, B, C, D, E, and Sec. 4.1's B-5x5) or
+    vgg11, vgg11_lrn, vgg13, vgg16_c, vgg16, vgg19, vgg13_5x5, each optionally with `_bn`
+    (BatchNorm after every conv). `pool_ceil`: Caffe's ceil-mode pools (dense evaluation
+    of the original Caffe weights at sizes not divisible by 32; torchvision floors).
     `width` multiplies every conv's channel count (the d2l seed uses 0.25); `fc_widths`
     sets fc6/fc7; `dtype` is the compute dtype (params stay float32)."""
     resolve_arch(arch)
@@ -395,7 +413,7 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
     return VGG(arch=canonical_name(arch), num_classes=num_classes, in_channels=in_channels,
                width=float(width), fc_widths=tuple(int(f) for f in fc_widths),
                dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), init_scheme=init_scheme,
-               conv_impl=conv_impl, classifier_pool=classifier_pool)
+               conv_impl=conv_impl, classifier_pool=classifier_pool, pool_ceil=bool(pool_ceil))
 
 
 def init_variables(model: VGG, rng, image_size: int = 224):

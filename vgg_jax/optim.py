@@ -1,8 +1,11 @@
 """Sec. 3.1's optimiser as optax transforms: SGD, momentum 0.9, weight decay 5e-4 (its own
 transform, not a loss term), and the learning-rate schedules.
 
-coupled   (the paper / Caffe / torch.optim.SGD(weight_decay=...)):
+coupled   (torch.optim.SGD(weight_decay=...); the paper's decay, as a gradient term):
           buf = m * buf + (g + wd * p);            p -= lr * buf
+          Caffe keeps the rate inside the buffer (buf = m * buf + lr * (g + wd * p);
+          p -= buf): the same steps while lr is constant, but after a drop of lr Caffe's
+          buffer still carries the old rate for a while and this form's does not.
 decoupled (weights decay outside momentum, scaled by lr):
           buf = m * buf + g;                       p -= lr * (buf + wd * p)
 """

@@ -41,12 +41,17 @@ class TrainState:
 
 
 def build_model(config, num_classes: int) -> models.VGG:
-    m = config.model
+    """The model of config.model. With the paper's pre-initialisation
+    (train.init_from_layers='paper') the layers not copied from net A are drawn from the
+    paper's N(0, 0.01), whatever model.init_scheme says (Glorot is the paper's
+    alternative *without* pre-training)."""
+    m, t = config.model, config.train
+    init_scheme = "paper" if t.init_from and t.init_from_layers == "paper" else m.init_scheme
     return models.create_model(
         m.arch, num_classes=num_classes, in_channels=config.data.channels, width=m.width,
         fc_widths=tuple(m.fc_widths), dropout_rate=m.dropout_rate,
-        dtype=jnp.dtype(config.train.dtype), init_scheme=m.init_scheme,
-        conv_impl=m.conv_impl, classifier_pool=m.classifier_pool)
+        dtype=jnp.dtype(t.dtype), init_scheme=init_scheme, conv_impl=m.conv_impl,
+        classifier_pool=m.classifier_pool, pool_ceil=m.pool_ceil)
 
 
 # ----------------------------------------------------------------------------- steps

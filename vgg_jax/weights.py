@@ -94,11 +94,11 @@ def model_meta(model: models.VGG, data: ml_collections.ConfigDict, class_names) 
                    in_channels=model.in_channels, width=model.width,
                    fc_widths=list(model.fc_widths), dropout_rate=model.dropout_rate,
                    init_scheme=model.init_scheme, conv_impl=model.conv_impl,
-                   classifier_pool=model.classifier_pool),
+                   classifier_pool=model.classifier_pool, pool_ceil=model.pool_ceil),
         preprocessing=dict(
             preprocess.normalization(data.normalization, data.mean, data.std, data.bgr),
             recipe=data.recipe, image_size=data.image_size, eval_scale=data.eval_scale,
-            channels=data.channels),
+            channels=data.channels, flip=bool(data.flip)),
         class_names=list(class_names))
     described = classes.descriptions(class_names)  # ImageNet synsets -> readable names
     if described:
@@ -231,10 +231,25 @@ def _softmax_fn(model: models.VGG, dense: bool, normalise: pixels.Pixels):
         if dense:
             scores = model.apply(variables, images, train=False, dense=True, valid=valid)
             logits = models.average_valid(
-                scores, models.dense_valid_size(valid, model.classifier_pool))
+                scores, models.dense_valid_size(valid, model.classifier_pool, model.pool_ceil))
         else:
             logits = model.apply(variables, images, train=False)
         return jax.nn.softmax(logits)
+
+    return conv.jit_eval(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_feature_fn(model: models.VGG, layer: str, normalise: pixels.Pixels):
+    """Jitted (variables, uint8 images, valid) -> (N, D): `layer` (fc6 or fc7) of the
+    fully-convolutional net, averaged over each image's valid positions."""
+
+    def run(variables, images, valid):
+        _, state = model.apply(variables, normalise(images), train=False, dense=True,
+                               valid=valid, capture=(layer,), mutable=("intermediates",))
+        fmap = state["intermediates"]["layers"][0][layer].astype(jnp.float32)
+        return models.average_valid(fmap, models.dense_valid_size(
+            valid, model.classifier_pool, model.pool_ceil))
 
     return conv.jit_eval(run)
 
@@ -253,6 +268,9 @@ class Net:
             model = model_from_meta(meta)
         self.meta, self.model = meta, model
         self.d = data_config(meta)
+        # test-time flips as at training (weights from before this was recorded: flipped,
+        # the paper's and torchvision's recipe)
+        self.flip = bool(meta["preprocessing"].get("flip", True))
         self.normalise = pixels.for_data(self.d)
         self.class_names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
         self.display_names = classes.display_names(meta, model.num_classes)
@@ -275,9 +293,21 @@ class Net:
         put = lambda x: jax.device_put(x, self._sharded)
         return np.asarray(fn(self.variables, put(images), put(valid)))
 
-    def padded_posteriors(self, images, valid=None, batch: int | None = None):
-        """`posteriors` of `images` padded (with empty views) to `batch` or to a multiple
-        of the devices; returns the rows of the real views."""
+    def dense_features(self, images: np.ndarray, valid: np.ndarray, layer: str = "fc7",
+                       batch: int | None = None) -> np.ndarray:
+        """(N, D): `layer`'s (fc6 or fc7) map of the fully-convolutional net, averaged over
+        each image's valid positions, for zero-padded uint8 images with true sizes `valid`
+        (N, 2) (Appendix B's descriptors are built from these)."""
+        if layer not in ("fc6", "fc7"):
+            raise UserError(f"dense features come from fc6 or fc7, not {layer!r}")
+        n = len(images)
+        images, valid = self._padded(images, valid, batch)
+        fn = _dense_feature_fn(self.model, layer, self.normalise)
+        put = lambda x: jax.device_put(x, self._sharded)
+        return np.asarray(fn(self.variables, put(images), put(np.asarray(valid, np.int32))))[:n]
+
+    def _padded(self, images, valid, batch: int | None):
+        """The batch padded with empty views to `batch` or to a multiple of the devices."""
         n = len(images)
         size = batch or -(-n // self.num_devices) * self.num_devices
         if size > n:
@@ -286,7 +316,13 @@ class Net:
             if valid is not None:  # empty views are 'valid' on their whole padded size
                 fill = np.tile([[images.shape[1], images.shape[2]]], (size - n, 1))
                 valid = np.concatenate([valid, fill])
-        return self.posteriors(images, valid)[:n]
+        return images, valid
+
+    def padded_posteriors(self, images, valid=None, batch: int | None = None):
+        """`posteriors` of `images` padded (with empty views) to `batch` or to a multiple
+        of the devices; returns the rows of the real views."""
+        n = len(images)
+        return self.posteriors(*self._padded(images, valid, batch))[:n]
 
     def softmax(self, images):
         """Posteriors of standard (crop) inputs, any batch size."""
