@@ -132,12 +132,14 @@ def restore_latest(mngr, abstract_state):
     and moved aside to STEP.corrupt (never deleted); when no step can be read, nothing is
     moved and the error names every step tried and why."""
     failed = []
-    for step in sorted(mngr.all_steps(), reverse=True):
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if steps:  # before the first read: a failing one reports from other threads at once
+        _drop_read_noise()
+    for step in steps:
         try:
             state, data = restore(mngr, step, abstract_state)
         except Exception as e:  # tensorstore / orbax errors share no type: any is a bad step
             failed.append((step, _reason(e)))
-            _drop_read_noise()
             _drain_failed_reads()
             continue
         for bad, reason in failed:

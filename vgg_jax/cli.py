@@ -43,13 +43,19 @@ def _convert(sub):
                    "weights directory (a different one is refused)")
     p.add_argument("--from-torch", dest="torch_file",
                    help=".pth / .safetensors / .npz torch state_dict")
-    p.add_argument("--out", help="weights directory to write (with --from-torch)")
+    p.add_argument("--from-keras", dest="keras_file",
+                   help="Keras VGG16 / VGG19 file (.h5, .keras): the paper's released weights")
+    p.add_argument("--from-onnx", dest="onnx_file", help="ONNX graph of a VGG")
+    p.add_argument("--no-top", action="store_true",
+                   help="the convolutions only (a backbone; any head in the file is ignored)")
+    p.add_argument("--out", help="weights directory to write (with --from-*)")
     p.add_argument("--from", dest="from_dir", help="vgg_jax weights directory or train workdir")
     p.add_argument("--to-torch", dest="torch_out",
                    help="torch state_dict file to write (.pth or .safetensors)")
     p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--preprocessing", default="torchvision", choices=choices.NORMALIZATIONS,
-                   help="pixel convention the weights expect")
+    p.add_argument("--preprocessing", default=None, choices=choices.NORMALIZATIONS,
+                   help="pixel convention the weights expect (default: caffe for Keras "
+                   "files, torchvision otherwise)")
     p.set_defaults(run="vgg_jax.convert:main")
 
 

@@ -1,4 +1,5 @@
-"""torchvision VGG state_dicts <-> Flax variables, mapped by name, never by position.
+"""torchvision VGG state_dicts <-> Flax variables, mapped by name, never by position;
+Keras and ONNX files in (`from_keras`, `from_onnx`: vgg_jax/importers.py).
 
 torchvision: `features.{i}` = Conv2d[, BatchNorm2d], ReLU, ..., MaxPool2d in Table-1 order
 (LRN, for A-LRN, takes an index too); `classifier.{0,3,6}` = fc6, fc7, fc8.
@@ -12,7 +13,8 @@ import os
 
 import numpy as np
 
-from vgg_jax import classes, models
+from vgg_jax import classes, importers, models
+from vgg_jax.importers import fc6_flax_to_torch, fc6_torch_to_flax  # noqa: F401 (API)
 from vgg_jax.errors import UserError, NotFound
 
 BN_TORCH = {"weight": "scale", "bias": "bias"}
@@ -78,10 +80,17 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
     return out
 
 
-def infer_model_kwargs(sd, arch: str, num_classes: int | None = None) -> dict:
+def infer_model_kwargs(sd, arch: str, num_classes: int | None = None,
+                       include_top: bool = True) -> dict:
     """Model options read off the tensors: width, fc widths, classes, input channels."""
     layout = torch_layout(arch)
     first = layout["conv1_1"][0] + ".weight"
+    if not include_top:
+        if first not in sd:
+            raise UserError(f"weights lack {first!r}, which {models.canonical_name(arch)} "
+                            f"needs; found keys like {sorted(sd)[:4]}")
+        return dict(arch=models.canonical_name(arch), in_channels=int(sd[first].shape[1]),
+                    width=float(sd[first].shape[0]) / 64.0, include_top=False)
     fc6 = layout["fc6"][0] + ".weight"
     fc8 = layout["fc8"][0] + ".weight"
     for key in (first, fc6, fc8, layout["fc7"][0] + ".weight"):
@@ -118,6 +127,8 @@ def _torch_shapes(arch, abstract, pool):
     params = abstract["params"]
     out = {}
     for name, (prefix, kind) in torch_layout(arch).items():
+        if name not in params:  # fc6-fc8 of a model without its head
+            continue
         if kind == "conv":
             kh, kw, cin, cout = params[name]["kernel"].shape
             out[prefix + ".weight"], out[prefix + ".bias"] = (cout, cin, kh, kw), (cout,)
@@ -131,29 +142,23 @@ def _torch_shapes(arch, abstract, pool):
     return out
 
 
-def fc6_torch_to_flax(w: np.ndarray, pool: int) -> np.ndarray:
-    """(out, C*H*W) torch rows -> (H*W*C, out) Flax kernel."""
-    out, fin = w.shape
-    c = fin // (pool * pool)
-    return w.reshape(out, c, pool, pool).transpose(2, 3, 1, 0).reshape(pool * pool * c, out)
-
-
-def fc6_flax_to_torch(k: np.ndarray, pool: int) -> np.ndarray:
-    fin, out = k.shape
-    c = fin // (pool * pool)
-    return k.reshape(pool, pool, c, out).transpose(3, 2, 0, 1).reshape(out, c * pool * pool)
-
-
-def from_torch(state_dict_or_path, arch: str, num_classes: int | None = None):
+def from_torch(state_dict_or_path, arch: str, num_classes: int | None = None,
+               include_top: bool = True):
     """Flax variables ({'params'[, 'batch_stats'][, 'torch_buffers']}) for
-    `create_model(arch, **infer_model_kwargs(...))` from a torchvision-layout state_dict."""
+    `create_model(arch, **infer_model_kwargs(...))` from a torchvision-layout state_dict.
+    `include_top=False`: the convolutions (`features.*`) only, whatever head the file has
+    (for `create_model(arch, include_top=False)`)."""
     sd = load_state_dict(state_dict_or_path)
-    kw = infer_model_kwargs(sd, arch, num_classes)
+    if not include_top:
+        sd = {k: v for k, v in sd.items() if k.startswith("features.")}
+    kw = infer_model_kwargs(sd, arch, num_classes, include_top)
     model = models.create_model(**kw)
     abstract = models.abstract_variables(model, 224)
     _check(sd, _torch_shapes(arch, abstract, model.classifier_pool), kw["arch"])
     params, stats, buffers = {}, {}, {}
     for name, (prefix, kind) in torch_layout(arch).items():
+        if kind == "fc" and not include_top:
+            continue
         w = sd.get(prefix + ".weight")
         if kind == "conv":
             params[name] = {"kernel": w.transpose(2, 3, 1, 0), "bias": sd[prefix + ".bias"]}
@@ -216,11 +221,22 @@ def to_torch(variables, arch: str, *, as_numpy: bool = False, pool: int = 7):
     return collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
 
 
+def from_keras(path: str, arch: str, include_top: bool = True):
+    """Flax variables from a Keras VGG16 / VGG19 file (.h5, .keras); see importers."""
+    return importers.from_keras(path, arch, include_top)[0]
+
+
+def from_onnx(path: str, arch: str, include_top: bool = True):
+    """Flax variables from an ONNX VGG graph; see importers."""
+    return importers.from_onnx(path, arch, include_top)[0]
+
+
 def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict:
     """meta.json for converted weights: the model and the pixel convention they expect
-    (torchvision: resize 256, centre crop 224, mean/std on [0, 1] pixels)."""
+    (torchvision: resize 256, centre crop 224, mean/std on [0, 1] pixels; caffe, for
+    Keras' copies of the paper's weights: BGR, the mean subtracted, 0-255)."""
     from vgg_jax import preprocess
-    n = model_kwargs["num_classes"]
+    n = model_kwargs.get("num_classes", 0)  # 0: a backbone without its head
     return dict(model=dict(model_kwargs),
                 preprocessing=dict(preprocess.normalization(preprocessing), recipe="paper",
                                    image_size=224, eval_scale=256,
@@ -229,20 +245,43 @@ def weights_meta(model_kwargs: dict, preprocessing: str = "torchvision") -> dict
                 class_names=classes.imagenet_names() if n == 1000 else [str(i) for i in range(n)])
 
 
-def main(*, arch: str | None = None, torch_file: str | None = None, out: str | None = None,
-         from_dir: str | None = None, torch_out: str | None = None,
-         num_classes: int | None = None, preprocessing: str = "torchvision") -> None:
-    """`vgg-jax convert`: a torch state_dict into a weights directory, or back."""
+def _write(out: str, variables, kw: dict, preprocessing: str, source: str) -> None:
     from vgg_jax import weights
-    if torch_file and out:
+    weights.save_weights(out, variables, weights_meta(kw, preprocessing))
+    head = (f"{kw['num_classes']} classes" if kw.get("include_top", True) else
+            "convolutions only, no head")
+    print(f"wrote {kw['arch']} from {source} ({head}, "
+          f"{models.count_params(variables['params']):,} params) to {out}")
+
+
+def main(*, arch: str | None = None, torch_file: str | None = None, out: str | None = None,
+         keras_file: str | None = None, onnx_file: str | None = None, no_top: bool = False,
+         from_dir: str | None = None, torch_out: str | None = None,
+         num_classes: int | None = None, preprocessing: str | None = None) -> None:
+    """`vgg-jax convert`: a torch state_dict, a Keras file or an ONNX graph into a weights
+    directory; or a weights directory back into a torch state_dict."""
+    from vgg_jax import weights
+    sources = [s for s in (torch_file, keras_file, onnx_file) if s]
+    if len(sources) > 1:
+        raise UserError("give one of --from-torch, --from-keras, --from-onnx")
+    if sources and out:
         if not arch:
-            raise UserError("--from-torch needs --arch (e.g. vgg16, vgg16_bn)")
-        sd = load_state_dict(torch_file)
-        kw = infer_model_kwargs(sd, arch, num_classes)
-        variables = from_torch(sd, arch, num_classes)
-        weights.save_weights(out, variables, weights_meta(kw, preprocessing))
-        print(f"wrote {kw['arch']} ({kw['num_classes']} classes, "
-              f"{models.count_params(variables['params']):,} params) to {out}")
+            flag = ("--from-torch" if torch_file else "--from-keras" if keras_file else
+                    "--from-onnx")
+            raise UserError(f"{flag} needs --arch (e.g. vgg16, vgg16_bn)")
+        if keras_file:
+            variables, kw = importers.from_keras(keras_file, arch, include_top=not no_top)
+            _write(out, variables, kw, preprocessing or "caffe", keras_file)
+        elif onnx_file:
+            variables, kw = importers.from_onnx(onnx_file, arch, include_top=not no_top)
+            _write(out, variables, kw, preprocessing or "torchvision", onnx_file)
+        else:
+            sd = load_state_dict(torch_file)
+            if no_top:
+                sd = {k: v for k, v in sd.items() if k.startswith("features.")}
+            kw = infer_model_kwargs(sd, arch, num_classes, include_top=not no_top)
+            _write(out, from_torch(sd, arch, num_classes, include_top=not no_top), kw,
+                   preprocessing or "torchvision", torch_file)
     elif from_dir and torch_out:
         variables, meta = weights.load_weights(from_dir)
         saved = meta["model"]["arch"]  # the weights directory knows its architecture
@@ -263,4 +302,5 @@ def main(*, arch: str | None = None, torch_file: str | None = None, out: str | N
             torch.save(sd, torch_out)
         print(f"wrote {len(sd)} tensors to {torch_out}")
     else:
-        raise UserError("give --from-torch FILE --out DIR, or --from DIR --to-torch FILE")
+        raise UserError("give --from-torch / --from-keras / --from-onnx FILE --out DIR, or "
+                        "--from DIR --to-torch FILE")

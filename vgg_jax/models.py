@@ -20,6 +20,8 @@ from flax import linen as nn
 from vgg_jax import conv
 from vgg_jax.errors import UserError
 from vgg_jax.initializers import initializers
+from vgg_jax.ops import (adaptive_avg_pool, adaptive_pool_matrix,  # noqa: F401 (API)
+                         local_response_norm, mask_valid, max_pool)
 
 # Table 1, one row per block; every block ends in a 2x2/2 max-pool.
 CONFIGS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -205,51 +207,6 @@ class FC(nn.Module):
         return conv.conv2d(x, kernel, "xla", padding="VALID") + bias
 
 
-def local_response_norm(x, size=5, k=2.0, alpha=1e-4, beta=0.75):
-    """AlexNet's LRN across channels: b = a / (k + alpha * sum_{n neighbours} a^2)^beta.
-    No 1/n on alpha (torch's nn.LocalResponseNorm has one: its equivalent is alpha*n)."""
-    sq = jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
-    half = size // 2
-    window_sum = jax.lax.reduce_window(
-        sq, 0.0, jax.lax.add, (1, 1, 1, size), (1, 1, 1, 1),
-        ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
-    return (x / jnp.power(k + alpha * window_sum, beta).astype(x.dtype)).astype(x.dtype)
-
-
-def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """torch's AdaptiveAvgPool bins: output i averages [floor(i*n/m), ceil((i+1)*n/m))."""
-    p = np.zeros((size_out, size_in), np.float32)
-    for i in range(size_out):
-        lo, hi = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
-        p[i, lo:hi] = 1.0 / (hi - lo)
-    return p
-
-
-def max_pool(x, ceil: bool = False):
-    """VGG's 2x2 stride-2 max pool (odd sizes floor, as torch's MaxPool2d(2, 2)), as a
-    reshape and a max: the same values as nn.max_pool, and on XLA:CPU its backward is an
-    elementwise select instead of a select-and-scatter over argmax indices (~7x faster
-    for pool1 at batch 128). Ties share the gradient (a 2x2 window of ReLU zeros gets
-    none either way: ReLU's gradient at 0 is 0)."""
-    n, h, w, c = x.shape
-    if ceil and (h % 2 or w % 2):  # Caffe's ceil mode: a last window over the odd row
-        # zero padding is Caffe's -inf padding here: the pools follow ReLU, inputs are >= 0
-        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-        h, w = h + h % 2, w + w % 2
-    x = x[:, :h // 2 * 2, :w // 2 * 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def adaptive_avg_pool(x, size: int):
-    """torchvision's AdaptiveAvgPool2d(size) in NHWC; the identity when already size x size."""
-    _, h, w, _ = x.shape
-    if (h, w) == (size, size):
-        return x
-    ph = jnp.asarray(adaptive_pool_matrix(h, size), x.dtype)
-    pw = jnp.asarray(adaptive_pool_matrix(w, size), x.dtype)
-    return jnp.einsum("ih,jw,nhwc->nijc", ph, pw, x)
-
-
 # ----------------------------------------------------------------------------- the net
 
 class VGG(nn.Module):
@@ -277,6 +234,7 @@ class VGG(nn.Module):
     conv_impl: str = "auto"
     classifier_pool: int = 7  # pool5 -> adaptive average pool to this size -> fc6
     pool_ceil: bool = False   # Caffe's ceil-mode pools (see max_pool); torchvision floors
+    include_top: bool = True  # False: the conv stack only; apply returns the pool5 map
     bn_momentum: float = 0.9  # Flax's momentum = 1 - torch's 0.1
     bn_epsilon: float = 1e-5
 
@@ -287,7 +245,8 @@ class VGG(nn.Module):
         check_input(x.shape, self.in_channels, dense, self.classifier_pool)
         if valid is not None and not dense:
             raise UserError("valid= (true image sizes in a padded batch) needs dense=True")
-        bad = set(capture) - set(layer_names(self.arch))
+        names = layer_names(self.arch)
+        bad = set(capture) - set(names if self.include_top else names[:-3])
         if bad:
             raise UserError(f"unknown layer(s) {sorted(bad)} for {self.arch}; "
                              f"valid: {', '.join(layer_names(self.arch))}")
@@ -321,6 +280,11 @@ class VGG(nn.Module):
             if valid is not None and layer.kind != "lrn":
                 x = mask_valid(x, valid)
             keep(layer.name, x)
+        if not self.include_top:  # a backbone, as Keras' include_top=False
+            x = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+            if captured:
+                self.sow("intermediates", "layers", captured)
+            return x
 
         window, pool, size = None, None, self.classifier_pool
         if dense:
@@ -346,13 +310,6 @@ class VGG(nn.Module):
         if captured:
             self.sow("intermediates", "layers", captured)
         return x
-
-
-def mask_valid(x, valid):
-    """x (N, H, W, C) with everything outside each image's valid (h, w) corner set to 0."""
-    rows = jnp.arange(x.shape[1])[None, :, None] < valid[:, 0, None, None]
-    cols = jnp.arange(x.shape[2])[None, None, :] < valid[:, 1, None, None]
-    return x * (rows & cols)[..., None].astype(x.dtype)
 
 
 def dense_valid_size(hw, classifier_pool: int = 7, pool_ceil: bool = False):
@@ -391,11 +348,13 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
                  width: float = 1.0, fc_widths: Sequence[int] = (4096, 4096),
                  dropout_rate: float = 0.5, dtype: Any = jnp.float32, init_scheme: str = "kaiming",
                  conv_impl: str = "auto", classifier_pool: int = 7,
-                 pool_ceil: bool = False) -> VGG:
+                 pool_ceil: bool = False, include_top: bool = True) -> VGG:
     """Build a VGG. `arch`: paper letter (A, A-LRN, B, C, D, E, and Sec. 4.1's B-5x5) or
     vgg11, vgg11_lrn, vgg13, vgg16_c, vgg16, vgg19, vgg13_5x5, each optionally with `_bn`
     (BatchNorm after every conv). `pool_ceil`: Caffe's ceil-mode pools (dense evaluation
     of the original Caffe weights at sizes not divisible by 32; torchvision floors).
+    `include_top=False`: the conv stack only, ending at pool5 (`apply` returns the
+    (N, h, w, 512 x width) map), as Keras' include_top=False; no fc6-fc8 params.
     `width` multiplies every conv's channel count (the d2l seed uses 0.25); `fc_widths`
     sets fc6/fc7; `dtype` is the compute dtype (params stay float32)."""
     resolve_arch(arch)
@@ -413,7 +372,8 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
     return VGG(arch=canonical_name(arch), num_classes=num_classes, in_channels=in_channels,
                width=float(width), fc_widths=tuple(int(f) for f in fc_widths),
                dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), init_scheme=init_scheme,
-               conv_impl=conv_impl, classifier_pool=classifier_pool, pool_ceil=bool(pool_ceil))
+               conv_impl=conv_impl, classifier_pool=classifier_pool, pool_ceil=bool(pool_ceil),
+               include_top=bool(include_top))
 
 
 def init_variables(model: VGG, rng, image_size: int = 224):

@@ -94,7 +94,8 @@ def model_meta(model: models.VGG, data: ml_collections.ConfigDict, class_names) 
                    in_channels=model.in_channels, width=model.width,
                    fc_widths=list(model.fc_widths), dropout_rate=model.dropout_rate,
                    init_scheme=model.init_scheme, conv_impl=model.conv_impl,
-                   classifier_pool=model.classifier_pool, pool_ceil=model.pool_ceil),
+                   classifier_pool=model.classifier_pool, pool_ceil=model.pool_ceil,
+                   include_top=model.include_top),
         preprocessing=dict(
             preprocess.normalization(data.normalization, data.mean, data.std, data.bgr),
             recipe=data.recipe, image_size=data.image_size, eval_scale=data.eval_scale,
