@@ -14,3 +14,5 @@ INIT_SCHEMES = ("paper", "paper_literal", "glorot", "kaiming")     # models
 DTYPES = ("float32", "bfloat16")                                   # train.dtype
 INIT_FROM_LAYERS = ("all", "paper")                                # or a list of layer names
 EMBED_METHODS = ("pca", "tsne")                                    # plots
+EMBED_PROTOCOLS = ("center", "paper")                              # embed: crop | Appendix B
+AGGREGATES = ("average", "stack")                                  # Appendix B over scales

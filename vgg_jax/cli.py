@@ -138,12 +138,12 @@ def _embed(sub):
     p.add_argument("--layer", default="fc7")
     p.add_argument("--no-pool", action="store_true",
                    help="keep conv/pool maps (N, H, W, C) instead of averaging over space")
-    p.add_argument("--protocol", default="center", choices=("center", "paper"),
+    p.add_argument("--protocol", default="center", choices=choices.EMBED_PROTOCOLS,
                    help="center: the centre crop; paper: Appendix B's descriptors (dense "
                    "fc7 over --scales, flip-averaged, L2-normalised)")
     p.add_argument("--scales", type=int_list, default=(),
                    help="with --protocol paper: Q1,Q2,... (default 256,384,512)")
-    p.add_argument("--aggregate", default="average", choices=("average", "stack"),
+    p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES,
                    help="with --protocol paper: how the scales are combined")
     p.add_argument("--batch-size", type=int, default=64, help="global, over all devices")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples")
@@ -161,7 +161,7 @@ def _transfer(sub):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--scales", type=int_list, default=(),
                    help="Q1,Q2,... (default 256,384,512, the paper's)")
-    p.add_argument("--aggregate", default="average", choices=("average", "stack"))
+    p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES)
     p.add_argument("--c", type=float, default=1.0, help="the SVM's C")
     p.add_argument("--batch-size", type=int, default=32, help="views per batch")
     p.add_argument("--limit", type=int, default=None, help="first N images of each split")

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import conv, input_pipeline, mesh, models, pixels, preprocess, runtime
+from vgg_jax import choices, conv, input_pipeline, mesh, models, pixels, preprocess, runtime
 from vgg_jax.errors import check_choice
 from vgg_jax.weights import Net, bucket, pad_to
 
@@ -81,13 +81,14 @@ def paper_descriptors(net: Net, source, scales=PAPER_SCALES, *, layer: str = "fc
     goes through the fully-convolutional net, the fc7 map is averaged over space and
     with the flipped image's; the scales are averaged (`aggregate='average'`) or
     concatenated ('stack'); the result is L2-normalised. Returns (descriptors, labels)."""
-    check_choice("aggregate", aggregate, ("average", "stack"))
+    check_choice("aggregate", aggregate, choices.AGGREGATES)
     n_local = source.num_examples if limit is None else min(-(-limit // jax.process_count()),
                                                             source.num_examples)
     ds = source.epoch_dataset(0, False, 0).take(n_local).map(
         lambda raw, label: (tuple(preprocess.eval_example(raw, net.d, scale=q, crop=False)
                                   for q in scales), label),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(4)
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors(log_warning=False).prefetch(4)  # undecodable images: counted below
     batch = -(-batch_size // net.num_devices) * net.num_devices
     per_scale = {}   # (image, scale) -> sum of its views' features
     buffers = {}     # padded shape -> [(image, scale, array, (h, w))]
@@ -117,6 +118,9 @@ def paper_descriptors(net: Net, source, scales=PAPER_SCALES, *, layer: str = "fc
     for shape in list(buffers):
         if buffers[shape]:
             run(shape)
+    if len(labels) < n_local:
+        input_pipeline.log.warning("skipped %d image(s) of %s:%s that failed to decode",
+                                   n_local - len(labels), source.name, source.split)
     rows = [[per_scale[i, s] for s in range(len(scales))] for i in range(len(labels))]
     desc = np.asarray([np.mean(r, axis=0) if aggregate == "average" else np.concatenate(r)
                        for r in rows], np.float32).reshape(len(labels), -1)
@@ -147,7 +151,7 @@ def main(*, weights: str, data: str, out: str, split: str = "test",
          batch_size: int = 64, limit: int | None = None) -> None:
     """`vgg-jax embed`: write `layer`'s embeddings of a split, with labels, to `out`:
     of the centre crop (`protocol='center'`), or Appendix B's descriptors ('paper')."""
-    check_choice("embed protocol", protocol, ("center", "paper"))
+    check_choice("embed protocol", protocol, choices.EMBED_PROTOCOLS)
     net = Net(weights)
     source = input_pipeline.make_source(data, split, data_dir, jax.process_index(),
                                         jax.process_count())
