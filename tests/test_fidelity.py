@@ -147,3 +147,27 @@ def test_pool_ceil_is_caffes_ceil_mode():
         assert tuple(models.dense_valid_size(np.array([256, 341]), 7, ceil)) == (
             shapes[ceil][0] - 6, shapes[ceil][1] - 6)
     assert shapes == {False: (8, 10), True: (8, 11)}  # the paper's Caffe: 8x11
+
+
+def test_paper_descriptors_are_unit_length_stack_scales_and_skip_broken_images(tmp_path, caplog):
+    from conftest import write_image_folder
+    from vgg_jax import embed, input_pipeline
+    c = load_config()
+    c.model.update(width=1 / 16, fc_widths=(16, 16))
+    model = train.build_model(c, 2)
+    net = weights.Net(model=model, variables=models.init_variables(model, jax.random.key(0), 32),
+                      meta=weights.model_meta(model, c.data, ["cat", "dog"]))
+    write_image_folder(str(tmp_path / "f"), per_class=3, size=(40, 52))
+    (tmp_path / "f" / "cat" / "broken.png").write_bytes(b"not an image")
+    source = input_pipeline.make_source(str(tmp_path / "f"), "test")
+    with caplog.at_level("WARNING"):
+        avg, labels = embed.paper_descriptors(net, source, (32, 64), batch_size=4)
+    assert "skipped 1 image(s)" in caplog.text
+    assert avg.shape == (6, 16) and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1.0, rtol=1e-5)
+    stacked, _ = embed.paper_descriptors(net, source, (32, 64), aggregate="stack", batch_size=4)
+    assert stacked.shape == (6, 32)
+    # the stacked scales, summed, point exactly where their average does
+    halves = stacked[:, :16] + stacked[:, 16:]
+    cos = np.sum(halves / np.linalg.norm(halves, axis=1, keepdims=True) * avg, axis=1)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)
