@@ -65,7 +65,10 @@ def _reason(e: Exception) -> str:
     return (text[:200] + "...") if len(text) > 200 else text
 
 
-_READ_NOISE = ("Event loop is closed", "Encountered error while reading array index")
+# what orbax's other reads of a bad step report (asyncio, then TensorStore's status texts)
+_READ_NOISE = ("Event loop is closed", "Encountered error while reading array index",
+               "OUT_OF_RANGE: ", "DATA_LOSS: ", "FAILED_PRECONDITION: ", 'Error opening "',
+               'Error reading "')
 _dropped = [0]  # how many noise reports were dropped so far
 
 
