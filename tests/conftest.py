@@ -1,5 +1,6 @@
 import importlib.util
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -11,11 +12,17 @@ os.environ.setdefault("VGG_JAX_COMPILE_CACHE",
                       os.path.join(tempfile.gettempdir(), "vgg_jax_test_compile_cache"))
 
 
-def load_config(name="default"):
+def load_config(name="default", arg=None):
+    """configs/NAME.py's get_config([arg]); ROOT is on sys.path while it loads, for the
+    configs that build on `configs.default`."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    sys.path.insert(0, ROOT)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(ROOT)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def write_image_folder(root, classes=("cat", "dog"), per_class=5, size=(40, 52), seed=0,

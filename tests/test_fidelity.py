@@ -15,19 +15,6 @@ from vgg_jax import evaluate, models, summary, train, weights
 from vgg_jax.errors import UserError
 
 
-def imagenet_config(arg):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("imagenet", os.path.join(ROOT, "configs",
-                                                                            "imagenet.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, ROOT)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(ROOT)
-    return module.get_config(arg)
-
-
 def test_paper_preinit_copies_A_and_draws_the_rest_from_the_paper_init(tmp_path):
     a = models.create_model("A", num_classes=10, width=1 / 4, fc_widths=(64, 64),
                             classifier_pool=1, init_scheme="glorot")
@@ -53,14 +40,14 @@ def test_paper_preinit_copies_A_and_draws_the_rest_from_the_paper_init(tmp_path)
 
 def test_fine_tuning_stages_refuse_to_start_from_scratch():
     for arg, parent in (("D,384", "the S=256 D run"), ("D,256-512", "the S=384 D run")):
-        c = imagenet_config(arg)
+        c = load_config("imagenet", arg)
         with pytest.raises(UserError, match=f"this config fine-tunes {parent} .*"
                                             r"--config.train.init_from=WORKDIR"):
             train.validate(c)
         c.train.init_from_required = ""  # the explicit override
         train.validate(c)
-    train.validate(imagenet_config("D,256"))  # S=256 starts from scratch
-    c = imagenet_config("D,256")
+    train.validate(load_config("imagenet", "D,256"))  # S=256 starts from scratch
+    c = load_config("imagenet", "D,256")
     assert c.optim.decay_biases_and_bn is False  # as Caffe's ImageNet example
 
 

@@ -171,11 +171,7 @@ def from_torch(state_dict_or_path, arch: str, num_classes: int | None = None,
         else:
             kernel = fc6_torch_to_flax(w, model.classifier_pool) if name == "fc6" else w.T
             params[name] = {"kernel": kernel, "bias": sd[prefix + ".bias"]}
-    cast = lambda t: {k: {kk: np.ascontiguousarray(vv, np.float32) for kk, vv in v.items()}
-                      for k, v in t.items()}
-    variables = {"params": cast(params)}
-    if stats:
-        variables["batch_stats"] = cast(stats)
+    variables = importers.as_variables(params, stats)
     if buffers:  # torch-only counters, kept so that torch -> Flax -> torch is bit-exact
         variables["torch_buffers"] = buffers
     return variables

@@ -104,12 +104,18 @@ def _assign(arch: str, convs, fcs, include_top: bool, source: str, fc6_order=Non
             prev = kernel.shape[1]
         kwargs.update(fc_widths=[int(fcs[0][1].shape[1]), int(fcs[1][1].shape[1])],
                       num_classes=int(fcs[2][1].shape[1]), classifier_pool=pool)
+    return as_variables(params, stats), kwargs
+
+
+def as_variables(params: dict, stats: dict | None = None) -> dict:
+    """{'params'[, 'batch_stats']} of {layer: {leaf: array}} trees, every leaf a contiguous
+    float32 array (what every converter returns)."""
     cast = lambda t: {k: {kk: np.ascontiguousarray(vv, np.float32) for kk, vv in v.items()}
                       for k, v in t.items()}
     variables = {"params": cast(params)}
     if stats:
         variables["batch_stats"] = cast(stats)
-    return variables, kwargs
+    return variables
 
 
 # ----------------------------------------------------------------------------- Keras
