@@ -134,7 +134,7 @@ def run_jax(a, row: str) -> dict:
             return f(variables, xj)
     compile_s, dt = measure(step, a, t0, jax.block_until_ready)
     plan = models.conv_plan(a.arch, a.image_size, width=a.width, impl=a.conv_impl,
-                            train=a.mode == "train")
+                            train=a.mode == "train", dtype=a.dtype)
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
                 conv_impl=models.describe_plan(plan), xla_flags=os.environ.get("XLA_FLAGS", ""))
 
@@ -221,7 +221,7 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed loops of --steps; the best counts")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--fc", type=int, default=4096)
-    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col", "winograd"])
+    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col", "winograd", "winograd4"])
     p.add_argument("--rows", default="", help="comma list of row names (default: all)")
     p.add_argument("--torchvision-layout", action="store_true",
                    help="torch keeps the upsampling 7x7 pool and a 25088-row fc6 below 224")

@@ -14,12 +14,12 @@ def reference(x, k, b):
     return y if b is None else y + b
 
 
-@pytest.mark.parametrize("impl", ["im2col", "winograd"])
+@pytest.mark.parametrize("impl", ["im2col", "winograd", "winograd4"])
 @pytest.mark.parametrize("ksize", [3, 1])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_each_impl_matches_xla_outputs_and_gradients(impl, ksize, with_bias, dtype, tol):
-    """Odd sizes (9x7: Winograd's 2x2 tiles overhang and are cropped)."""
+    """Odd sizes (9x7: Winograd's 2x2 and 4x4 tiles overhang and are cropped)."""
     r = np.random.default_rng(ksize + 2 * with_bias)
     x = jnp.asarray(r.normal(size=(2, 9, 7, 5)), dtype)
     k = jnp.asarray(r.normal(size=(ksize, ksize, 5, 6)) * 0.3, dtype)
@@ -41,37 +41,60 @@ def test_each_impl_matches_xla_outputs_and_gradients(impl, ksize, with_bias, dty
                                    atol=tol * np.abs(c).max())
 
 
-@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 4), (5, 3)])
-def test_winograd_on_maps_smaller_than_its_tiles(hw):
-    """conv5 at small inputs: 1x1 and 2x2 maps, one partial tile."""
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 4), (5, 3), (4, 8), (13, 6)])
+def test_winograd_on_maps_smaller_than_or_not_a_multiple_of_its_tiles(hw, tile):
+    """conv5 at small inputs: 1x1 and 2x2 maps, one partial tile; odd maps; whole tiles."""
     r = np.random.default_rng(sum(hw))
     x = jnp.asarray(r.normal(size=(3, *hw, 4)), jnp.float32)
     k = jnp.asarray(r.normal(size=(3, 3, 4, 7)), jnp.float32)
-    np.testing.assert_allclose(conv.winograd_conv3x3(x, k), reference(x, k, None),
-                               rtol=1e-5, atol=1e-5)
+    want = reference(x, k, None)  # rounding error scales with the largest outputs
+    np.testing.assert_allclose(conv.winograd_conv3x3(x, k, tile), want,
+                               rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_winograd_matrices_are_the_minimal_filtering_algorithm():
+    """A^T [(G g) * (B^T d)] = the 'valid' correlation of a (tile+2)-tap signal d with the
+    3-tap filter g, for every basis d and g (exact in float64): the tables hold no typo."""
+    for tile, (bt, g, at) in conv.WINOGRAD.items():
+        bt, g, at = (np.asarray(m, np.float64) for m in (bt, g, at))
+        for i in range(tile + 2):
+            for j in range(3):
+                d, f = np.eye(tile + 2)[i], np.eye(3)[j]
+                want = np.correlate(d, f, mode="valid")
+                np.testing.assert_allclose(at @ ((g @ f) * (bt @ d)), want, atol=1e-12)
 
 
 def test_auto_resolves_per_backend():
     cpu = functools.partial(conv.resolve_conv_impl, "auto", "cpu")
-    assert cpu(train=True, pixels=224 * 224, channels=64) == "im2col"
-    assert cpu(train=True, pixels=32 * 32, channels=64) == "im2col"
-    assert cpu(train=True, pixels=16 * 16, channels=128) == "winograd"
-    assert cpu(train=True, pixels=2 * 2, channels=512) == "winograd"
-    assert cpu(train=True, pixels=2 * 2, channels=512, kernel=1) == "im2col"
-    assert cpu(train=False, pixels=56 * 56, channels=256) == "xla"
-    assert cpu(train=False, pixels=28 * 28, channels=256) == "winograd"
-    assert cpu(train=False, pixels=14 * 14, channels=64) == "xla"
-    assert cpu(train=False, pixels=2 * 2, channels=64) == "im2col"
+    assert cpu(train=True, hw=(224, 224), channels=3) == "im2col"
+    assert cpu(train=True, hw=(224, 224), channels=64) == "winograd"
+    assert cpu(train=True, hw=(32, 32), channels=64) == "winograd"
+    assert cpu(train=True, hw=(16, 16), channels=32) == "im2col"
+    assert cpu(train=True, hw=(56, 56), channels=256) == "winograd4"
+    assert cpu(train=True, hw=(14, 14), channels=512) == "winograd"  # 14: not whole 4x4 tiles
+    assert cpu(train=True, hw=(56, 56), channels=256, dtype=jnp.bfloat16) == "winograd"
+    assert cpu(train=True, hw=(2, 2), channels=512) == "im2col"
+    assert cpu(train=True, hw=(8, 8), channels=512, kernel=1) == "im2col"
+    assert cpu(train=False, hw=(112, 112), channels=128) == "xla"
+    assert cpu(train=False, hw=(56, 56), channels=256) == "winograd4"
+    assert cpu(train=False, hw=(14, 14), channels=512) == "winograd"
+    assert cpu(train=False, hw=(14, 14), channels=64) == "xla"
+    assert cpu(train=False, hw=(2, 2), channels=64) == "im2col"
     plan = models.conv_plan("vgg16", 32, train=True, backend="cpu")
-    assert models.describe_plan(plan) == "im2col conv1_1-conv2_1, winograd conv2_2-conv5_3"
+    assert models.describe_plan(plan) == ("im2col conv1_1, winograd conv1_2-conv3_1, winograd4 "
+                                          "conv3_2-conv3_3, winograd conv4_1-conv4_3, im2col "
+                                          "conv5_1-conv5_3")
     plan = models.conv_plan("vgg16", 224, backend="cpu")
-    assert models.describe_plan(plan) == "xla conv1_1-conv3_3, winograd conv4_1-conv5_3"
+    assert models.describe_plan(plan) == ("xla conv1_1-conv3_1, winograd4 conv3_2-conv4_3, "
+                                          "winograd conv5_1-conv5_3")
     assert models.conv_plan("C", 224, train=True, backend="cpu")["conv4_3"] == "im2col"  # 1x1
     assert set(models.conv_plan("E", 224, train=True, backend="gpu").values()) == {"xla"}
     assert conv.resolve_conv_impl("winograd", "gpu") == "winograd"
     assert conv.resolve_conv_impl("winograd", "cpu", kernel=1) == "im2col"
+    assert conv.resolve_conv_impl("winograd4", "cpu", kernel=1) == "im2col"
     assert conv.resolve_conv_impl("auto", "gpu", train=True) == "xla"
-    assert conv.resolve_conv_impl("auto", "tpu", pixels=2 * 2) == "xla"
+    assert conv.resolve_conv_impl("auto", "tpu", hw=(2, 2)) == "xla"
     assert conv.resolve_conv_impl("xla", "cpu", train=True) == "xla"
     assert conv.resolve_conv_impl("im2col", "gpu") == "im2col"
     assert conv.eval_compiler_options("gpu") is None
@@ -81,7 +104,7 @@ def test_auto_resolves_per_backend():
         conv.resolve_conv_impl("fft")
 
 
-@pytest.mark.parametrize("impl", ["im2col", "winograd"])
+@pytest.mark.parametrize("impl", ["im2col", "winograd", "winograd4"])
 def test_whole_model_is_the_same_with_any_conv(impl):
     """Config C has 1x1 convs too (winograd runs them as a matmul)."""
     m = models.create_model("C_bn", num_classes=4, width=1 / 16, fc_widths=(8, 8))
@@ -101,7 +124,7 @@ def numpy_conv(x, k):
                for i in range(kh) for j in range(kw))
 
 
-@pytest.mark.parametrize("impl", ["xla", "im2col", "winograd"])
+@pytest.mark.parametrize("impl", ["xla", "im2col", "winograd", "winograd4"])
 def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
     """The YNNPACK options of jit_eval change which kernels run, not the result."""
     r = np.random.default_rng(7)
@@ -114,14 +137,16 @@ def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
 
 
 def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
-    """'auto' mixes implementations by layer (A at width 1/4, 32x32: im2col up to conv4_1
-    in training, winograd from conv4_2's 128 input channels, YNNPACK/im2col in eval):
-    logits and the gradients of every parameter equal the all-'xla' model's."""
-    m = models.create_model("A", num_classes=5, width=1 / 4, fc_widths=(8, 8), dropout_rate=0.0)
-    plan = models.conv_plan("A", 32, width=1 / 4, train=True, backend="cpu")
-    assert plan["conv4_1"] == "im2col" and plan["conv4_2"] == "winograd"
-    v = models.init_variables(m, jax.random.key(0), 32)
-    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    """'auto' mixes implementations by layer (A at width 1/2, 64x64: im2col for conv1_1
+    and conv2_1's 32 inputs, F(2x2) from 64, F(4x4) at conv4_2's 8x8 map with 256 inputs,
+    F(2x2) on conv5's 4x4 maps in training; YNNPACK + Winograd in eval): logits and the
+    gradients of every parameter equal the all-'xla' model's."""
+    m = models.create_model("A", num_classes=5, width=1 / 2, fc_widths=(8, 8), dropout_rate=0.0)
+    plan = models.conv_plan("A", 64, width=1 / 2, train=True, backend="cpu")
+    assert (plan["conv2_1"], plan["conv3_1"], plan["conv4_2"], plan["conv5_1"]) == (
+        "im2col", "winograd", "winograd4", "winograd")
+    v = models.init_variables(m, jax.random.key(0), 64)
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     auto = conv.jit_eval(lambda v, x: m.apply(v, x))(v, x)
     ref = jax.jit(lambda v, x: m.clone(conv_impl="xla").apply(v, x))(v, x)
     np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-6)

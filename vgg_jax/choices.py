@@ -3,7 +3,7 @@ the command-line `choices` and the error messages all read these (`errors.check_
 No imports, so the CLI can build its parser without loading JAX or TensorFlow."""
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")   # Sec. 3.2 (evaluate)
-CONV_IMPLS = ("auto", "xla", "im2col", "winograd")                 # conv algorithms (conv)
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "winograd4")                 # conv algorithms (conv)
 RECIPES = ("paper", "small")                                       # training crops (preprocess)
 # Pixel conventions (preprocess.NORMALIZATIONS), plus 'custom' (data.mean / data.std) and,
 # in training configs, 'from_init' (those of train.init_from's weights).

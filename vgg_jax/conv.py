@@ -24,40 +24,64 @@ from vgg_jax.errors import check_choice
 CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
-# Winograd F(2x2, 3x3) does 2.25x fewer multiplies, but its transforms cost per pixel and
-# channel: on the 2-core CPU it beats the alternatives from 128 input channels on maps of
-# at most 28x28 (conv2_2 onwards at 32x32, conv4/conv5 at 224; bench/RESULTS.md).
-WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MAX_PIXELS = 28 * 28
+# Winograd (WINOGRAD) replaces a 3x3 conv's 9 multiplies per output by 2.25 (F(2x2)) or
+# 4 (F(4x4)) times fewer, at the cost of transforms per pixel and channel. Per-layer
+# forward (+ both gradients in training) on the 2-core CPU, bench/RESULTS.md 2026-11-28:
+# - training: F(2x2) is the fastest formulation tried for every VGG-16 layer from 4x4
+#   maps with >= 64 input channels (conv1_2 at 32x32, b128: 178 ms; im2col 262, XLA's
+#   conv 240; at 224, b16: 1129 vs im2col 1671), except F(4x4) on 8x8-56x56 maps with
+#   >= 256 channels (28x28x512, b16: 205 vs 239); im2col on 2x2 maps and for conv1_1's
+#   3 input channels (one matmul with K = 27).
+# - inference: YNNPACK's conv for < 256 channels and for large maps (224x224x64: 104 ms
+#   vs F(2x2) 225, b8); with >= 256 channels F(4x4) where the tiles fit (28x28x512: 44 vs
+#   81) and F(2x2) on 4x4-14x14 maps (14x14x512: 10 vs 20).
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD4_MIN_CHANNELS = 256
+WINOGRAD4_SIDES = (8, 56)  # F(4x4) on maps whose sides are multiples of 4 in this range
+
+
+def _fits_winograd4(hw, channels) -> bool:
+    lo, hi = WINOGRAD4_SIDES
+    return (channels is not None and channels >= WINOGRAD4_MIN_CHANNELS and hw is not None
+            and all(s % 4 == 0 and lo <= s <= hi for s in hw))
 
 
 def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = False,
-                      pixels: int | None = None, channels: int | None = None,
-                      kernel: int = 3) -> str:
-    """The conv implementation `impl` means for one layer (`pixels` = H*W of its input,
-    `channels` its input channels, `kernel` its size). 'auto':
+                      hw: tuple[int, int] | None = None, channels: int | None = None,
+                      kernel: int = 3, dtype=None) -> str:
+    """The conv implementation `impl` means for one layer (`hw` = its input map's height
+    and width, `channels` its input channels, `kernel` its size). 'auto':
     - GPU/TPU: 'xla' (cuDNN / the TPU's conv unit).
-    - CPU, 3x3 kernels with >= WINOGRAD_MIN_CHANNELS input channels on maps of
-      <= WINOGRAD_MAX_PIXELS: 'winograd', training and inference.
-    - CPU, training otherwise: 'im2col' (XLA:CPU's conv backward, the filter gradient
-      especially, is several times slower than one big matmul over the patches).
-    - CPU, inference otherwise: 'xla' for maps of >= MIN_YNN_PIXELS pixels, run through
-      YNNPACK by `eval_compiler_options`; 'im2col' for smaller maps.
-    'winograd' is for 3x3 kernels; asked of a 1x1 conv (config C) it means 'im2col'
-    (a plain matmul)."""
+    - CPU, maps of < MIN_YNN_PIXELS pixels and 1x1 kernels in training: 'im2col'.
+    - CPU, 3x3 kernels with >= WINOGRAD4_MIN_CHANNELS inputs on maps whose sides are
+      multiples of 4 within WINOGRAD4_SIDES: 'winograd4' (F(4x4, 3x3)).
+    - CPU, training otherwise: 'winograd' (F(2x2, 3x3)) from WINOGRAD_MIN_CHANNELS input
+      channels, 'im2col' below (XLA:CPU's own conv backward, the filter gradient
+      especially, is several times slower than these matmuls).
+    - CPU, inference otherwise: 'winograd' for >= WINOGRAD4_MIN_CHANNELS inputs on maps of
+      at most 14x14, else 'xla', which runs through YNNPACK (`set_default_xla_flags`).
+    The Winograd choices are for 3x3 kernels; asked of a 1x1 conv (config C) they mean
+    'im2col' (a plain matmul). With a 16-bit `dtype` (the compute dtype), 'auto' takes
+    F(2x2) where it would take F(4x4) (see winograd_conv3x3)."""
     check_choice("conv_impl", impl, CONV_IMPLS)
-    if impl == "winograd" and kernel != 3:
+    if impl in WINOGRAD_IMPLS and kernel != 3:
         return "im2col"
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
-    if (kernel == 3 and channels is not None and channels >= WINOGRAD_MIN_CHANNELS
-            and pixels is not None and pixels <= WINOGRAD_MAX_PIXELS):
-        return "winograd"
-    if train or (pixels is not None and pixels < MIN_YNN_PIXELS):
+    if hw is not None and hw[0] * hw[1] < MIN_YNN_PIXELS or (train and kernel != 3):
         return "im2col"
+    if kernel == 3 and _fits_winograd4(hw, channels):
+        low = dtype is not None and jnp.dtype(dtype).itemsize < 4
+        return "winograd" if low else "winograd4"
+    if train:
+        few = channels is not None and channels < WINOGRAD_MIN_CHANNELS
+        return "im2col" if few else "winograd"
+    small = hw is not None and max(hw) <= 14
+    if kernel == 3 and small and channels is not None and channels >= WINOGRAD4_MIN_CHANNELS:
+        return "winograd"
     return "xla"
 
 
@@ -102,44 +126,86 @@ def jit_eval(fun, **jit_kwargs):
     return call
 
 
-def _winograd_bt(a, b, c, d):
-    """B^T of F(2x2, 3x3) along one axis: 4 input taps -> 4 transformed values."""
-    return [a - c, b + c, c - b, b - d]
+# Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray 2016): an m x m output tile from
+# an (m+2) x (m+2) input tile with (m+2)^2 products per channel pair instead of 9 m^2.
+# (B^T, G, A^T) for m = 2 (2.25x fewer multiplies; coefficients 0, +-1, +-1/2) and m = 4
+# (4x fewer; the paper's points 0, +-1, +-2, coefficients up to 8: float32 error ~1e-6
+# relative, tests/test_conv_impl.py).
+WINOGRAD = {
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+        ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+        ((1, 1, 1, 0), (0, 1, -1, -1))),
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+         (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+WINOGRAD_IMPLS = {"winograd": 2, "winograd4": 4}  # conv_impl -> output tile size m
 
 
-def _winograd_g(a, b, c):
-    """G of F(2x2, 3x3) along one axis: 3 kernel taps -> 4."""
-    return [a, (a + b + c) * 0.5, (a - b + c) * 0.5, c]
+def _combine(matrix, items):
+    """matrix @ items for a small constant matrix and a list of arrays, written as sums
+    (zeros skipped, +-1 without a multiply) so that XLA fuses them into elementwise loops."""
+    out = []
+    for row in matrix:
+        terms = [x if c == 1 else -x if c == -1 else x * c for c, x in zip(row, items) if c != 0]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        out.append(total)
+    return out
 
 
-def _winograd_at(m0, m1, m2, m3):
-    """A^T of F(2x2, 3x3) along one axis: 4 products -> 2 outputs."""
-    return [m0 + m1 + m2, m1 - m2 - m3]
+def _window_taps(a, tile: int, axis: int):
+    """The tile+2 taps of the Winograd windows along one spatial axis of `a`, which holds
+    that axis as (blocks, tile) at (axis, axis + 1). Window t covers rows tile*t - 1 ...
+    tile*t + tile of the map, so tap i is row (i - 1) % tile of block t + (i - 1) // tile
+    (zero beyond the map). Slices of the reshaped map, not strided slices of a padded one:
+    XLA:CPU fuses these and their autodiff transposes into fast loops (with strided slices
+    the backward took 1.3-1.6x as long; bench/RESULTS.md)."""
+    taps = []
+    for i in range(tile + 2):
+        tap = jax.lax.index_in_dim(a, (i - 1) % tile, axis + 1, keepdims=False)
+        shift = (i - 1) // tile  # -1, 0 or +1 block
+        if shift:
+            pad = [(0, 0)] * tap.ndim
+            pad[axis] = (1, 0) if shift < 0 else (0, 1)
+            tap = jax.lax.slice_in_dim(jnp.pad(tap, pad), max(shift, 0),
+                                       tap.shape[axis] + max(shift, 0), axis=axis)
+        taps.append(tap)
+    return taps
 
 
-def winograd_conv3x3(x, kernel):
-    """'same' 3x3 conv, stride 1, NHWC x HWIO, by Winograd's minimal filtering F(2x2, 3x3)
-    (Lavin & Gray 2016): each 2x2 output tile from a 4x4 input tile with 16 products per
-    channel pair instead of 36. Transforms: input B^T d B, kernel G g G^T, output A^T m A;
-    the 16 products are 16 matmuls (tiles x Cin) . (Cin x Cout). Every step is linear, so
-    autodiff gives a backward with the same 2.25x saving. The coefficients are 0, +-1 and
-    +-1/2: the result equals lax.conv to float rounding (tests/test_conv_impl.py)."""
+def winograd_conv3x3(x, kernel, tile: int = 2):
+    """'same' 3x3 conv, stride 1, NHWC x HWIO, by Winograd's F(tile x tile, 3x3)
+    (WINOGRAD). Transforms: input B^T d B on (tile+2)^2 windows with stride `tile`,
+    kernel G g G^T, output A^T m A; the (tile+2)^2 products are as many matmuls
+    (tiles x Cin) . (Cin x Cout). Every step is linear, so autodiff gives a backward with
+    the same saving. Equals lax.conv to float rounding (tests/test_conv_impl.py)."""
+    bt, g, at = WINOGRAD[tile]
     n, h, w, cin = x.shape
-    cout = kernel.shape[-1]
-    dtype = x.dtype  # the matmul's operands; transforms and sums in at least float32
+    dtype = x.dtype  # transforms and sums in at least float32
     ct = jnp.promote_types(dtype, jnp.float32)
+    # The products in the input dtype, except F(4x4)'s: its transforms scale values by up
+    # to 100 and cancel them again, which 16-bit products do not survive (bf16 error ~20x
+    # XLA's bf16 conv); 'auto' gives 16-bit layers F(2x2) instead.
+    mt = ct if tile > 2 else dtype
     x, kernel = x.astype(ct), kernel.astype(ct)
-    th, tw = -(-h // 2), -(-w // 2)  # output tiles; odd sizes are cropped at the end
-    xp = jnp.pad(x, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
-    rows = _winograd_bt(*(xp[:, a:a + 2 * th:2] for a in range(4)))
-    d = jnp.stack([t for r in rows
-                   for t in _winograd_bt(*(r[:, :, b:b + 2 * tw:2] for b in range(4)))])
-    u = jnp.stack([t for r in _winograd_g(*kernel) for t in _winograd_g(*r)])  # (16, cin, cout)
-    m = jnp.einsum("stc,scf->stf", d.reshape(16, n * th * tw, cin).astype(dtype),
-                   u.astype(dtype), preferred_element_type=ct)
-    m = m.reshape(4, 4, n, th, tw, cout)
-    y = jnp.stack([jnp.stack(_winograd_at(*r)) for r in _winograd_at(*m)])  # (2, 2, n, th, tw, f)
-    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th, 2 * tw, cout)
+    th, tw = -(-h // tile), -(-w // tile)  # output tiles; odd sizes are cropped at the end
+    x = jnp.pad(x, ((0, 0), (0, tile * th - h), (0, tile * tw - w), (0, 0)))
+    x = x.reshape(n, th, tile, tw, tile, cin)
+    rows = _combine(bt, _window_taps(x, tile, 1))  # (n, th, tw, tile, cin) each
+    d = [v for r in rows for v in _combine(bt, _window_taps(r, tile, 2))]  # (n, th, tw, cin)
+    u = [v for r in _combine(g, list(kernel)) for v in _combine(g, list(r))]  # (cin, cout)
+    m = [jnp.dot(dv.reshape(-1, cin).astype(mt), uv.astype(mt),
+                 preferred_element_type=ct).reshape(n, th, tw, -1)
+         for dv, uv in zip(d, u)]  # (n, th, tw, cout) each, index p * (tile+2) + q
+    a = tile + 2
+    cols = [_combine(at, m[q::a]) for q in range(a)]  # cols[q][i]: A^T over p
+    y = [_combine(at, [cols[q][i] for q in range(a)]) for i in range(tile)]  # y[i][j]
+    y = jnp.stack([jnp.stack(yi, axis=3) for yi in y], axis=2)  # (n, th, i, tw, j, cout)
+    y = y.reshape(n, tile * th, tile * tw, -1)
     return y[:, :h, :w].astype(dtype)
 
 
@@ -148,8 +214,8 @@ def conv2d(x, kernel, impl: str, padding: str = "SAME"):
     does one matmul; 'winograd' is winograd_conv3x3 (3x3 'same'; anything else goes the
     im2col way). Each equals lax.conv to float tolerance (tests/test_conv_impl.py)."""
     kh, kw, cin, cout = kernel.shape
-    if impl == "winograd" and (kh, kw) == (3, 3) and padding == "SAME":
-        return winograd_conv3x3(x, kernel)
+    if impl in WINOGRAD_IMPLS and (kh, kw) == (3, 3) and padding == "SAME":
+        return winograd_conv3x3(x, kernel, WINOGRAD_IMPLS[impl])
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -173,9 +239,8 @@ def conv_layer(x, kernel, impl: str = "auto", *, train: bool = False):
     and XLA's conv for every other platform, and the lowering picks one, so a model
     placed on a GPU of a host whose default backend is CPU (or the reverse) gets the
     right algorithm."""
-    h, w, cin = x.shape[1], x.shape[2], x.shape[3]
-    k = kernel.shape[0]
-    shape = dict(train=train, pixels=h * w, channels=cin, kernel=k)
+    shape = dict(train=train, hw=x.shape[1:3], channels=x.shape[3], kernel=kernel.shape[0],
+                 dtype=x.dtype)
     if impl != "auto":
         return conv2d(x, kernel, resolve_conv_impl(impl, **shape))
     on_cpu = resolve_conv_impl("auto", "cpu", **shape)

@@ -129,14 +129,16 @@ def layer_names(arch: str) -> list[str]:
 
 def conv_plan(arch: str, image_size: int | tuple[int, int], *, width: float = 1.0,
               impl: str = "auto", train: bool = False, in_channels: int = 3,
-              backend: str | None = None) -> dict[str, str]:
-    """{conv layer: the implementation it runs with} for this input size and mode."""
+              backend: str | None = None, dtype=None) -> dict[str, str]:
+    """{conv layer: the implementation it runs with} for this input size, mode and
+    compute dtype."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     plan, channels = {}, in_channels
     for layer in layer_table(arch):
         if layer.kind == "conv":
-            plan[layer.name] = conv.resolve_conv_impl(impl, backend, train=train, pixels=h * w,
-                                                 channels=channels, kernel=layer.kernel)
+            plan[layer.name] = conv.resolve_conv_impl(impl, backend, train=train, hw=(h, w),
+                                                      channels=channels, kernel=layer.kernel,
+                                                      dtype=dtype)
             channels = scaled(layer.channels, width)
         elif layer.kind == "pool":
             h, w = h // 2, w // 2
