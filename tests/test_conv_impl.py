@@ -77,7 +77,7 @@ def test_auto_resolves_per_backend():
     assert cpu(train=True, hw=(2, 2), channels=512) == "im2col"
     assert cpu(train=True, hw=(8, 8), channels=512, kernel=1) == "im2col"
     assert cpu(train=False, hw=(112, 112), channels=128) == "xla"
-    assert cpu(train=False, hw=(56, 56), channels=256) == "winograd4"
+    assert cpu(train=False, hw=(56, 56), channels=256) == "winograd"
     assert cpu(train=False, hw=(14, 14), channels=512) == "winograd"
     assert cpu(train=False, hw=(14, 14), channels=64) == "xla"
     assert cpu(train=False, hw=(2, 2), channels=64) == "im2col"
@@ -86,8 +86,7 @@ def test_auto_resolves_per_backend():
                                           "conv3_2-conv3_3, winograd conv4_1-conv4_3, im2col "
                                           "conv5_1-conv5_3")
     plan = models.conv_plan("vgg16", 224, backend="cpu")
-    assert models.describe_plan(plan) == ("xla conv1_1-conv3_1, winograd4 conv3_2-conv4_3, "
-                                          "winograd conv5_1-conv5_3")
+    assert models.describe_plan(plan) == "xla conv1_1-conv3_1, winograd conv3_2-conv5_3"
     assert models.conv_plan("C", 224, train=True, backend="cpu")["conv4_3"] == "im2col"  # 1x1
     assert set(models.conv_plan("E", 224, train=True, backend="gpu").values()) == {"xla"}
     assert conv.resolve_conv_impl("winograd", "gpu") == "winograd"
@@ -139,7 +138,7 @@ def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
 def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
     """'auto' mixes implementations by layer (A at width 1/2, 64x64: im2col for conv1_1
     and conv2_1's 32 inputs, F(2x2) from 64, F(4x4) at conv4_2's 8x8 map with 256 inputs,
-    F(2x2) on conv5's 4x4 maps in training; YNNPACK + Winograd in eval): logits and the
+    F(2x2) on conv5's 4x4 maps in training; YNNPACK + F(2x2) in eval): logits and the
     gradients of every parameter equal the all-'xla' model's."""
     m = models.create_model("A", num_classes=5, width=1 / 2, fc_widths=(8, 8), dropout_rate=0.0)
     plan = models.conv_plan("A", 64, width=1 / 2, train=True, backend="cpu")

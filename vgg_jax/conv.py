@@ -33,8 +33,9 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 #   >= 256 channels (28x28x512, b16: 205 vs 239); im2col on 2x2 maps and for conv1_1's
 #   3 input channels (one matmul with K = 27).
 # - inference: YNNPACK's conv for < 256 channels and for large maps (224x224x64: 104 ms
-#   vs F(2x2) 225, b8); with >= 256 channels F(4x4) where the tiles fit (28x28x512: 44 vs
-#   81) and F(2x2) on 4x4-14x14 maps (14x14x512: 10 vs 20).
+#   vs F(2x2) 225, b8); with >= 256 channels F(2x2) on maps up to 56x56 (VGG-16 at 224,
+#   b8: 14.0 img/s vs 11.2 with YNNPACK there). F(4x4) was as fast end to end but its
+#   temporaries raised the peak memory by ~270 MB (1.72 vs 1.43 GB).
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD4_MIN_CHANNELS = 256
 WINOGRAD4_SIDES = (8, 56)  # F(4x4) on maps whose sides are multiples of 4 in this range
@@ -53,13 +54,14 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
     and width, `channels` its input channels, `kernel` its size). 'auto':
     - GPU/TPU: 'xla' (cuDNN / the TPU's conv unit).
     - CPU, maps of < MIN_YNN_PIXELS pixels and 1x1 kernels in training: 'im2col'.
-    - CPU, 3x3 kernels with >= WINOGRAD4_MIN_CHANNELS inputs on maps whose sides are
-      multiples of 4 within WINOGRAD4_SIDES: 'winograd4' (F(4x4, 3x3)).
-    - CPU, training otherwise: 'winograd' (F(2x2, 3x3)) from WINOGRAD_MIN_CHANNELS input
+    - CPU, training: 'winograd4' (F(4x4, 3x3)) for 3x3 kernels with >=
+      WINOGRAD4_MIN_CHANNELS inputs on maps whose sides are multiples of 4 within
+      WINOGRAD4_SIDES, else 'winograd' (F(2x2, 3x3)) from WINOGRAD_MIN_CHANNELS input
       channels, 'im2col' below (XLA:CPU's own conv backward, the filter gradient
       especially, is several times slower than these matmuls).
-    - CPU, inference otherwise: 'winograd' for >= WINOGRAD4_MIN_CHANNELS inputs on maps of
-      at most 14x14, else 'xla', which runs through YNNPACK (`set_default_xla_flags`).
+    - CPU, inference: 'winograd' for 3x3 kernels with >= WINOGRAD4_MIN_CHANNELS inputs on
+      maps of at most WINOGRAD4_SIDES[1] per side, else 'xla', which runs through YNNPACK
+      (`set_default_xla_flags`).
     The Winograd choices are for 3x3 kernels; asked of a 1x1 conv (config C) they mean
     'im2col' (a plain matmul). With a 16-bit `dtype` (the compute dtype), 'auto' takes
     F(2x2) where it would take F(4x4) (see winograd_conv3x3)."""
@@ -73,14 +75,14 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
         return "xla"
     if hw is not None and hw[0] * hw[1] < MIN_YNN_PIXELS or (train and kernel != 3):
         return "im2col"
-    if kernel == 3 and _fits_winograd4(hw, channels):
-        low = dtype is not None and jnp.dtype(dtype).itemsize < 4
-        return "winograd" if low else "winograd4"
     if train:
+        if _fits_winograd4(hw, channels):
+            low = dtype is not None and jnp.dtype(dtype).itemsize < 4
+            return "winograd" if low else "winograd4"
         few = channels is not None and channels < WINOGRAD_MIN_CHANNELS
         return "im2col" if few else "winograd"
-    small = hw is not None and max(hw) <= 14
-    if kernel == 3 and small and channels is not None and channels >= WINOGRAD4_MIN_CHANNELS:
+    fits = hw is not None and max(hw) <= WINOGRAD4_SIDES[1]
+    if kernel == 3 and fits and channels is not None and channels >= WINOGRAD4_MIN_CHANNELS:
         return "winograd"
     return "xla"
 
