@@ -3,9 +3,10 @@
 On GPU/TPU every conv is XLA's own (cuDNN, the TPU's conv unit). XLA:CPU's convs are
 slow, the backward especially, so on CPU `conv_impl='auto'` picks per layer among
 XLA's conv (through YNNPACK for inference), im2col (the k*k shifted views stacked on the
-channel axis, one matmul) and Winograd F(2x2, 3x3) / F(4x4, 3x3). Each equals lax.conv_general_dilated
-to float rounding (tests/test_conv_impl.py); bench/RESULTS.md has the measurements behind
-the thresholds. `models.conv_plan` lists the choice per layer of a network.
+channel axis, one matmul) and Winograd F(2x2, 3x3) / F(4x4, 3x3). Each equals
+lax.conv_general_dilated to float rounding (tests/test_conv_impl.py); bench/RESULTS.md
+has the measurements behind the thresholds. `models.conv_plan` lists the choice per layer
+of a network.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD4_MIN_CHANNELS = 256
 WINOGRAD4_SIDES = (8, 56)  # F(4x4) on maps whose sides are multiples of 4 in this range
+EVAL_WINOGRAD_MIN_CHANNELS = 256  # inference: F(2x2) from these input channels ...
+EVAL_WINOGRAD_MAX_SIDE = 56  # ... on maps of at most this many pixels per side
 
 
 def _fits_winograd4(hw, channels) -> bool:
@@ -59,9 +62,9 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
       WINOGRAD4_SIDES, else 'winograd' (F(2x2, 3x3)) from WINOGRAD_MIN_CHANNELS input
       channels, 'im2col' below (XLA:CPU's own conv backward, the filter gradient
       especially, is several times slower than these matmuls).
-    - CPU, inference: 'winograd' for 3x3 kernels with >= WINOGRAD4_MIN_CHANNELS inputs on
-      maps of at most WINOGRAD4_SIDES[1] per side, else 'xla', which runs through YNNPACK
-      (`set_default_xla_flags`).
+    - CPU, inference: 'winograd' for 3x3 kernels with >= EVAL_WINOGRAD_MIN_CHANNELS inputs
+      on maps of at most EVAL_WINOGRAD_MAX_SIDE per side, else 'xla', which runs through
+      YNNPACK (`set_default_xla_flags`).
     The Winograd choices are for 3x3 kernels; asked of a 1x1 conv (config C) they mean
     'im2col' (a plain matmul). With a 16-bit `dtype` (the compute dtype), 'auto' takes
     F(2x2) where it would take F(4x4) (see winograd_conv3x3)."""
@@ -81,8 +84,8 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
             return "winograd" if low else "winograd4"
         few = channels is not None and channels < WINOGRAD_MIN_CHANNELS
         return "im2col" if few else "winograd"
-    fits = hw is not None and max(hw) <= WINOGRAD4_SIDES[1]
-    if kernel == 3 and fits and channels is not None and channels >= WINOGRAD4_MIN_CHANNELS:
+    fits = hw is not None and max(hw) <= EVAL_WINOGRAD_MAX_SIDE
+    if kernel == 3 and fits and channels is not None and channels >= EVAL_WINOGRAD_MIN_CHANNELS:
         return "winograd"
     return "xla"
 
