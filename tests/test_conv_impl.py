@@ -53,6 +53,64 @@ def test_winograd_on_maps_smaller_than_or_not_a_multiple_of_its_tiles(hw, tile):
                                rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_over_batch_chunks_matches_xla_outputs_and_gradients(tile, monkeypatch):
+    """A chunk budget of one 6x5x7 image: the batch of 4 runs as 4 chunks, forward and
+    backward (the fori_loop path, which the small maps of the other tests never take)."""
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 6 * 5 * 7 * 4)
+    assert conv.batch_chunks((4, 6, 5, 3), 7) == 4
+    r = np.random.default_rng(tile)
+    x = jnp.asarray(r.normal(size=(4, 6, 5, 3)), jnp.float32)
+    k = jnp.asarray(r.normal(size=(3, 3, 3, 7)) * 0.3, jnp.float32)
+    f = jax.jit(lambda x, k: conv.winograd_conv3x3(x, k, tile))
+    np.testing.assert_allclose(f(x, k), reference(x, k, None), rtol=1e-5, atol=1e-5)
+    loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))
+    g1 = jax.jit(jax.grad(loss(f), (0, 1)))(x, k)
+    g2 = jax.grad(loss(lambda x, k: reference(x, k, None)), (0, 1))(x, k)
+    for a, c in zip(g1, g2):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5 * np.abs(c).max())
+
+
+def test_batch_chunks_are_the_fewest_that_fit_the_budget():
+    mb = 1 << 20
+    assert conv.batch_chunks((128, 32, 32, 64), 64) == 4  # 32 MB of map -> 4 x 8 MB
+    assert conv.batch_chunks((16, 224, 224, 64), 64) == 16  # 12.25 MB an image: one each
+    assert conv.batch_chunks((128, 4, 4, 512), 512) == 1  # 4 MB in all
+    assert conv.batch_chunks((6, 64, 64, 128), 256) == 3  # 4 MB an image: 3 chunks of 2
+    assert conv.batch_chunks((5, 64, 64, 256), 256) == 5  # 5 is prime: one image each
+    assert conv.CHUNK_BYTES == 8 * mb
+
+
+def test_winograd_backward_keeps_only_its_input_and_kernel(capsys):
+    """The custom VJP's residuals: x and the kernel, not the transformed tiles (16 or 36
+    arrays of 2.25-4x the map between them) that autodiff would keep."""
+    from jax.ad_checkpoint import print_saved_residuals
+    x = jnp.ones((2, 8, 8, 4))
+    k = jnp.ones((3, 3, 4, 5))
+    for tile in (2, 4):
+        print_saved_residuals(lambda x, k: conv.winograd_conv3x3(x, k, tile), x, k)
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert sorted(lines) == ["f32[2,8,8,4] from the argument x",
+                                 "f32[3,3,4,5] from the argument k"], lines
+
+
+def test_default_xla_flags_add_each_cpu_option_the_user_has_not_set(monkeypatch):
+    monkeypatch.delenv(conv.KEEP_XLA_FLAGS, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert conv.set_default_xla_flags()
+    flags = __import__("os").environ["XLA_FLAGS"]
+    assert flags.startswith("--xla_force_host_platform_device_count=2 ")
+    assert "--xla_cpu_use_fusion_emitters=false" in flags and "INDIVIDUAL_CONVOLUTION" in flags
+    assert not conv.set_default_xla_flags()  # all set now: unchanged
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    assert conv.set_default_xla_flags()  # the user's value stays, the other option is added
+    flags = __import__("os").environ["XLA_FLAGS"]
+    assert "fusion_emitters=false" not in flags and "ynn_fusion_type" in flags
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv(conv.KEEP_XLA_FLAGS, "1")
+    assert not conv.set_default_xla_flags() and __import__("os").environ["XLA_FLAGS"] == ""
+
+
 def test_winograd_matrices_are_the_minimal_filtering_algorithm():
     """A^T [(G g) * (B^T d)] = the 'valid' correlation of a (tile+2)-tap signal d with the
     3-tap filter g, for every basis d and g (exact in float64): the tables hold no typo."""

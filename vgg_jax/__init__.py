@@ -4,7 +4,7 @@ from vgg_jax import runtime as _runtime
 _runtime.quiet_tensorflow()  # before anything loads TensorFlow
 from vgg_jax import conv as _conv  # noqa: E402
 
-_conv.set_default_xla_flags()  # YNNPACK convs for a plain jax.jit(model.apply) on CPU
+_conv.set_default_xla_flags()  # CPU: YNNPACK eval convs, classic fusion emitters
 from vgg_jax.models import (VGG, abstract_variables, all_arch_names, count_params,
                             create_model, extract, init_variables, layer_names, resolve_arch)
 

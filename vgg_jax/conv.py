@@ -24,6 +24,11 @@ from vgg_jax.errors import check_choice
 # The list replaces XLA's default one, so it keeps YNNPACK's dots on as well.
 CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+# XLA:CPU's newer (MLIR) fusion emitters, on by default in jaxlib 0.10, took ~1 GB of
+# memory to compile VGG-16's training step (32x32, b128), more than the step itself
+# used, and their kernels ran the Winograd transforms ~8% slower than the classic
+# emitters (bench/RESULTS.md, 2026-11-28). A process-wide option only (XLA_FLAGS).
+CPU_PROCESS_OPTIONS = {**CPU_EVAL_OPTIONS, "xla_cpu_use_fusion_emitters": "false"}
 MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 # Winograd (WINOGRAD) replaces a 3x3 conv's 9 multiplies per output by 2.25 (F(2x2)) or
 # 4 (F(4x4)) times fewer, at the cost of transforms per pixel and channel. Per-layer
@@ -94,19 +99,20 @@ KEEP_XLA_FLAGS = "VGG_JAX_KEEP_XLA_FLAGS"
 
 
 def set_default_xla_flags() -> bool:
-    """Make the idiomatic path the fast one: vgg_jax's import adds CPU_EVAL_OPTIONS to
+    """Make the idiomatic path the fast one: vgg_jax's import adds CPU_PROCESS_OPTIONS to
     XLA_FLAGS, so `jax.jit(model.apply)` runs eval-mode convs through YNNPACK on CPU
-    without `jit_eval`. Only when the user has set no value for that option and
-    $VGG_JAX_KEEP_XLA_FLAGS is unset; XLA reads XLA_FLAGS when JAX starts its CPU backend
-    (the first computation), so importing vgg_jax after running JAX code leaves it off
-    (`jit_eval` still sets it per jit). The option is XLA:CPU's only: GPU/TPU ignore it,
-    and training convs on CPU are im2col/Winograd matmuls, which it does not change.
-    Returns whether XLA_FLAGS was changed."""
+    without `jit_eval`, and a training step compiles with the classic fusion emitters
+    (faster Winograd transforms, ~1 GB less compile memory for VGG-16). Each option only
+    when the user has set no value for it, none when $VGG_JAX_KEEP_XLA_FLAGS is set. XLA
+    reads XLA_FLAGS when JAX starts its CPU backend (the first computation), so importing
+    vgg_jax after running JAX code leaves them off (`jit_eval` still sets the YNNPACK one
+    per jit). They are XLA:CPU's only: GPU/TPU ignore them. Returns whether XLA_FLAGS
+    was changed."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get(KEEP_XLA_FLAGS) or any(k in flags for k in CPU_EVAL_OPTIONS):
+    extra = [f"--{k}={v}" for k, v in CPU_PROCESS_OPTIONS.items() if k not in flags]
+    if os.environ.get(KEEP_XLA_FLAGS) or not extra:
         return False
-    extra = " ".join(f"--{k}={v}" for k, v in CPU_EVAL_OPTIONS.items())
-    os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
+    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     return True
 
 
@@ -182,27 +188,56 @@ def _window_taps(a, tile: int, axis: int):
     return taps
 
 
-def winograd_conv3x3(x, kernel, tile: int = 2):
-    """'same' 3x3 conv, stride 1, NHWC x HWIO, by Winograd's F(tile x tile, 3x3)
-    (WINOGRAD). Transforms: input B^T d B on (tile+2)^2 windows with stride `tile`,
-    kernel G g G^T, output A^T m A; the (tile+2)^2 products are as many matmuls
-    (tiles x Cin) . (Cin x Cout). Every step is linear, so autodiff gives a backward with
-    the same saving. Equals lax.conv to float rounding (tests/test_conv_impl.py)."""
-    bt, g, at = WINOGRAD[tile]
-    n, h, w, cin = x.shape
-    dtype = x.dtype  # transforms and sums in at least float32
+def _input_tiles(x, tile: int, columns_first: bool = False):
+    """B^T d B for every (tile+2)^2 window of x (stride `tile`, zero beyond the map, x
+    padded at the end to whole tiles): (tile+2)^2 arrays (n, th, tw, c), index p*(tile+2)+q.
+    `columns_first` transforms along the columns first: the same tiles from different
+    ops, so that XLA does not merge the backward's recomputation with the forward's
+    tiles (which would keep those alive until the backward)."""
+    bt = WINOGRAD[tile][0]
+    x = _tiled(x, tile)
+    if columns_first:
+        cols = _combine(bt, _window_taps(x, tile, 3))  # (n, th, tile, tw, c) each
+        d = [_combine(bt, _window_taps(col, tile, 1)) for col in cols]  # d[q][p]
+        return [d[q][p] for p in range(tile + 2) for q in range(tile + 2)]
+    rows = _combine(bt, _window_taps(x, tile, 1))  # (n, th, tw, tile, c) each
+    return [v for r in rows for v in _combine(bt, _window_taps(r, tile, 2))]
+
+
+def _t(matrix):
+    return tuple(zip(*matrix))
+
+
+def _dtypes(dtype, tile: int):
+    """(product dtype, transform dtype): transforms and sums in at least float32, the
+    products in the input dtype, except F(4x4)'s: its transforms scale values by up to
+    100 and cancel them again, which 16-bit products do not survive (bf16 error ~20x
+    XLA's bf16 conv); 'auto' gives 16-bit layers F(2x2) instead."""
     ct = jnp.promote_types(dtype, jnp.float32)
-    # The products in the input dtype, except F(4x4)'s: its transforms scale values by up
-    # to 100 and cancel them again, which 16-bit products do not survive (bf16 error ~20x
-    # XLA's bf16 conv); 'auto' gives 16-bit layers F(2x2) instead.
-    mt = ct if tile > 2 else dtype
-    x, kernel = x.astype(ct), kernel.astype(ct)
-    th, tw = -(-h // tile), -(-w // tile)  # output tiles; odd sizes are cropped at the end
-    x = jnp.pad(x, ((0, 0), (0, tile * th - h), (0, tile * tw - w), (0, 0)))
-    x = x.reshape(n, th, tile, tw, tile, cin)
-    rows = _combine(bt, _window_taps(x, tile, 1))  # (n, th, tw, tile, cin) each
-    d = [v for r in rows for v in _combine(bt, _window_taps(r, tile, 2))]  # (n, th, tw, cin)
-    u = [v for r in _combine(g, list(kernel)) for v in _combine(g, list(r))]  # (cin, cout)
+    return (ct if tile > 2 else dtype), ct
+
+
+def _kernel_tiles(kernel, tile: int, ct):
+    """G g G^T: (tile+2)^2 arrays (Cin, Cout), index p*(tile+2)+q."""
+    g = WINOGRAD[tile][1]
+    return [v for r in _combine(g, list(kernel.astype(ct))) for v in _combine(g, list(r))]
+
+
+def _tiled(y, tile: int):
+    """y (n, h, w, c) zero-padded to whole tiles and split (n, th, tile, tw, tile, c)."""
+    n, h, w, c = y.shape
+    th, tw = -(-h // tile), -(-w // tile)
+    y = jnp.pad(y, ((0, 0), (0, tile * th - h), (0, tile * tw - w), (0, 0)))
+    return y.reshape(n, th, tile, tw, tile, c)
+
+
+def _conv_tiles(x, u, tile: int, mt, ct):
+    """The conv of x with the kernel whose tiles are u: input tiles, one matmul per tile
+    position (tiles x Cin) . (Cin x Cout), output transform A^T m A."""
+    at = WINOGRAD[tile][2]
+    n, h, w, cin = x.shape
+    d = _input_tiles(x.astype(ct), tile)
+    th, tw = d[0].shape[1:3]
     m = [jnp.dot(dv.reshape(-1, cin).astype(mt), uv.astype(mt),
                  preferred_element_type=ct).reshape(n, th, tw, -1)
          for dv, uv in zip(d, u)]  # (n, th, tw, cout) each, index p * (tile+2) + q
@@ -210,8 +245,119 @@ def winograd_conv3x3(x, kernel, tile: int = 2):
     cols = [_combine(at, m[q::a]) for q in range(a)]  # cols[q][i]: A^T over p
     y = [_combine(at, [cols[q][i] for q in range(a)]) for i in range(tile)]  # y[i][j]
     y = jnp.stack([jnp.stack(yi, axis=3) for yi in y], axis=2)  # (n, th, i, tw, j, cout)
-    y = y.reshape(n, tile * th, tile * tw, -1)
-    return y[:, :h, :w].astype(dtype)
+    return y.reshape(n, tile * th, tile * tw, -1)[:, :h, :w].astype(x.dtype)
+
+
+def _kernel_grad_tiles(x, dy, tile: int, mt, ct):
+    """The kernel gradient in the Winograd domain, d_pq^T . dm_pq per tile position, from
+    the input tiles (recomputed, columns first) and the output transform's transpose of dy."""
+    at = WINOGRAD[tile][2]
+    cin, cout = x.shape[-1], dy.shape[-1]
+    dy = _tiled(dy.astype(ct), tile)
+    # transpose of y_ij = sum_pq A^T[i,p] A^T[j,q] m_pq
+    rows = _combine(_t(at), [dy[:, :, i] for i in range(tile)])  # over p: (n, th, tw, j, c)
+    dm = [v for r in rows for v in _combine(_t(at), [r[:, :, :, j] for j in range(tile)])]
+    d = _input_tiles(x.astype(ct), tile, columns_first=True)
+    return [jax.lax.dot_general(dv.reshape(-1, cin).astype(mt), mv.reshape(-1, cout).astype(mt),
+                                (((0,), (0,)), ((), ())), preferred_element_type=ct)
+            for dv, mv in zip(d, dm)]  # (cin, cout) each
+
+
+# Each conv runs over chunks of the batch whose input map is at most this many bytes
+# (float32): the transformed tiles of a chunk (2.25-4x its map, per tile set) are the
+# conv's temporaries, so they stay a few tens of MB at any batch and image size, and in
+# cache-sized pieces. Fewer, bigger chunks bought no speed (bench/RESULTS.md).
+CHUNK_BYTES = 8 << 20
+
+
+def batch_chunks(shape, channels: int) -> int:
+    """How many equal chunks winograd_conv3x3 splits a batch of maps `shape` (n, h, w, c)
+    into: the fewest that divide n with at most CHUNK_BYTES per chunk (`channels` = the
+    larger of Cin and Cout)."""
+    n, h, w = shape[:3]
+    per_image = h * w * channels * 4
+    return next((k for k in range(1, n + 1) if n % k == 0 and n // k * per_image <= CHUNK_BYTES), n)
+
+
+def _over_chunks(f, carry, xs, chunks: int, out_channels: int, dtype):
+    """f(carry, *chunk) -> (carry, y) over `chunks` equal slices of the batch of the arrays
+    xs, returning the carry and the y's as one batch. A fori_loop that writes each y into
+    the output in place: lax.map/scan start their outputs from a zero broadcast that XLA
+    shares between same-shaped loops and keeps alive from the forward to the backward,
+    copying it into each loop (~0.3 GB at 224x224, batch 16). This output starts as
+    `0 * xs[0][0,0,0,0]` instead, a value no other loop has."""
+    n, h, w = xs[0].shape[:3]
+    size = n // chunks
+    if chunks == 1:
+        return f(carry, *xs)
+
+    def body(i, state):
+        carry, out = state
+        carry, y = f(carry, *(jax.lax.dynamic_slice_in_dim(a, i * size, size) for a in xs))
+        return carry, jax.lax.dynamic_update_slice_in_dim(out, y, i * size, 0)
+
+    out = jnp.broadcast_to((xs[0][0, 0, 0, 0] * 0).astype(dtype), (n, h, w, out_channels))
+    return jax.lax.fori_loop(0, chunks, body, (carry, out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def winograd_conv3x3(x, kernel, tile: int = 2):
+    """'same' 3x3 conv, stride 1, NHWC x HWIO, by Winograd's F(tile x tile, 3x3)
+    (WINOGRAD). Transforms: input B^T d B on (tile+2)^2 windows with stride `tile`,
+    kernel G g G^T, output A^T m A; the (tile+2)^2 products are as many matmuls
+    (tiles x Cin) . (Cin x Cout). Equals lax.conv to float rounding
+    (tests/test_conv_impl.py).
+
+    It runs over chunks of the batch (`batch_chunks`, a fori_loop), and its backward is
+    written out (a custom VJP) rather than left to autodiff, which kept every layer's
+    transformed tiles for the backward and built the input gradient from padded copies of
+    each tap's cotangent: VGG-16's training step at 32x32 b128 needed 0.67 GB of
+    temporaries that way. Here the backward keeps only x and the kernel; per chunk, the
+    input gradient is the conv of the output gradient with the kernel flipped and
+    transposed (a forward Winograd conv), and the kernel gradient is summed in the
+    Winograd domain from the recomputed input tiles."""
+    return _winograd(x, kernel, tile)
+
+
+def _winograd(x, kernel, tile):
+    mt, ct = _dtypes(x.dtype, tile)
+    u = _kernel_tiles(kernel, tile, ct)
+    chunks = batch_chunks(x.shape, max(kernel.shape[2:]))
+    return _over_chunks(lambda _, xc: (None, _conv_tiles(xc, u, tile, mt, ct)), None, [x],
+                        chunks, kernel.shape[3], x.dtype)[1]
+
+
+def _winograd_fwd(x, kernel, tile):
+    return _winograd(x, kernel, tile), (x, kernel)
+
+
+def _winograd_bwd(tile, res, dy):
+    x, kernel = res
+    mt, ct = _dtypes(x.dtype, tile)
+    u = _kernel_tiles(jnp.flip(kernel, (0, 1)).swapaxes(2, 3), tile, ct)
+    dy = dy.astype(x.dtype)
+    # x + 0 * one element of dy: ties the recomputed input tiles to this layer's step of
+    # the backward; without a data dependency XLA's scheduler computes them as soon as x
+    # exists, several layers' tiles at once (optimization barriers do not survive XLA:CPU's
+    # pipeline).
+    x = x + (dy[0, 0, 0, 0] * 0).astype(x.dtype)
+
+    def chunk(du, xc, dyc):
+        dus = _kernel_grad_tiles(xc, dyc, tile, mt, ct)
+        return [a + b for a, b in zip(du, dus)], _conv_tiles(dyc, u, tile, mt, ct)
+
+    chunks = batch_chunks(x.shape, max(kernel.shape[2:]))
+    zeros = [jnp.zeros(kernel.shape[2:], ct)] * (tile + 2) ** 2
+    du, dx = _over_chunks(chunk, zeros, [x, dy], chunks, x.shape[3], x.dtype)
+    # transpose of u_pq = sum_ab G[p,a] G[q,b] k_ab
+    g, a = WINOGRAD[tile][1], tile + 2
+    dk = [_combine(_t(g), [du[p * a + q] for q in range(a)]) for p in range(a)]  # [p][b]
+    dk = [_combine(_t(g), [dk[p][b] for p in range(a)]) for b in range(3)]  # [b][a]
+    dk = jnp.stack([jnp.stack([dk[b][i] for b in range(3)]) for i in range(3)])
+    return dx, dk.astype(kernel.dtype)
+
+
+winograd_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
 
 
 def conv2d(x, kernel, impl: str, padding: str = "SAME"):
