@@ -1,5 +1,8 @@
 """Each conv implementation equals XLA's lax.conv_general_dilated, outputs and gradients."""
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +82,44 @@ def test_batch_chunks_are_the_fewest_that_fit_the_budget():
     assert conv.batch_chunks((6, 64, 64, 128), 256) == 3  # 4 MB an image: 3 chunks of 2
     assert conv.batch_chunks((5, 64, 64, 256), 256) == 5  # 5 is prime: one image each
     assert conv.CHUNK_BYTES == 8 * mb
+    # data parallel over 4 devices: 4 images each, one per chunk; 4 does not divide 6
+    assert conv.batch_chunks((16, 224, 224, 64), 64, devices=4) == 4
+    assert conv.batch_chunks((128, 32, 32, 64), 64, devices=8) == 1  # 2 MB a device
+    assert conv.batch_chunks((6, 64, 64, 128), 256, devices=4) == 3
+
+
+SHARDED_CHUNKS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from vgg_jax import conv, mesh
+conv.CHUNK_BYTES = 4 * 6 * 6 * 8 * 4  # 4 images a device per chunk: 32 images -> 2 chunks
+m = mesh.data_mesh()[0]
+r = np.random.default_rng(0)
+x = jax.device_put(r.normal(size=(32, 6, 6, 3)).astype(np.float32), NamedSharding(m, P("data")))
+k = jax.device_put((r.normal(size=(3, 3, 3, 8)) * 0.3).astype(np.float32), NamedSharding(m, P()))
+ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+loss = lambda f: jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), (0, 1))
+step = jax.jit(loss(lambda x, k: conv.winograd_conv3x3(x, k, 2)))
+assert conv.batch_chunks(x.shape, 8, jax.device_count()) == 2
+assert "all-gather" not in step.lower(x, k).compile().as_text()
+(l1, g1), (l2, g2) = step(x, k), loss(ref)(x, k)
+np.testing.assert_allclose(l1, l2, rtol=1e-5)
+for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+assert g1[0].sharding.spec == P("data")
+print("ok")
+"""
+
+
+def test_winograd_chunks_of_a_sharded_batch_stay_on_their_devices():
+    """Data parallel over 4 (fake CPU) devices: each chunk takes every device's own
+    images, so XLA gathers none of the batch; values and the input gradient's sharding
+    are those of a plain conv."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, "-c", SHARDED_CHUNKS], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
 def test_winograd_backward_keeps_only_its_input_and_kernel(capsys):

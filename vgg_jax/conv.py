@@ -270,34 +270,43 @@ def _kernel_grad_tiles(x, dy, tile: int, mt, ct):
 CHUNK_BYTES = 8 << 20
 
 
-def batch_chunks(shape, channels: int) -> int:
+def batch_chunks(shape, channels: int, devices: int = 1) -> int:
     """How many equal chunks winograd_conv3x3 splits a batch of maps `shape` (n, h, w, c)
-    into: the fewest that divide n with at most CHUNK_BYTES per chunk (`channels` = the
-    larger of Cin and Cout)."""
+    into: the fewest with at most CHUNK_BYTES per chunk and device (`channels` = the
+    larger of Cin and Cout). With the batch data-parallel over `devices` (when they
+    divide it), each chunk keeps a whole share on every device (chunks divide n/devices),
+    so no chunk moves images between devices."""
     n, h, w = shape[:3]
+    per_device = n // devices if n % devices == 0 else n
     per_image = h * w * channels * 4
-    return next((k for k in range(1, n + 1) if n % k == 0 and n // k * per_image <= CHUNK_BYTES), n)
+    return next((k for k in range(1, per_device + 1)
+                 if per_device % k == 0 and per_device // k * per_image <= CHUNK_BYTES),
+                per_device)
 
 
 def _over_chunks(f, carry, xs, chunks: int, out_channels: int, dtype):
-    """f(carry, *chunk) -> (carry, y) over `chunks` equal slices of the batch of the arrays
-    xs, returning the carry and the y's as one batch. A fori_loop that writes each y into
-    the output in place: lax.map/scan start their outputs from a zero broadcast that XLA
-    shares between same-shaped loops and keeps alive from the forward to the backward,
-    copying it into each loop (~0.3 GB at 224x224, batch 16). This output starts as
-    `0 * xs[0][0,0,0,0]` instead, a value no other loop has."""
-    n, h, w = xs[0].shape[:3]
-    size = n // chunks
+    """f(carry, *chunk) -> (carry, y) over `chunks` equal parts of the batch of the arrays
+    xs, returning the carry and the y's as one batch. Chunk i holds images i, i + chunks,
+    i + 2 chunks, ...: with the batch sharded over devices (data parallel), each device
+    keeps its own images of every chunk and the loop needs no resharding. A fori_loop that
+    writes each y into the output in place: lax.map/scan start their outputs from a zero
+    broadcast that XLA shares between same-shaped loops and keeps alive from the forward to
+    the backward, copying it into each loop (~0.3 GB at 224x224, batch 16). This output
+    starts as `0 * xs[0][0,0,0,0]` instead, a value no other loop has."""
     if chunks == 1:
         return f(carry, *xs)
+    n, h, w = xs[0].shape[:3]
+    xs = [a.reshape(n // chunks, chunks, *a.shape[1:]) for a in xs]
 
     def body(i, state):
         carry, out = state
-        carry, y = f(carry, *(jax.lax.dynamic_slice_in_dim(a, i * size, size) for a in xs))
-        return carry, jax.lax.dynamic_update_slice_in_dim(out, y, i * size, 0)
+        carry, y = f(carry, *(jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False) for a in xs))
+        return carry, jax.lax.dynamic_update_index_in_dim(out, y, i, 1)
 
-    out = jnp.broadcast_to((xs[0][0, 0, 0, 0] * 0).astype(dtype), (n, h, w, out_channels))
-    return jax.lax.fori_loop(0, chunks, body, (carry, out))
+    out = jnp.broadcast_to((xs[0][0, 0, 0, 0, 0] * 0).astype(dtype),
+                           (n // chunks, chunks, h, w, out_channels))
+    carry, out = jax.lax.fori_loop(0, chunks, body, (carry, out))
+    return carry, out.reshape(n, h, w, out_channels)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -322,7 +331,7 @@ def winograd_conv3x3(x, kernel, tile: int = 2):
 def _winograd(x, kernel, tile):
     mt, ct = _dtypes(x.dtype, tile)
     u = _kernel_tiles(kernel, tile, ct)
-    chunks = batch_chunks(x.shape, max(kernel.shape[2:]))
+    chunks = batch_chunks(x.shape, max(kernel.shape[2:]), jax.device_count())
     return _over_chunks(lambda _, xc: (None, _conv_tiles(xc, u, tile, mt, ct)), None, [x],
                         chunks, kernel.shape[3], x.dtype)[1]
 
@@ -346,7 +355,7 @@ def _winograd_bwd(tile, res, dy):
         dus = _kernel_grad_tiles(xc, dyc, tile, mt, ct)
         return [a + b for a, b in zip(du, dus)], _conv_tiles(dyc, u, tile, mt, ct)
 
-    chunks = batch_chunks(x.shape, max(kernel.shape[2:]))
+    chunks = batch_chunks(x.shape, max(kernel.shape[2:]), jax.device_count())
     zeros = [jnp.zeros(kernel.shape[2:], ct)] * (tile + 2) ** 2
     du, dx = _over_chunks(chunk, zeros, [x, dy], chunks, x.shape[3], x.dtype)
     # transpose of u_pq = sum_ab G[p,a] G[q,b] k_ab
