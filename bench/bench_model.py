@@ -36,6 +36,21 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _choices():
+    """vgg_jax/choices.py (import-free) loaded by path: importing it as vgg_jax.choices
+    would run the package's import (JAX, XLA_FLAGS) in every worker, the torch rows
+    included, and change their peak memory."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_vgg_jax_choices", os.path.join(ROOT, "vgg_jax", "choices.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CHOICES = _choices()
 ROWS = {"train": ("torch eager", "torch.compile", "jax grad+optax", "jax train.py step"),
         "infer": ("torch eager", "torch.compile", "jax jit(model.apply)", "jax conv.jit_eval")}
 
@@ -216,12 +231,12 @@ def parse(argv=None):
     p.add_argument("--mode", default="both", choices=["train", "infer", "both"])
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=CHOICES.DTYPES)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3, help="timed loops of --steps; the best counts")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--fc", type=int, default=4096)
-    p.add_argument("--conv-impl", default="auto", choices=["auto", "xla", "im2col", "winograd", "winograd4"])
+    p.add_argument("--conv-impl", default="auto", choices=CHOICES.CONV_IMPLS)
     p.add_argument("--rows", default="", help="comma list of row names (default: all)")
     p.add_argument("--torchvision-layout", action="store_true",
                    help="torch keeps the upsampling 7x7 pool and a 25088-row fc6 below 224")

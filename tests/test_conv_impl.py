@@ -187,6 +187,10 @@ def test_auto_resolves_per_backend():
     plan = models.conv_plan("vgg16", 224, backend="cpu")
     assert models.describe_plan(plan) == "xla conv1_1-conv3_1, winograd conv3_2-conv5_3"
     assert models.conv_plan("C", 224, train=True, backend="cpu")["conv4_3"] == "im2col"  # 1x1
+    # 28 -> 14 -> 7 -> 3 (floor) or 4 (ceil-mode pools): conv4_1 sees 9 or 16 pixels
+    assert models.conv_plan("vgg16", 28, train=True, backend="cpu")["conv4_1"] == "im2col"
+    assert models.conv_plan("vgg16", 28, train=True, backend="cpu",
+                            pool_ceil=True)["conv4_1"] == "winograd"
     assert set(models.conv_plan("E", 224, train=True, backend="gpu").values()) == {"xla"}
     assert conv.resolve_conv_impl("winograd", "gpu") == "winograd"
     assert conv.resolve_conv_impl("winograd", "cpu", kernel=1) == "im2col"

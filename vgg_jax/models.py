@@ -129,9 +129,10 @@ def layer_names(arch: str) -> list[str]:
 
 def conv_plan(arch: str, image_size: int | tuple[int, int], *, width: float = 1.0,
               impl: str = "auto", train: bool = False, in_channels: int = 3,
-              backend: str | None = None, dtype=None) -> dict[str, str]:
+              backend: str | None = None, dtype=None,
+              pool_ceil: bool = False) -> dict[str, str]:
     """{conv layer: the implementation it runs with} for this input size, mode and
-    compute dtype."""
+    compute dtype (`pool_ceil`: the model's ceil-mode pools, which round odd sizes up)."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     plan, channels = {}, in_channels
     for layer in layer_table(arch):
@@ -141,7 +142,7 @@ def conv_plan(arch: str, image_size: int | tuple[int, int], *, width: float = 1.
                                                       dtype=dtype)
             channels = scaled(layer.channels, width)
         elif layer.kind == "pool":
-            h, w = h // 2, w // 2
+            h, w = ((h + 1) // 2, (w + 1) // 2) if pool_ceil else (h // 2, w // 2)
     return plan
 
 
