@@ -28,8 +28,8 @@ CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 # XLA:CPU's newer (MLIR) fusion emitters, on by default in jaxlib 0.10, took ~1 GB of
 # memory to compile VGG-16's training step (32x32, b128), more than the step itself
-# used, and their kernels ran the Winograd transforms ~8% slower than the classic
-# emitters (bench/RESULTS.md, 2026-11-28). A process-wide option only (XLA_FLAGS).
+# used, and the step ran ~8% slower with them than with the classic emitters
+# (bench/RESULTS.md, 2026-11-28). A process-wide option only (XLA_FLAGS).
 CPU_PROCESS_OPTIONS = {**CPU_EVAL_OPTIONS, "xla_cpu_use_fusion_emitters": "false"}
 MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 # Winograd (WINOGRAD) replaces a 3x3 conv's 9 multiplies per output by 2.25 (F(2x2)) or
@@ -269,7 +269,8 @@ def _kernel_grad_tiles(x, dy, tile: int, mt, ct):
 # (float32): the transformed tiles of a chunk (2.25-4x its map, per tile set) are the
 # conv's temporaries, so they stay a few tens of MB at any batch and image size (at
 # 224x224, batch 16, conv1_2's tiles were ~1.6 GB unchunked). VGG-16's training step at
-# 32x32 b128 took 0.90 s with 4 MB chunks, 0.78 with 8 MB, 0.81 with 32 MB, 0.80 unchunked.
+# 32x32 b128 took 0.90 s with 4 MB chunks, 0.78 with 8 MB, 0.81 with 32 MB, 0.80 unchunked
+# (measured with lax.map over the chunks, before the fori_loop below).
 CHUNK_BYTES = 8 << 20
 
 
@@ -294,8 +295,8 @@ def _over_chunks(f, carry, xs, chunks: int, out_channels: int, dtype):
     keeps its own images of every chunk and the loop needs no resharding. A fori_loop that
     writes each y into the output in place: lax.map/scan start their outputs from a zero
     broadcast that XLA shares between same-shaped loops and keeps alive from the forward to
-    the backward, copying it into each loop (~0.6 GB in VGG-16's step at 224x224, batch 16). This output
-    starts as `0 * xs[0][0,0,0,0]` instead, a value no other loop has."""
+    the backward, copying it into each loop (~0.6 GB in VGG-16's step at 224x224, batch
+    16). This output starts as `0 * xs[0][0,0,0,0]` instead, a value no other loop has."""
     if chunks == 1:
         return f(carry, *xs)
     n, h, w = xs[0].shape[:3]
@@ -331,12 +332,15 @@ def winograd_conv3x3(x, kernel, tile: int = 2):
     return _winograd(x, kernel, tile)
 
 
+def _chunks(x, kernel) -> int:
+    return batch_chunks(x.shape, max(kernel.shape[2:]), jax.device_count())
+
+
 def _winograd(x, kernel, tile):
     mt, ct = _dtypes(x.dtype, tile)
     u = _kernel_tiles(kernel, tile, ct)
-    chunks = batch_chunks(x.shape, max(kernel.shape[2:]), jax.device_count())
     return _over_chunks(lambda _, xc: (None, _conv_tiles(xc, u, tile, mt, ct)), None, [x],
-                        chunks, kernel.shape[3], x.dtype)[1]
+                        _chunks(x, kernel), kernel.shape[3], x.dtype)[1]
 
 
 def _winograd_fwd(x, kernel, tile):
@@ -358,9 +362,8 @@ def _winograd_bwd(tile, res, dy):
         dus = _kernel_grad_tiles(xc, dyc, tile, mt, ct)
         return [a + b for a, b in zip(du, dus)], _conv_tiles(dyc, u, tile, mt, ct)
 
-    chunks = batch_chunks(x.shape, max(kernel.shape[2:]), jax.device_count())
     zeros = [jnp.zeros(kernel.shape[2:], ct)] * (tile + 2) ** 2
-    du, dx = _over_chunks(chunk, zeros, [x, dy], chunks, x.shape[3], x.dtype)
+    du, dx = _over_chunks(chunk, zeros, [x, dy], _chunks(x, kernel), x.shape[3], x.dtype)
     # transpose of u_pq = sum_ab G[p,a] G[q,b] k_ab
     g, a = WINOGRAD[tile][1], tile + 2
     dk = [_combine(_t(g), [du[p * a + q] for q in range(a)]) for p in range(a)]  # [p][b]
