@@ -139,17 +139,17 @@ def test_default_xla_flags_add_each_cpu_option_the_user_has_not_set(monkeypatch)
     monkeypatch.delenv(conv.KEEP_XLA_FLAGS, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert conv.set_default_xla_flags()
-    flags = __import__("os").environ["XLA_FLAGS"]
+    flags = os.environ["XLA_FLAGS"]
     assert flags.startswith("--xla_force_host_platform_device_count=2 ")
     assert "--xla_cpu_use_fusion_emitters=false" in flags and "INDIVIDUAL_CONVOLUTION" in flags
     assert not conv.set_default_xla_flags()  # all set now: unchanged
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
     assert conv.set_default_xla_flags()  # the user's value stays, the other option is added
-    flags = __import__("os").environ["XLA_FLAGS"]
+    flags = os.environ["XLA_FLAGS"]
     assert "fusion_emitters=false" not in flags and "ynn_fusion_type" in flags
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv(conv.KEEP_XLA_FLAGS, "1")
-    assert not conv.set_default_xla_flags() and __import__("os").environ["XLA_FLAGS"] == ""
+    assert not conv.set_default_xla_flags() and os.environ["XLA_FLAGS"] == ""
 
 
 def test_winograd_matrices_are_the_minimal_filtering_algorithm():
