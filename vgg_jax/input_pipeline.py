@@ -95,9 +95,7 @@ def tfds_builder(name: str, data_dir: str | None = None):
     if builder.is_prepared():
         return builder
     if name in BUNDLED:
-        log.info("preparing the bundled dataset %s in %s (offline, once)", name, data_dir)
-        builder.download_and_prepare()
-        return builder
+        return _prepare_once(builder, name, data_dir)
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         files = " and ".join(MANUAL_FILES.get(builder.name, ("the archives TFDS describes",)))
         raise NotFound(
@@ -107,6 +105,22 @@ def tfds_builder(name: str, data_dir: str | None = None):
         f"TFDS dataset {name!r} is not prepared in {data_dir}. This machine cannot download it: "
         f"prepare it where the network is available (`{prepare_command(name, 'DIR')}`) and "
         f"copy DIR here (set data.data_dir or TFDS_DATA_DIR), or use an image folder instead.")
+
+
+def _prepare_once(builder, name: str, data_dir: str, **kwargs):
+    """Prepare `builder` unless another process on this machine is doing it or did it:
+    several processes of one run start together, and two preparations of one dataset
+    race on TFDS's final rename. An flock on DATA_DIR/NAME.prepare.lock serialises them;
+    whoever comes second finds the dataset prepared."""
+    import fcntl
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f"{name.replace('/', '_')}.prepare.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = _builder(name, data_dir)  # a fresh look: the holder may have prepared it
+        if not builder.is_prepared():
+            log.info("preparing %s in %s (offline, once)", name, data_dir)
+            builder.download_and_prepare(**kwargs)
+    return builder
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None):
@@ -130,9 +144,8 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
         first = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]
         raise NotFound(f"{name}: no downloaded files in {manual} ({first})")
     log.info("preparing %s in %s from %s", name, data_dir, manual)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    return builder
+    return _prepare_once(builder, name, data_dir,
+                         download_config=tfds.download.DownloadConfig(manual_dir=manual))
 
 
 def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,

@@ -18,17 +18,24 @@ def data_mesh(devices=None):
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:
-    """jax.distributed.initialize, once. Without an address JAX finds the cluster itself
-    (TPU pods, SLURM, ...); CPU processes talk through gloo collectives."""
+    """jax.distributed.initialize, once, before anything starts JAX's backends (which is
+    why nothing here asks JAX about devices or platforms first). With an address all
+    three values are given; without, JAX finds the cluster itself (Cloud TPU pods, SLURM,
+    Open MPI, Kubernetes). CPU processes talk through gloo collectives: the option only
+    concerns the CPU client, so it is set whatever the platform."""
     if jax.distributed.is_initialized():
         return
-    if coordinator_address or jax.default_backend() == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if coordinator_address:
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                       process_id=process_id)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:  # no address and no cluster JAX recognises
+        from vgg_jax.errors import UserError
+        raise UserError(f"cannot join a multi-process run ({e}); give the coordinator "
+                        f"address, the number of processes and this process's index") from None
 
 
 def allgather_sum(values):
