@@ -86,6 +86,8 @@ def get_config():
         num_processes=0,         # with coordinator_address: how many processes
         process_id=-1,           # with coordinator_address: this one's index
         max_steps=0,             # 0: num_epochs * steps_per_epoch
+        allow_config_change=False,  # resume a workdir although the config changed (run
+                                 # length, logging and the like may change without it)
         progress_bar=True,
         compile_cache="",        # JAX's persistent compile cache: '' -> ~/.cache/vgg_jax/jax,
                                  # a folder, or 'off' ($VGG_JAX_COMPILE_CACHE wins)

@@ -227,3 +227,76 @@ def test_device_normalisation_equals_the_host_side_computation_for_the_same_seed
         host = preprocess.normalize(shifted, norm).numpy()
         np.testing.assert_allclose(device[pos], host, rtol=1e-6, atol=1e-4)
     assert np.abs(batch["alpha"]).max() > 0  # the shift is really there
+
+
+class _Piece:  # what TFDS's file instructions hold
+    def __init__(self, filename, skip, take):
+        self.filename, self.skip, self.take = filename, skip, take
+
+
+def _records(tmp_path, sizes=(7, 5, 9, 3, 6)):
+    """TFRecord files of numbered records, and TFDS-style pieces over them (the first
+    skips one record, as an even split's part may)."""
+    pieces, number = [], 0
+    for i, n in enumerate(sizes):
+        path = str(tmp_path / f"part-{i}.tfrecord")
+        with tf.io.TFRecordWriter(path) as w:
+            for _ in range(n):
+                w.write(str(number).encode())
+                number += 1
+        pieces.append(_Piece(path, 1 if i == 0 else 0, n - (1 if i == 0 else 0)))
+    return pieces
+
+
+def _read(ds):
+    return [(int(p), int(r)) for p, r in ds.as_numpy_iterator()]
+
+
+def test_windowed_shuffle_is_entered_anywhere_without_reading_what_comes_before(tmp_path):
+    pieces = _records(tmp_path)
+    full = _read(ip._windowed_shuffle(pieces, 4, 11, 0, str(tmp_path)))
+    records = [r for _, r in full]
+    assert [p for p, _ in full] == list(range(29))  # positions, numbered in order
+    assert sorted(records) == list(range(1, 30))  # every record of the pieces once
+    assert records != sorted(records)  # shuffled ...
+    assert records != [r for _, r in _read(ip._windowed_shuffle(pieces, 4, 12, 0, str(tmp_path)))]
+    for start in range(30):  # ... and entered anywhere it is the tail of the whole epoch
+        assert _read(ip._windowed_shuffle(pieces, 4, 11, start, str(tmp_path))) == full[start:]
+    # late in the epoch, the pieces before the entry window are never opened
+    start = 25
+    needed = {r for _, r in full[(start // 4) * 4:]}
+    order = np.random.default_rng(11).permutation(len(pieces))
+    for i in order:
+        first = pieces[i].skip + sum(p.take + p.skip for p in pieces[:i])
+        if not needed & set(range(first, first + pieces[i].take)):
+            os.remove(pieces[i].filename)
+        else:
+            break
+    assert sum(os.path.exists(p.filename) for p in pieces) < len(pieces)
+    assert _read(ip._windowed_shuffle(pieces, 4, 11, start, str(tmp_path))) == full[start:]
+
+
+def test_folder_training_order_is_one_global_order_whatever_the_process_count(tmp_path):
+    write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=7)  # 21 images
+    root = str(tmp_path / "imgs")
+
+    def epoch(source, block, start=0):
+        return [(int(p), int(u), bytes(b)) for p, u, b, _ in
+                source.train_dataset(2, 5, start, block).as_numpy_iterator()]
+    one = epoch(ip.make_source(root, None), 6)
+    assert [u for _, u, _ in one] == list(range(21))
+    parts = [epoch(ip.make_source(root, None, process_index=i, process_count=3), 2)
+             for i in range(3)]
+    # process p's k-th block of 2 is rows 2p..2p+1 of the k-th global batch of 6
+    for k in range(3):
+        batch = [x for part in parts for x in part[2 * k:2 * k + 2]]
+        assert [(u, b) for _, u, b in batch] == [(u, b) for _, u, b in one[6 * k:6 * k + 6]]
+    assert sorted(u for part in parts for _, u, _ in part) == list(range(21))
+    # entering at a position reads from there on (the files before it are not opened)
+    src = ip.make_source(root, None, process_index=1, process_count=3)
+    assert epoch(src, 2, 4) == parts[1][4:]
+    paths = np.asarray(ip.folder_index(root)[0])
+    order = np.random.default_rng(ip._mix(5, 2)).permutation(21)  # epoch 2, seed 5
+    for _, uid, _ in parts[1][:4]:
+        os.remove(paths[order[uid]])
+    assert epoch(src, 2, 4) == parts[1][4:]

@@ -52,6 +52,9 @@ class Source:
     class_names: list
     _dataset_fn: object = None
     _key_fn: object = None     # (epoch, position, shuffled) -> a path for logs, or None
+    _train_fn: object = None   # (epoch, seed, start, block) -> (pos, uid, bytes, label)
+    process_index: int = 0
+    process_count: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -60,8 +63,20 @@ class Source:
     def epoch_dataset(self, epoch: int, shuffle: bool, seed: int) -> tf.data.Dataset:
         return self._dataset_fn(epoch, shuffle, seed)
 
-    def key(self, epoch, position, shuffled):
-        return self._key_fn(epoch, position, shuffled) if self._key_fn else f"example #{position}"
+    def train_dataset(self, epoch: int, seed: int, start: int = 0,
+                      block: int = 1) -> tf.data.Dataset:
+        """This process's examples of a training epoch in their shuffled order, from
+        position `start` on, as (position, uid, image_bytes, label): `uid` numbers the
+        example within the epoch across all processes (it seeds the augmentation). The
+        order is a pure function of (seed, epoch), and `start` is reached without reading
+        the examples before it (a resume late in an epoch costs what one early does).
+        `block` is the per-process batch: where the order is global (image folders) each
+        process takes its own `block` of every global batch."""
+        return self._train_fn(epoch, seed, start, block)
+
+    def key(self, epoch, position, shuffled, block=1):
+        return (self._key_fn(epoch, position, shuffled, block) if self._key_fn else
+                f"example #{position}")
 
 
 # Manual-download datasets whose archives we know by name (others: TFDS's instructions).
@@ -150,25 +165,73 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
 def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
                 shuffle_buffer=10_000) -> Source:
+    """A TFDS split; each process reads its own even part (tfds.even_splits), as whole
+    files where it can, so no host reads another's examples."""
     builder = tfds_builder(name, data_dir)
     shards = tfds.even_splits(split, n=process_count)
     sizes = [builder.info.splits[s].num_examples for s in shards]
     label = builder.info.features["label"]
+    mine = shards[process_index]
 
     def dataset(epoch, shuffle, seed):
-        epoch_seed = _mix(seed, epoch, process_index)
-        read = tfds.ReadConfig(shuffle_seed=epoch_seed, interleave_cycle_length=16,
-                               try_autocache=False)
-        ds = builder.as_dataset(split=shards[process_index], shuffle_files=shuffle,
-                                read_config=read,
+        ds = builder.as_dataset(split=mine, shuffle_files=False,
+                                read_config=tfds.ReadConfig(try_autocache=False),
                                 decoders={"image": tfds.decode.SkipDecoding()})
-        if shuffle:
-            ds = ds.shuffle(min(shuffle_buffer, sizes[process_index]), seed=epoch_seed,
-                            reshuffle_each_iteration=False)
         return ds.map(lambda ex: (ex["image"], ex["label"]))
 
+    def parse(record):
+        ex = builder.info.features.deserialize_example(
+            record, decoders={"image": tfds.decode.SkipDecoding()})
+        return ex["image"], ex["label"]
+
+    pieces = builder.info.splits[mine].file_instructions  # (file, skip, take) each
+    window = max(1, min(shuffle_buffer, sizes[process_index]))
+
+    def train(epoch, seed, start, block):
+        return _windowed_shuffle(pieces, window, _mix(seed, epoch, process_index), start,
+                                 builder.data_dir).map(
+            lambda pos, record: (pos, pos * process_count + process_index, *parse(record)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     return Source(name, split, sizes[process_index], max(sizes), sum(sizes), list(label.names),
-                  dataset)
+                  dataset, _train_fn=train, process_index=process_index,
+                  process_count=process_count)
+
+
+def _windowed_shuffle(pieces, window: int, seed: int, start: int, data_dir: str):
+    """The records of `pieces` (TFDS file instructions) in an order that can be entered
+    anywhere: the pieces in a seeded order, read one after another, and each run of
+    `window` consecutive records shuffled among themselves (a seeded permutation per
+    window, like a shuffle buffer of that size). Entering at `start` opens the window
+    holding it: whole pieces before it are passed over unread, and at most one piece's
+    records plus one window are read and dropped, wherever `start` lies. Yields
+    (position, serialized record) from `start` on."""
+    order = np.random.default_rng(seed).permutation(len(pieces))
+    takes = np.asarray([pieces[i].take for i in order], np.int64)
+    ends = np.cumsum(takes)
+    first_window = start // window
+    window_start = first_window * window
+    k = int(np.searchsorted(ends, window_start, side="right"))  # piece holding it
+    if k >= len(order):
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.zeros((0,), tf.int64), tf.zeros((0,), tf.string)))
+    paths = [os.path.join(data_dir, os.path.basename(pieces[i].filename)) for i in order[k:]]
+    skips = [pieces[i].skip for i in order[k:]]
+    skips[0] += int(window_start - (ends[k] - takes[k]))
+    counts = [int(pieces[i].take) for i in order[k:]]
+    counts[0] -= skips[0] - pieces[order[k]].skip
+    records = tf.data.Dataset.from_tensor_slices(
+        (paths, np.asarray(skips, np.int64), np.asarray(counts, np.int64))).flat_map(
+        lambda p, skip, take: tf.data.TFRecordDataset(p, buffer_size=8 << 20).skip(skip).take(take))
+    windows = records.batch(window).enumerate(first_window)
+
+    def shuffled(w, batch):
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(tf.shape(batch)[0]), seed=tf.stack([tf.cast(seed, tf.int64), w]))
+        return tf.data.Dataset.from_tensor_slices(tf.gather(batch, perm))
+
+    ds = windows.flat_map(shuffled).skip(start - window_start)
+    return ds.enumerate(start).prefetch(tf.data.AUTOTUNE)
 
 
 def folder_index(root: str):
@@ -216,29 +279,46 @@ def split_folder(root: str, split: str | None) -> str:
 
 
 def folder_source(root, split=None, process_index=0, process_count=1) -> Source:
-    """An image folder's split (`split_folder`)."""
+    """An image folder's split (`split_folder`). Training follows one global order per
+    epoch (a seeded permutation of every file), cut into global batches of which process
+    p takes the p-th block: each global batch holds the same images in the same rows
+    whatever the process count, so runs on 1 or several processes (and resumes across
+    them) see the same data."""
     root = split_folder(root, split)
     paths, labels, classes = folder_index(root)
-    mine = np.arange(process_index, len(paths), process_count)
-    my_paths = np.asarray(paths, dtype=object)[mine]
-    my_labels = labels[mine]
+    paths = np.asarray(paths, dtype=object)
+    n = len(paths)
 
-    def order(epoch, shuffle, seed):
+    def shard(everything, block):  # this process's part of an epoch's global order
+        size = block * process_count
+        whole = (n // size) * size
+        blocks = everything[:whole].reshape(-1, process_count, block)[:, process_index]
+        return np.concatenate([blocks.ravel(), everything[whole:][process_index::process_count]])
+
+    def order(epoch, shuffle, seed, block=1):  # (uids, file indices) of this process
+        uids = shard(np.arange(n), block)
         if not shuffle:
-            return np.arange(len(my_paths))
-        return np.random.default_rng(_mix(seed, epoch, process_index)).permutation(len(my_paths))
+            return uids, uids
+        return uids, np.random.default_rng(_mix(seed, epoch)).permutation(n)[uids]
+
+    def files(o):
+        ds = tf.data.Dataset.from_tensor_slices((paths[o].astype(str), labels[o]))
+        return ds.map(lambda p, l: (tf.io.read_file(p), l), num_parallel_calls=tf.data.AUTOTUNE)
 
     def dataset(epoch, shuffle, seed):
-        o = order(epoch, shuffle, seed)
-        files = tf.data.Dataset.from_tensor_slices((my_paths[o].astype(str), my_labels[o]))
-        return files.map(lambda p, l: (tf.io.read_file(p), l),
-                         num_parallel_calls=tf.data.AUTOTUNE)
+        return files(order(epoch, shuffle, seed)[1])
 
-    def key(epoch, position, shuffle_seed):
-        return str(my_paths[order(epoch, shuffle_seed is not None, shuffle_seed)[position]])
+    def train(epoch, seed, start, block):
+        uids, o = order(epoch, True, seed, block)
+        uids, o = uids[start:], o[start:]  # indexing: nothing before `start` is read
+        ids = tf.data.Dataset.from_tensor_slices((np.arange(start, start + len(o)), uids))
+        return tf.data.Dataset.zip(ids, files(o)).map(lambda i, ex: (*i, *ex))
 
-    return Source(root, split or "", len(my_paths), math.ceil(len(paths) / process_count),
-                  len(paths), classes, dataset, key)
+    def key(epoch, position, shuffle_seed, block=1):
+        return str(paths[order(epoch, shuffle_seed is not None, shuffle_seed, block)[1][position]])
+
+    return Source(root, split or "", len(shard(np.arange(n), 1)), math.ceil(n / process_count),
+                  n, classes, dataset, key, train, process_index, process_count)
 
 
 def make_source(dataset: str, split: str, data_dir=None, process_index=0, process_count=1,
@@ -255,6 +335,23 @@ def _mix(*ints) -> int:
 
 
 # ----------------------------------------------------------------------------- train
+
+def resume_position(saved: list[dict], process_index: int, process_count: int) -> dict:
+    """This process's {'epoch', 'offset'} from the per-process positions a checkpoint
+    holds. The same process count continues each process exactly where it stopped.
+    Another count shares out what the saved processes had consumed of their epoch: an
+    image folder's global order then continues at the same global position (exactly when
+    the consumed count divides by the new process count); TFDS shards are per process, so
+    there each new process continues at the same fraction of its own shard."""
+    if len(saved) == process_count:
+        return dict(saved[process_index])
+    epoch = min(p["epoch"] for p in saved)
+    behind = [p["offset"] for p in saved if p["epoch"] == epoch]
+    consumed = sum(p["offset"] if p["epoch"] == epoch else max(behind) for p in saved)
+    log.info("resuming %d processes' data positions on %d processes: epoch %d, offset %d",
+             len(saved), process_count, epoch, consumed // process_count)
+    return {"epoch": epoch, "offset": consumed // process_count}
+
 
 class TrainIterator:
     """Endless training batches for this process: {'image': uint8 (B, H, W, C), 'label',
@@ -277,13 +374,14 @@ class TrainIterator:
     def _epoch(self, epoch: int, offset: int):
         d, seed = self.d, self.seed
 
-        def prep(pos, example):
-            image_bytes, label = example
-            s = tf.stack([tf.constant(_mix(seed, epoch), tf.int64), pos])
+        def prep(pos, uid, image_bytes, label):
+            # the example's augmentation: one seed per (seed, epoch, example), the example
+            # numbered across processes (for a folder: its place in the global order)
+            s = tf.stack([tf.constant(_mix(seed, epoch), tf.int64), uid])
             image, alpha = preprocess.train_example(image_bytes, s, d)
             return pos, image, alpha, label
 
-        ds = self.source.epoch_dataset(epoch, True, seed).enumerate().skip(offset)
+        ds = self.source.train_dataset(epoch, seed, offset, self.batch)
         ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors(log_warning=False)  # undecodable images: counted below
         return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -304,7 +402,7 @@ class TrainIterator:
     def _note_gaps(self, epoch, expected, positions):
         want = np.arange(expected, int(positions[-1]) + 1)
         for p in np.setdiff1d(want, positions):
-            path = self.source.key(epoch, int(p), self.seed)
+            path = self.source.key(epoch, int(p), self.seed, self.batch)
             self.skipped.append(path)
             log.warning("skipped an image that failed to decode: %s (%d skipped so far)",
                         path, len(self.skipped))

@@ -77,7 +77,11 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
     less memory). BatchNorm layers named in `frozen` (optim.frozen_layers) keep their
     running statistics, so a frozen layer does not change at all. With `pixels`
     (pixels.Pixels) the batch's uint8 images (and 'alpha' colour shifts) are normalised
-    here, on the device; without, batch['image'] is fed to the model as it is."""
+    here, on the device; without, batch['image'] is fed to the model as it is.
+    metrics['finite'] says whether the loss and every updated parameter are finite (the
+    loop saves no state whose update was not); a batch's optional 'preempt' flags (one
+    per example, set by the process that got a SIGTERM) come back as metrics['preempt'],
+    their maximum over the global batch, so every process learns of it at the same step."""
 
     def loss_fn(params, batch_stats, images, labels, rng):
         mutable = ["batch_stats"] if batch_stats else []
@@ -90,6 +94,8 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
+        batch = dict(batch)
+        stop = batch.pop("preempt", None)  # the loop's per-process SIGTERM flags
         images, labels = batch["image"], batch["label"]
         if pixels is not None:
             images = pixels(images, batch.get("alpha"))
@@ -121,7 +127,12 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
         new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
         metrics = dict(loss=loss, top1_err=1 - top1, top5_err=1 - top5,
-                       lr=optim.current_lr(opt_state))  # the rate this update used
+                       lr=optim.current_lr(opt_state),  # the rate this update used
+                       # whether the state this step returns may be saved as good
+                       finite=jnp.all(jnp.asarray([jnp.isfinite(loss)] + [
+                           jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])))
+        if stop is not None:  # a SIGTERM on any process, seen by all at the same step
+            metrics["preempt"] = jnp.max(stop)
         return new, metrics
 
     return train_step
@@ -190,7 +201,9 @@ class MetricWriter:
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves at the current step and exits cleanly."""
+    """SIGTERM sets a flag. The loop sends it with every batch (`flags`): the train step
+    returns its maximum over all processes, so a signal that reaches any one host makes
+    every host save the same step and exit cleanly."""
 
     def __init__(self):
         self.requested = False
@@ -199,6 +212,9 @@ class Preemption:
     def _handle(self, signum, frame):
         log.warning("SIGTERM: saving a checkpoint at the current step, then stopping")
         self.requested = True
+
+    def flags(self, local_batch: int) -> np.ndarray:
+        return np.full((local_batch,), int(self.requested), np.int32)
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._old)
@@ -267,22 +283,42 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
                     out_shardings=par.replicated)(jax.random.PRNGKey(config.seed))
 
     mngr = checkpoint.manager(workdir, t.keep_checkpoints)
+    changes = check_resumed_config(config, workdir, mngr)
     data_state = None
     shardings = jax.tree.map(lambda _: par.replicated, state)
-    step0, restored, saved = checkpoint.restore_latest(mngr, checkpoint.abstract(state, shardings))
+    step0, restored, saved = checkpoint.restore_latest(
+        mngr, checkpoint.abstract(state, shardings), checkpoint.describe_changes(changes))
     if step0 is not None:
-        state, data_state = restored, saved["per_process"][pidx]
+        state = restored
+        data_state = input_pipeline.resume_position(saved["per_process"], pidx, pcount)
         log.info("resumed from step %d in %s", step0, workdir)
     elif t.init_from:
         state = par.replicate(init_from_checkpoint(state, config))
     if pidx == 0:
         with open(os.path.join(workdir, "meta.json"), "w") as f:
             json.dump(weights.model_meta(model, d, train_src.class_names), f, indent=2)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        checkpoint.record_config(workdir, config, step0 or 0, changes)
     it = input_pipeline.TrainIterator(train_src, d, local_batch, config.seed, data_state)
     return Run(config, workdir, model, par, state, plateau, mngr, it, eval_src,
                train_src.class_names, steps_per_epoch, total_steps)
+
+
+def check_resumed_config(config, workdir: str, mngr) -> dict:
+    """The config keys that changed since the workdir's checkpoints were last trained
+    ({key: (old, new)}, the resumable ones left out: checkpoint.RESUMABLE_CHANGES). A
+    change refuses to resume, in one line naming each key, unless
+    train.allow_config_change is set."""
+    previous = checkpoint.last_config(workdir) if mngr.all_steps() else None
+    changes = checkpoint.config_changes(previous, checkpoint.flat_config(config)) \
+        if previous else {}
+    if changes and not config.train.allow_config_change:
+        mngr.close()
+        raise UserError(
+            f"workdir {workdir} was trained with another config: "
+            f"{checkpoint.describe_changes(changes)}. Resume with those values, train in "
+            f"another --workdir, or add --config.train.allow_config_change=True to go on "
+            f"with the new ones (recorded in {checkpoint.HISTORY})")
+    return changes
 
 
 def evaluate_model(run: Run, state: TrainState) -> dict:
@@ -330,14 +366,20 @@ class Saver:
         self.last = step
 
     def check_finite(self, metrics, step: int):
+        """Raise unless step `step` (whose metrics these are) computed a finite loss and
+        a finite update: only then may the state it returned be saved."""
         loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            where = (f"the last good checkpoint (step {self.last}) in {self.run.workdir}/"
-                     f"checkpoints is intact" if self.last is not None else
-                     "no checkpoint was saved yet")
-            raise FloatingPointError(
-                f"loss is {loss} at step {step}: training stopped; {where}. Try a lower "
-                f"optim.learning_rate, optim.grad_clip_norm > 0, or model.init_scheme.")
+        if math.isfinite(loss) and bool(metrics["finite"]):
+            return
+        what = (f"loss is {loss} at step {step}" if not math.isfinite(loss) else
+                f"the update of step {step} made parameters non-finite (its loss was "
+                f"{loss:.4g})")
+        where = (f"the last good checkpoint (step {self.last}) in {self.run.workdir}/"
+                 f"checkpoints is intact" if self.last is not None else
+                 "no checkpoint was saved yet")
+        raise FloatingPointError(
+            f"{what}: training stopped; {where}. Try a lower optim.learning_rate, "
+            f"optim.grad_clip_norm > 0, or model.init_scheme.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -366,13 +408,17 @@ def loop(run: Run) -> dict:
     if jax.process_index() == 0 and t.progress_bar:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    history, t_log, result = [], time.time(), {}
+    history, t_log, result, previous = [], time.time(), {}, None
     try:
         while step < total:
-            state, metrics = run.par.train_step(state, run.par.global_batch(next(run.it)))
+            batch = dict(next(run.it), preempt=preempt.flags(run.it.batch))
+            state, metrics = run.par.train_step(state, run.par.global_batch(batch))
             step += 1
-            if history:  # the previous step's loss: checked while this one runs
-                saver.check_finite(history[-1], step - 1)
+            stop = False
+            if previous is not None:  # the previous step's results, read while this one runs
+                saver.check_finite(previous, step - 1)
+                stop = bool(previous["preempt"])  # the same on every process
+            previous = metrics
             history.append(metrics)
             if bar is not None:
                 bar.update(1)
@@ -380,7 +426,7 @@ def loop(run: Run) -> dict:
             if due(step, t.log_every_steps) or step == total:
                 saver.check_finite(metrics, step)
                 avg = {k: float(np.mean([jax.device_get(h[k]) for h in history]))
-                       for k in history[0]}
+                       for k in history[0] if k not in ("finite", "preempt")}
                 dt = time.time() - t_log
                 avg.update(step_time=dt / len(history),
                            images_per_sec=len(history) * o.batch_size / dt,
@@ -405,7 +451,7 @@ def loop(run: Run) -> dict:
             elif due(step, t.checkpoint_every_steps):
                 saver.check_finite(metrics, step)
                 saver.save(step, state)
-            if preempt.requested:
+            if stop:
                 saver.check_finite(metrics, step)
                 saver.save(step, state)
                 log.warning("preempted: checkpoint saved at step %d", step)

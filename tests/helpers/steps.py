@@ -2,9 +2,9 @@
 
 Used by tests/test_train.py in subprocesses, because fake CPU devices
 (--xla_force_host_platform_device_count) and jax.distributed must be set up before JAX
-starts. Modes:
+starts. Mode:
   sharded ARCH    one step on 1 device and on all devices -> max |param diff|
-  process ID PORT two processes (gloo on 127.0.0.1), 3 steps -> params checksum
+(Several processes run through train.py itself: tests/test_pods.py.)
 """
 import json
 import sys
@@ -57,24 +57,5 @@ def sharded(arch):
                           bn_diff=max(bs, default=0.0), validate_error=err)))
 
 
-def process(pid, port):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-    from vgg_jax import train
-    c, model, tx, state, batches = setup("A_bn")
-    par = train.parallel_steps(model, tx)
-    s = par.replicate(state)
-    for b in batches:  # each process feeds its own half of the global batch
-        half = {k: v[pid * 8:(pid + 1) * 8] for k, v in b.items()}
-        s, m = par.train_step(s, par.global_batch(half))
-    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(s.params)]
-    print(json.dumps(dict(pid=pid, processes=jax.process_count(), step=int(s.step),
-                          checksum=float(sum(np.float64(l).sum() for l in leaves)),
-                          first=leaves[0].ravel()[:4].tolist())))
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "sharded":
-        sharded(sys.argv[2])
-    else:
-        process(int(sys.argv[2]), int(sys.argv[3]))
+    sharded(sys.argv[2])
