@@ -49,3 +49,23 @@ def test_eval_benchmark_smoke_mode_counts_compiles_per_bucket():
     # Q=256 on sides in [200, 320]: the short side is 256, the long one in [256, 409], so
     # padded to 32s it is one of 6 values: at most 11 shapes (landscape, portrait, square).
     assert 1 <= r["compiles"] <= 11 and r["img_per_s"] > 0
+
+
+def test_d2l_comparison_smoke_runs_both_sides_on_idx_files(tmp_path):
+    """bench/d2l_fashion_mnist.py end to end on tiny IDX files in the official format
+    (the recorded runs use the real Fashion-MNIST): vgg_jax through train.py on the TFDS
+    dataset prepared from them, the chapter's PyTorch code beside it."""
+    pytest.importorskip("torch")
+    from test_idx import write_fashion
+    write_fashion(str(tmp_path / "idx"), train=256, test=32)
+    out = subprocess.run([sys.executable, "bench/d2l_fashion_mnist.py", "--size", "32",
+                          "--epochs", "1", "--limit", "256", "--idx-dir", str(tmp_path / "idx"),
+                          "--out", str(tmp_path / "out"), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["side"] for r in rows] == ["vgg_jax", "pytorch"]
+    for r in rows:  # an accuracy over exactly the 32 test images, and a measured speed
+        assert r["images_per_sec"] > 0 and abs(r["test_acc"] * 32 - round(r["test_acc"] * 32)) < 1e-6, r
+    logged = [json.loads(l) for l in open(tmp_path / "out" / "d2l.jsonl")]
+    assert [r["side"] for r in logged] == ["vgg_jax", "pytorch"]  # rows as they finish

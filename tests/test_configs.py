@@ -34,6 +34,58 @@ def test_imagenet_recipe_has_the_papers_numbers():
     assert imagenet.get_config("A,256").model.init_scheme == "paper"
 
 
+# What each recipe's source fixes, written out from the source itself (not from the
+# config): the paper's Sec. 3.1 (shared/PAPER.md), d2l's VGG chapter and its train_ch6,
+# and the CIFAR-10 script the seed notes link (04.VGG.py).
+SOURCES = {
+    "imagenet D,256 (paper Sec. 3.1)": (lambda: imagenet.get_config("D,256"), {
+        "optim.batch_size": 256, "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
+        "optim.weight_decay_mode": "coupled", "optim.learning_rate": 1e-2,
+        "optim.schedule": "paper", "optim.plateau_max_decays": 3, "optim.warmup_epochs": 0,
+        "optim.nesterov": False, "optim.grad_clip_norm": 0.0, "model.dropout_rate": 0.5,
+        "model.fc_widths": (4096, 4096), "model.width": 1.0, "model.classifier_pool": 7,
+        "data.image_size": 224, "data.recipe": "paper", "data.s_min": 256, "data.s_max": 256,
+        "data.flip": True, "data.colour_pca": True, "data.normalization": "paper",
+        "train.num_epochs": 74}),
+    "imagenet D,384 (paper Sec. 3.1)": (lambda: imagenet.get_config("D,384"), {
+        "optim.learning_rate": 1e-3, "data.s_min": 384, "data.s_max": 384}),
+    "fashion_mnist (d2l VGG chapter, train_ch6)": (fashion_mnist_vgg11_small.get_config, {
+        "model.arch": "vgg11", "model.width": 0.25, "model.fc_widths": (4096, 4096),
+        "model.classifier_pool": 7, "model.dropout_rate": 0.5, "model.init_scheme": "glorot",
+        "data.dataset": "fashion_mnist", "data.channels": 1, "data.image_size": 224,
+        "data.pad": 0, "data.flip": False, "data.colour_pca": False,
+        "data.normalization": "custom", "data.mean": (0.0,), "data.std": (255.0,),
+        "optim.batch_size": 128, "optim.learning_rate": 0.05, "optim.momentum": 0.0,
+        "optim.nesterov": False, "optim.weight_decay": 0.0, "optim.schedule": "constant",
+        "optim.warmup_epochs": 0, "optim.grad_clip_norm": 0.0, "train.num_epochs": 10,
+        "train.eval_every_epochs": 1}),
+    "cifar10 (04.VGG.py)": (cifar10_vgg16_bn.get_config, {
+        "model.arch": "vgg16_bn", "model.width": 1.0, "model.fc_widths": (4096, 4096),
+        "model.classifier_pool": 7, "model.dropout_rate": 0.5, "data.image_size": 32,
+        "data.pad": 4, "data.flip": True, "data.colour_pca": False,
+        "data.mean": (0.4914 * 255, 0.4822 * 255, 0.4465 * 255),
+        "data.std": (0.2023 * 255, 0.1994 * 255, 0.2010 * 255),
+        "optim.batch_size": 128, "optim.learning_rate": 0.001, "optim.momentum": 0.9,
+        "optim.nesterov": False, "optim.weight_decay": 5e-4, "optim.weight_decay_mode": "coupled",
+        "optim.decay_biases_and_bn": True, "optim.schedule": "step", "optim.step_epochs": (30,),
+        "optim.warmup_epochs": 0, "optim.grad_clip_norm": 0.0, "train.num_epochs": 50,
+        "train.eval_every_epochs": 5}),
+}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_recipe_configs_set_every_value_their_source_fixes(name):
+    make, fixed = SOURCES[name]
+    c = make()
+    for key, value in fixed.items():
+        section, field = key.split(".")
+        got = c[section][field]
+        if isinstance(value, tuple):
+            assert tuple(got) == pytest.approx(value), key
+        else:
+            assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
+
+
 def test_imagenet_config_without_the_data_says_where_the_tars_go(tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--config", "configs/imagenet.py:A,256",
                           f"--workdir={tmp_path}/w", f"--config.data.data_dir={tmp_path}/tfds"],

@@ -120,13 +120,13 @@ def test_training_time_validation_can_use_a_paper_protocol(tmp_path):
 def _random_digits_weights(directory):
     """A randomly initialised (glorot, so predictions vary) tiny VGG-11 for digits."""
     import jax
-    from vgg_jax import input_pipeline, models, weights
+    from vgg_jax import models, prepared, weights
     c = load_config()
     c.model.width, c.model.fc_widths, c.model.arch = 1 / 16, (16, 16), "vgg11"
     model = train.build_model(c, 10)
     variables = models.init_variables(model, jax.random.PRNGKey(3), 32)
     weights.save_weights(directory, variables, weights.model_meta(model, c.data, range(10)))
-    input_pipeline.tfds_builder("vgg_digits")  # prepared before processes race for it
+    prepared.tfds_builder("vgg_digits")  # prepared before processes race for it
     return directory
 
 

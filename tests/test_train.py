@@ -253,8 +253,8 @@ def test_sigterm_leaves_a_checkpoint_at_the_current_step(tmp_path):
 
 
 def test_a_non_finite_update_is_never_saved_and_the_message_names_the_good_step(tmp_path):
-    """Two good steps, then (resumed with a learning rate of 3e38) an update that
-    overflows while its loss, computed before the update, is finite: the step is not
+    """Two good steps, then (resumed with an infinite learning rate) an update that is
+    not finite while its loss, computed before the update, is: the step is not
     saved, the message names step 2 as the last good checkpoint, and resuming from it
     gives finite parameters and a finite next loss. (The guard used to check the loss
     only, and would have saved step 3's infinite parameters.)"""
@@ -263,10 +263,10 @@ def test_a_non_finite_update_is_never_saved_and_the_message_names_the_good_step(
     ok = run_train(tmp_path / "w", *base, "--config.train.max_steps=2", timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     out = run_train(tmp_path / "w", *base, "--config.train.max_steps=6",
-                    "--config.optim.learning_rate=3e38", "--config.train.allow_config_change=True",
+                    "--config.optim.learning_rate=inf", "--config.train.allow_config_change=True",
                     timeout=600)
     assert out.returncode != 0
-    assert "the update of step 3 made parameters non-finite" in out.stderr
+    assert "the update of step 3 made parameters non-finite (its loss was 2.3" in out.stderr
     assert "training stopped; the last good checkpoint (step 2)" in out.stderr
     variables, meta = final_params(tmp_path / "w")
     assert meta["step"] == 2

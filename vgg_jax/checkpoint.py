@@ -353,3 +353,19 @@ def record_config(workdir: str, config, step: int, changes: dict) -> None:
                  changed={k: list(v) for k, v in changes.items()}, config=flat_config(config))
     with open(os.path.join(workdir, HISTORY), "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def check_config(config, workdir: str, mngr) -> dict:
+    """The config keys that changed since the workdir's checkpoints were last trained
+    ({key: (old, new)}, the resumable ones left out). A change refuses to resume, in one
+    line naming each key, unless train.allow_config_change is set."""
+    previous = last_config(workdir) if mngr.all_steps() else None
+    changes = config_changes(previous, flat_config(config)) if previous else {}
+    if changes and not config.train.allow_config_change:
+        mngr.close()
+        raise UserError(
+            f"workdir {workdir} was trained with another config: {describe_changes(changes)}. "
+            f"Resume with those values, train in another --workdir, or add "
+            f"--config.train.allow_config_change=True to go on with the new ones (recorded "
+            f"in {HISTORY})")
+    return changes

@@ -81,14 +81,16 @@ def _features(sub):
 
 
 def _prepare(sub):
-    p = sub.add_parser("prepare", help="prepare a TFDS dataset: the bundled digits, or one "
-                       "from archives you downloaded (imagenet2012)")
+    p = sub.add_parser("prepare", help="prepare a TFDS dataset offline: the bundled digits, "
+                       "one from archives you downloaded (imagenet2012), or mnist / "
+                       "fashion_mnist from their four IDX files")
     p.add_argument("dataset", nargs="?", default="vgg_digits")
     p.add_argument("--data-dir", default=None,
                    help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--manual-dir", default=None,
-                   help="where the downloaded archives are (default: DATA_DIR/downloads/manual)")
-    p.set_defaults(run="vgg_jax.input_pipeline:main_prepare")
+                   help="where the downloaded archives or IDX files are (default: "
+                   "DATA_DIR/downloads/manual)")
+    p.set_defaults(run="vgg_jax.prepared:main_prepare")
 
 
 def _stats(sub):

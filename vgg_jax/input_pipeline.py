@@ -1,10 +1,13 @@
 """Images from TFDS or an image folder, through tf.data, to NumPy batches.
 
-Each process reads its own shard (tfds.even_splits / every n-th file). Training order is a
-pure function of (seed, epoch); each example's augmentation of (seed, epoch, position), so
-the iterator's state is just {epoch, offset} and resuming from it replays exactly what an
-uninterrupted run would have seen. Images that fail to decode are skipped, counted and
-logged with their path. Eval batches are padded to a fixed shape with a `mask`.
+A TFDS split is read as one even part per process (tfds.even_splits, whole files where it
+can); an image folder in one global order per epoch, of which each process takes its block
+of every global batch. Training order is a pure function of (seed, epoch) and can be
+entered at any position without reading what comes before; each example's augmentation
+is a function of (seed, epoch, example), so the iterator's state is just {epoch, offset}
+and resuming from it replays exactly what an uninterrupted run would have seen. Images
+that fail to decode are skipped, counted and logged with their path. Eval batches are
+padded to a fixed shape with a `mask`. (Finding and preparing TFDS datasets: `prepared`.)
 """
 from __future__ import annotations
 
@@ -18,21 +21,17 @@ import numpy as np
 
 from vgg_jax import preprocess, runtime
 from vgg_jax.errors import NotFound, UserError
+from vgg_jax.prepared import tfds_builder
 
 with runtime.tensorflow_banners_filtered():
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-BUNDLED = ("vgg_digits",)  # prepared on first use: they need no download
 log = logging.getLogger(__name__)
 
 # tf.data must not grab the accelerators JAX uses.
 tf.config.set_visible_devices([], "GPU")
-
-
-def default_data_dir(data_dir: str | None = None) -> str:
-    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
 def is_folder(dataset: str) -> bool:
@@ -77,90 +76,6 @@ class Source:
     def key(self, epoch, position, shuffled, block=1):
         return (self._key_fn(epoch, position, shuffled, block) if self._key_fn else
                 f"example #{position}")
-
-
-# Manual-download datasets whose archives we know by name (others: TFDS's instructions).
-MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
-
-
-def _builder(name: str, data_dir: str):
-    import vgg_jax.datasets  # noqa: F401  (registers the bundled builders)
-    try:
-        return tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # DatasetNotFoundError and friends
-        raise UserError(f"unknown TFDS dataset {name!r} ({type(e).__name__}); give a TFDS "
-                         f"name such as vgg_digits, cifar10, imagenet2012, or an image folder "
-                         f"root/class_name/*.jpg") from None
-
-
-def manual_dir_for(data_dir: str | None = None) -> str:
-    """TFDS's own place for manually downloaded archives: DATA_DIR/downloads/manual."""
-    return os.path.join(default_data_dir(data_dir), "downloads", "manual")
-
-
-def prepare_command(name: str, data_dir: str | None = None) -> str:
-    return f"vgg-jax prepare {name} --data-dir {default_data_dir(data_dir)}"
-
-
-def tfds_builder(name: str, data_dir: str | None = None):
-    """A prepared TFDS builder (the bundled ones prepare themselves), or a clear error
-    saying how to prepare it."""
-    data_dir = default_data_dir(data_dir)
-    builder = _builder(name, data_dir)
-    if builder.is_prepared():
-        return builder
-    if name in BUNDLED:
-        return _prepare_once(builder, name, data_dir)
-    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-        files = " and ".join(MANUAL_FILES.get(builder.name, ("the archives TFDS describes",)))
-        raise NotFound(
-            f"TFDS dataset {name!r} is not prepared in {data_dir}: put {files} in "
-            f"{manual_dir_for(data_dir)}, then run `{prepare_command(name, data_dir)}`")
-    raise NotFound(
-        f"TFDS dataset {name!r} is not prepared in {data_dir}. This machine cannot download it: "
-        f"prepare it where the network is available (`{prepare_command(name, 'DIR')}`) and "
-        f"copy DIR here (set data.data_dir or TFDS_DATA_DIR), or use an image folder instead.")
-
-
-def _prepare_once(builder, name: str, data_dir: str, **kwargs):
-    """Prepare `builder` unless another process on this machine is doing it or did it:
-    several processes of one run start together, and two preparations of one dataset
-    race on TFDS's final rename. An flock on DATA_DIR/NAME.prepare.lock serialises them;
-    whoever comes second finds the dataset prepared."""
-    import fcntl
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, f"{name.replace('/', '_')}.prepare.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        builder = _builder(name, data_dir)  # a fresh look: the holder may have prepared it
-        if not builder.is_prepared():
-            log.info("preparing %s in %s (offline, once)", name, data_dir)
-            builder.download_and_prepare(**kwargs)
-    return builder
-
-
-def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None):
-    """Prepare a TFDS dataset through the builder API (no Beam, no network for
-    manual-download datasets): from the archives in `manual_dir` (default
-    DATA_DIR/downloads/manual) for datasets such as imagenet2012. TFDS shows a progress
-    bar per split. Returns the prepared builder."""
-    data_dir = default_data_dir(data_dir)
-    builder = _builder(name, data_dir)
-    if builder.is_prepared() or name in BUNDLED or not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-        return tfds_builder(name, data_dir)
-    manual = os.path.abspath(manual_dir or manual_dir_for(data_dir))
-    expected = MANUAL_FILES.get(builder.name)
-    if expected:
-        missing = [f for f in expected if not os.path.isfile(os.path.join(manual, f))]
-        if missing:
-            raise NotFound(
-                f"{name}: {', '.join(missing)} not found in {manual} (expected "
-                f"{' and '.join(expected)} there, as downloaded; or give --manual-dir DIR)")
-    elif not os.path.isdir(manual) or not os.listdir(manual):
-        first = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()[0]
-        raise NotFound(f"{name}: no downloaded files in {manual} ({first})")
-    log.info("preparing %s in %s from %s", name, data_dir, manual)
-    return _prepare_once(builder, name, data_dir,
-                         download_config=tfds.download.DownloadConfig(manual_dir=manual))
 
 
 def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
@@ -466,14 +381,6 @@ def _with_flip(batch, flip):
 
 
 # ----------------------------------------------------------------------------- CLI
-
-def main_prepare(*, dataset: str = "vgg_digits", data_dir: str | None = None,
-                 manual_dir: str | None = None):
-    builder = prepare(dataset, data_dir, manual_dir)
-    print(f"{dataset}: prepared in {builder.data_dir}")
-    for name, split in builder.info.splits.items():
-        print(f"  {name}: {split.num_examples} examples")
-
 
 def dataset_stats(dataset, split="train", data_dir=None, max_images=10_000, channels=3):
     """Mean pixel (0..255) and the PCA of RGB on [0, 1] pixels (for the colour shift)."""

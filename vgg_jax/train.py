@@ -283,7 +283,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
                     out_shardings=par.replicated)(jax.random.PRNGKey(config.seed))
 
     mngr = checkpoint.manager(workdir, t.keep_checkpoints)
-    changes = check_resumed_config(config, workdir, mngr)
+    changes = checkpoint.check_config(config, workdir, mngr)
     data_state = None
     shardings = jax.tree.map(lambda _: par.replicated, state)
     step0, restored, saved = checkpoint.restore_latest(
@@ -301,24 +301,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     it = input_pipeline.TrainIterator(train_src, d, local_batch, config.seed, data_state)
     return Run(config, workdir, model, par, state, plateau, mngr, it, eval_src,
                train_src.class_names, steps_per_epoch, total_steps)
-
-
-def check_resumed_config(config, workdir: str, mngr) -> dict:
-    """The config keys that changed since the workdir's checkpoints were last trained
-    ({key: (old, new)}, the resumable ones left out: checkpoint.RESUMABLE_CHANGES). A
-    change refuses to resume, in one line naming each key, unless
-    train.allow_config_change is set."""
-    previous = checkpoint.last_config(workdir) if mngr.all_steps() else None
-    changes = checkpoint.config_changes(previous, checkpoint.flat_config(config)) \
-        if previous else {}
-    if changes and not config.train.allow_config_change:
-        mngr.close()
-        raise UserError(
-            f"workdir {workdir} was trained with another config: "
-            f"{checkpoint.describe_changes(changes)}. Resume with those values, train in "
-            f"another --workdir, or add --config.train.allow_config_change=True to go on "
-            f"with the new ones (recorded in {checkpoint.HISTORY})")
-    return changes
 
 
 def evaluate_model(run: Run, state: TrainState) -> dict:
