@@ -266,7 +266,7 @@ def test_a_non_finite_update_is_never_saved_and_the_message_names_the_good_step(
                     "--config.optim.learning_rate=inf", "--config.train.allow_config_change=True",
                     timeout=600)
     assert out.returncode != 0
-    assert "the update of step 3 made parameters non-finite (its loss was 2.3" in out.stderr
+    assert "the update of step 3 made parameters non-finite (its loss was " in out.stderr
     assert "training stopped; the last good checkpoint (step 2)" in out.stderr
     variables, meta = final_params(tmp_path / "w")
     assert meta["step"] == 2
