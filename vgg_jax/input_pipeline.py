@@ -89,6 +89,8 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
     mine = shards[process_index]
 
     def dataset(epoch, shuffle, seed):
+        if shuffle:  # the training order, without its positions
+            return train(epoch, seed, 0, 1).map(lambda pos, uid, image, label: (image, label))
         ds = builder.as_dataset(split=mine, shuffle_files=False,
                                 read_config=tfds.ReadConfig(try_autocache=False),
                                 decoders={"image": tfds.decode.SkipDecoding()})
