@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from vgg_jax import runtime
 from vgg_jax.errors import NotFound, UserError
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,9 @@ def saved_tree(mngr, step: int):
     """The train state's tree of array metadata (shape, dtype) as saved at `step`, read
     from orbax's metadata without reading any array."""
     path = os.path.join(str(mngr.directory), str(step), "state")
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # orbax warns about a missing metadata file, then returns none
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            md = ckptr.metadata(path)
-    finally:
-        absl.setLevel(level)
+    # orbax warns about a missing metadata file, then returns none: reported below
+    with runtime.absl_warnings_off(), ocp.StandardCheckpointer() as ckptr:
+        md = ckptr.metadata(path)
     tree = getattr(md, "item_metadata", md)
     if not jax.tree.leaves(tree):
         raise ValueError(f"no array metadata in {path}")

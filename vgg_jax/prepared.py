@@ -4,7 +4,6 @@ IDX files), and saying in one line how to prepare one that is missing. Nothing h
 downloads: the machines this runs on often cannot."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -28,28 +27,17 @@ MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val
 OFFLINE_IDX = ("mnist", "fashion_mnist")
 
 
-@contextlib.contextmanager
-def _tfds_warnings_off():
-    """TFDS warns "Variant folder ... has no dataset_info.json" whenever it looks at a
-    dataset that is not prepared yet, which is what the caller is finding out."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl.setLevel(level)
-
-
 def _prepared(builder) -> bool:
-    with _tfds_warnings_off():
+    # TFDS warns "Variant folder ... has no dataset_info.json" about a dataset that is not
+    # prepared yet, which is what this finds out
+    with runtime.absl_warnings_off():
         return builder.is_prepared()
 
 
 def _builder(name: str, data_dir: str):
     import vgg_jax.datasets  # noqa: F401  (registers the bundled builders)
     try:
-        with _tfds_warnings_off():
+        with runtime.absl_warnings_off():
             return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
         raise UserError(f"unknown TFDS dataset {name!r} ({type(e).__name__}); give a TFDS "

@@ -61,6 +61,20 @@ def tensorflow_banners_filtered():
                 sys.stderr.flush()
 
 
+@contextlib.contextmanager
+def absl_warnings_off():
+    """Run the body with absl's logger (orbax, TFDS) at ERROR: for warnings a library
+    gives about what the caller is finding out (a dataset not prepared yet, a checkpoint
+    step without metadata), which the caller reports itself."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "vgg_jax", "jax")
