@@ -169,7 +169,8 @@ def test_auto_resolves_per_backend():
     assert cpu(train=True, hw=(224, 224), channels=3) == "im2col"
     assert cpu(train=True, hw=(224, 224), channels=64) == "winograd"
     assert cpu(train=True, hw=(32, 32), channels=64) == "winograd"
-    assert cpu(train=True, hw=(16, 16), channels=32) == "im2col"
+    assert cpu(train=True, hw=(16, 16), channels=32) == "winograd"
+    assert cpu(train=True, hw=(16, 16), channels=8) == "im2col"
     assert cpu(train=True, hw=(56, 56), channels=256) == "winograd4"
     assert cpu(train=True, hw=(14, 14), channels=512) == "winograd"  # 14: not whole 4x4 tiles
     assert cpu(train=True, hw=(56, 56), channels=256, dtype=jnp.bfloat16) == "winograd"
@@ -245,7 +246,7 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
     gradients of every parameter equal the all-'xla' model's."""
     m = models.create_model("A", num_classes=5, width=1 / 2, fc_widths=(8, 8), dropout_rate=0.0)
     plan = models.conv_plan("A", 64, width=1 / 2, train=True, backend="cpu")
-    assert (plan["conv2_1"], plan["conv3_1"], plan["conv4_2"], plan["conv5_1"]) == (
+    assert (plan["conv1_1"], plan["conv2_1"], plan["conv4_2"], plan["conv5_1"]) == (
         "im2col", "winograd", "winograd4", "winograd")
     v = models.init_variables(m, jax.random.key(0), 64)
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
@@ -255,11 +256,18 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
 
     def loss(model):
         return jax.jit(jax.grad(
-            lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x, train=True)))))
+            lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x64, train=True)))))
 
-    for a, b in zip(jax.tree.leaves(loss(m)(v["params"])),
-                    jax.tree.leaves(loss(m.clone(conv_impl="xla"))(v["params"]))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    # in float64: in float32 a ReLU gate or a max-pool tie that rounding flips moves a
+    # few kernel-gradient entries by ~1% between any two algorithms
+    with jax.enable_x64(True):
+        x64, p64 = x.astype(jnp.float64), jax.tree.map(lambda a: a.astype(jnp.float64),
+                                                        v["params"])
+        m64 = m.clone(dtype=jnp.float64)
+        for a, b in zip(jax.tree.leaves(loss(m64)(p64)),
+                        jax.tree.leaves(loss(m64.clone(conv_impl="xla"))(p64))):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * float(jnp.abs(b).max()))
 
 
 def test_auto_follows_the_platform_compiled_for_not_the_default_backend():

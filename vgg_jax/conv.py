@@ -37,14 +37,16 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 # forward (+ both gradients in training) on the 2-core CPU, bench/RESULTS.md 2026-11-28:
 # - training: F(2x2) is the fastest formulation tried for every VGG-16 layer from 4x4
 #   maps with >= 64 input channels (conv1_2 at 32x32, b128: 178 ms; im2col 262, XLA's
-#   conv 240; at 224, b16: 1129 vs im2col 1671), except F(4x4) on 8x8-56x56 maps with
+#   conv 240; at 224, b16: 1129 vs im2col 1671), and for the narrow nets' 16-32 input
+#   channels (d2l's VGG-11/4 at 64x64, b128, 2026-11-29: 32x32 16->32 99 ms vs im2col
+#   124, 16x16 32->64 51 vs 61; conv1_1's 1 or 3 channels stay im2col), except F(4x4) on 8x8-56x56 maps with
 #   >= 256 channels (28x28x512, b16: 205 vs 239); im2col on 2x2 maps and for conv1_1's
 #   3 input channels (one matmul with K = 27).
 # - inference: YNNPACK's conv for < 256 channels and for large maps (224x224x64: 104 ms
 #   vs F(2x2) 225, b8); with >= 256 channels F(2x2) on maps up to 56x56 (VGG-16 at 224,
 #   b8: 14.0 img/s vs 11.2 with YNNPACK there). F(4x4) was as fast end to end but its
 #   temporaries raised the peak memory by ~270 MB (1.72 vs 1.43 GB).
-WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD4_MIN_CHANNELS = 256
 WINOGRAD4_SIDES = (8, 56)  # F(4x4) on maps whose sides are multiples of 4 in this range
 EVAL_WINOGRAD_MIN_CHANNELS = 256  # inference: F(2x2) from these input channels ...
