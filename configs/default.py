@@ -76,7 +76,7 @@ def get_config():
         eval_every_epochs=1,
         checkpoint_every_steps=200,
         keep_checkpoints=2,      # last K, plus the best by validation top-1
-        init_from="",            # checkpoint / weights dir to initialise from
+        init_from="",            # checkpoint / weights dir, or published weights (keras:vgg16)
         init_from_layers="all",  # all | paper (conv1..4 + fc6..8 of net A) | comma list
         init_from_required="",   # a config that fine-tunes names here the run to start from
         init_exclude=(),         # layers not to load, e.g. ('fc8',) or on the command line
@@ -91,6 +91,8 @@ def get_config():
         progress_bar=True,
         compile_cache="",        # JAX's persistent compile cache: '' -> ~/.cache/vgg_jax/jax,
                                  # a folder, or 'off' ($VGG_JAX_COMPILE_CACHE wins)
+        weights_cache="",        # published weights (init_from=torchvision:vgg16) are
+                                 # kept here; '' -> $VGG_JAX_CACHE or ~/.cache/vgg_jax
     ))
 
     c.eval = ml_collections.ConfigDict(dict(

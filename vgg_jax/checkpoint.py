@@ -294,7 +294,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.compile_cache", "train.distributed", "train.coordinator_address",
     "train.num_processes", "train.process_id", "train.allow_config_change",
     "train.init_from", "train.init_from_layers", "train.init_exclude",
-    "train.init_from_required", "data.data_dir", "eval.batch_size", "eval.protocol",
+    "train.init_from_required", "train.weights_cache", "data.data_dir", "eval.batch_size", "eval.protocol",
     "eval.scales"})
 HISTORY = "config_history.jsonl"
 

@@ -12,6 +12,10 @@ from vgg_jax import choices, runtime
 from vgg_jax.errors import UserError
 
 
+WEIGHTS_HELP = ("weights directory, train workdir, or published weights by name "
+                "(torchvision:vgg16, keras:vgg19: `vgg-jax published` lists them)")
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -61,7 +65,7 @@ def _convert(sub):
 
 def _predict(sub):
     p = sub.add_parser("predict", help="top-5 classes for images")
-    p.add_argument("--weights", required=True, help="weights directory or train workdir")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("images", nargs="+")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--dense", action="store_true",
@@ -73,7 +77,7 @@ def _predict(sub):
 
 def _features(sub):
     p = sub.add_parser("features", help="a named layer's activations for images")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--layer", default="fc7")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help=".npy file")
@@ -104,7 +108,7 @@ def _stats(sub):
 
 def _evaluate(sub):
     p = sub.add_parser("evaluate", help="the paper's test protocols (Sec. 3.2)")
-    p.add_argument("--weights", help="weights directory or train workdir")
+    p.add_argument("--weights", help=WEIGHTS_HELP)
     p.add_argument("--ensemble", type=comma_list, default=(),
                    help="comma-separated weights dirs: average soft-max")
     p.add_argument("--data", required=True, help="TFDS name or image folder")
@@ -133,7 +137,7 @@ def _evaluate(sub):
 
 def _embed(sub):
     p = sub.add_parser("embed", help="a layer's embeddings (fc7: 4096-d) for a whole dataset")
-    p.add_argument("--weights", required=True, help="weights directory or train workdir")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--data", required=True, help="TFDS name or image folder")
     p.add_argument("--split", default="test")
     p.add_argument("--data-dir", default=None)
@@ -156,7 +160,7 @@ def _embed(sub):
 def _transfer(sub):
     p = sub.add_parser("transfer", help="Appendix B: linear SVM on the net's descriptors of "
                        "another dataset")
-    p.add_argument("--weights", required=True, help="weights directory or train workdir")
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("--data", required=True, help="TFDS name or image folder")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="test")
@@ -183,7 +187,7 @@ def _plot_embeddings(sub):
 
 def _activations(sub):
     p = sub.add_parser("activations", help="grid of a layer's feature maps beside the image")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("image")
     p.add_argument("--layer", default="conv3_1")
     p.add_argument("--max-maps", type=int, default=64, help="show the N strongest channels")
@@ -194,12 +198,19 @@ def _activations(sub):
 
 def _saliency(sub):
     p = sub.add_parser("saliency", help="class saliency map (Simonyan et al. 2013) overlaid")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("image")
     p.add_argument("--class-name", default=None, help="default: the top class")
     p.add_argument("--out", required=True, help=".png")
     p.add_argument("--size", default="1200x450", help="WIDTHxHEIGHT pixels")
     p.set_defaults(run="vgg_jax.plots:main_saliency")
+
+
+def _published(sub):
+    p = sub.add_parser("published", help="published weights by name: list them, or fetch "
+                       "(download, verify, convert) into the cache")
+    p.add_argument("names", nargs="*", help="e.g. vgg16 keras:vgg19 (none: list them all)")
+    p.set_defaults(run="vgg_jax.published:main")
 
 
 def _plot_metrics(sub):
@@ -214,7 +225,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vgg-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate, _embed,
-                _transfer, _plot_embeddings, _activations, _saliency, _plot_metrics):
+                _transfer, _plot_embeddings, _activations, _saliency, _plot_metrics,
+                _published):
         add(sub)
     args = vars(parser.parse_args(argv))
     command, target = args.pop("command"), args.pop("run")

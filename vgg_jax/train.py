@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import checkpoint, input_pipeline, mesh, models, optim, pixels, weights
+from vgg_jax import checkpoint, input_pipeline, mesh, models, optim, pixels, published, weights
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
 
@@ -255,6 +255,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     and restore the newest readable checkpoint of `workdir` (or initialise, from
     train.init_from if set)."""
     t = config.train
+    published.use_cache(t.get("weights_cache"))
     weights.adopt_init_from(config)
     validate(config)
     d, o = config.data, config.optim

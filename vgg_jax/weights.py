@@ -48,8 +48,17 @@ def save_weights(directory: str, variables, meta: dict) -> None:
         json.dump(meta, f, indent=2)
 
 
+def resolve(path: str) -> str:
+    """A weights directory or workdir as given, or the cached directory of published
+    weights named `source:name` (vgg_jax.published), fetched on first use."""
+    from vgg_jax import published
+    return published.weights_dir(path) if published.is_name(path) else path
+
+
 def read_meta(path: str) -> dict:
-    """meta.json of a weights directory or training workdir, without loading weights."""
+    """meta.json of a weights directory or training workdir (or published weights by
+    name), without loading weights."""
+    path = resolve(path)
     f = os.path.join(os.path.abspath(path), "meta.json")
     if not os.path.isfile(f):
         raise NotFound(
@@ -61,8 +70,9 @@ def read_meta(path: str) -> dict:
 
 def load_weights(path: str, which: str = "latest"):
     """(variables, meta) from a weights directory or a training workdir (`which`:
-    'latest' or 'best' checkpoint of a workdir)."""
-    path = os.path.abspath(path)
+    'latest' or 'best' checkpoint of a workdir); `path` may name published weights
+    (torchvision:vgg16, keras:vgg19: vgg_jax.published)."""
+    path = os.path.abspath(resolve(path))
     if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(
             os.path.join(path, "variables")):
         meta = read_meta(path)
