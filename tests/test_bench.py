@@ -69,3 +69,26 @@ def test_d2l_comparison_smoke_runs_both_sides_on_idx_files(tmp_path):
         assert r["images_per_sec"] > 0 and abs(r["test_acc"] * 32 - round(r["test_acc"] * 32)) < 1e-6, r
     logged = [json.loads(l) for l in open(tmp_path / "out" / "d2l.jsonl")]
     assert [r["side"] for r in logged] == ["vgg_jax", "pytorch"]  # rows as they finish
+
+
+def test_depth_table_smoke_trains_each_configuration_once(tmp_path):
+    """bench/depth_fashion_mnist.py end to end on tiny IDX files (2 steps of A and C, the
+    same seed), each evaluated on exactly the 32 test images; a second call reuses the
+    rows it has instead of training again."""
+    from test_idx import write_fashion
+    write_fashion(str(tmp_path / "idx"), train=256, test=32)
+    cmd = [sys.executable, "bench/depth_fashion_mnist.py", "--archs", "A,C", "--seeds", "3",
+           "--limit", "256", "--idx-dir", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(l) for l in open(tmp_path / "out" / "depth.jsonl")]
+    assert [(r["arch"], r["seed"], r["steps"]) for r in rows] == [("A", 3, 2), ("C", 3, 2)]
+    for r in rows:
+        assert abs(r["top1_err"] * 32 - round(r["top1_err"] * 32)) < 1e-6, r
+    metrics = tmp_path / "out" / "A_seed3" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and metrics.stat().st_mtime_ns == before
+    assert len(open(tmp_path / "out" / "depth.jsonl").readlines()) == 2
+    table = again.stdout.splitlines()
+    assert table[-2].split()[:2] == ["A", "11"] and table[-1].split()[:2] == ["C", "16"]
