@@ -45,3 +45,15 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=5, size=(40, 52),
 @pytest.fixture
 def config():
     return load_config()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skipped test fails the run: every test here runs on a CPU machine with the
+    declared test dependencies, so a skip means a broken install or a broken test."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped and session.exitstatus == 0:
+        names = ", ".join(r.nodeid for r in skipped[:5])
+        print(f"\n{len(skipped)} test(s) skipped ({names}): the suite fails on any skip",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

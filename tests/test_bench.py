@@ -8,7 +8,6 @@ from conftest import ROOT
 
 
 def test_benchmark_smoke_mode_prints_both_frameworks():
-    pytest.importorskip("torch")
     out = subprocess.run([sys.executable, "bench/bench_model.py", "--smoke", "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -55,7 +54,6 @@ def test_d2l_comparison_smoke_runs_both_sides_on_idx_files(tmp_path):
     """bench/d2l_fashion_mnist.py end to end on tiny IDX files in the official format
     (the recorded runs use the real Fashion-MNIST): vgg_jax through train.py on the TFDS
     dataset prepared from them, the chapter's PyTorch code beside it."""
-    pytest.importorskip("torch")
     from test_idx import write_fashion
     write_fashion(str(tmp_path / "idx"), train=256, test=32)
     out = subprocess.run([sys.executable, "bench/d2l_fashion_mnist.py", "--size", "32",

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # a declared test dependency: a broken install fails, never skips
+from torchvision_vgg import VGG, randomize
 
-torch = pytest.importorskip("torch")
-from torchvision_vgg import VGG, randomize  # noqa: E402
-
-from vgg_jax import convert, models, weights  # noqa: E402
+from vgg_jax import convert, models, weights
 
 LAYOUTS = [(n, bn) for n in ("vgg11", "vgg13", "vgg16", "vgg19") for bn in (False, True)]
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, load_config
-from vgg_jax import evaluate, train
+from vgg_jax import evaluate, preprocess, train
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_dense_at_the_crop_size_equals_the_standard_forward(trained):
     net = evaluate.Net(trained)
     raw, _ = _digit_bytes()
     dense = evaluate.posterior(net, raw, "dense", [32], flip=False)
-    image = evaluate.rescaled(raw, net.d, 32, crop=True)
+    image = preprocess.eval_example(raw, net.d, scale=32, crop=True).numpy()
     np.testing.assert_allclose(dense, net.softmax(image[None])[0], rtol=1e-5, atol=1e-7)
 
 
@@ -49,7 +49,7 @@ def test_flip_averaging(trained):
                                evaluate.posterior(net, symmetric, "dense", [40], flip=False),
                                rtol=1e-5, atol=1e-7)
     general = _png(np.random.default_rng(1).integers(0, 255, (40, 48, 3)))
-    image = evaluate.rescaled(general, net.d, 40, crop=False)
+    image = preprocess.eval_example(general, net.d, scale=40, crop=False).numpy()
     two = (net.dense_softmax(image) + net.dense_softmax(image[:, ::-1])) / 2
     # (digits are trained without flips, so their weights' default is no flip: ask for it)
     np.testing.assert_allclose(evaluate.posterior(net, general, "dense", [40], flip=True), two,

@@ -3,14 +3,16 @@ natively on this machine: Keras 3 (with TensorFlow) and onnxruntime. The Keras n
 their head are full size (Keras fixes 224x224 and fc6's 25088 inputs); the rest is small."""
 import os
 
+import keras  # declared test dependencies: a broken install fails, never skips
 import numpy as np
+import onnxruntime as ort
 import pytest
+import torch
 
 from conftest import ROOT
 from vgg_jax import cli, convert, importers, models, weights
 from vgg_jax.errors import UserError
 
-keras = pytest.importorskip("keras")
 
 
 def randomize(model, seed=0):
@@ -107,8 +109,6 @@ def test_wrong_keras_files_name_the_first_layer_that_does_not_fit(tmp_path):
         importers.from_keras(str(tmp_path / "truncated.h5"), "vgg19")
 
 
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
 
 
 def export_onnx(module, path, size):

@@ -1,6 +1,7 @@
 """Input pipeline on data made offline: image folders written here and the bundled digits."""
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -85,10 +86,29 @@ def test_flip_flips_or_keeps():
     assert seen == {"flipped", "kept"}
 
 
+def pca_colour_shift(image, seed, eigval=preprocess.IMAGENET_EIGVAL,
+                     eigvec=preprocess.IMAGENET_EIGVEC, alpha_std=0.1):
+    """Krizhevsky et al. 2012's shift written out on the host, per image (the pipeline
+    applies it on the device, batched: pixels.Pixels)."""
+    alpha = preprocess.pca_alpha(seed, alpha_std).numpy()
+    shift = np.asarray(eigvec, np.float32) @ (alpha * np.asarray(eigval, np.float32))
+    return np.asarray(image, np.float32) + 255.0 * shift
+
+
+def normalize(image, norm: dict):
+    out = (np.asarray(image, np.float32) - np.asarray(norm["mean"], np.float32)) / np.asarray(
+        norm["std"], np.float32)
+    return out[..., ::-1] if norm["bgr"] else out
+
+
 def test_pca_colour_shift_has_the_documented_covariance():
-    zero = tf.zeros((1, 1, 3))
-    shifts = np.stack([preprocess.pca_colour_shift(zero, tf.constant([3, i], tf.int64)).numpy()
-                       .reshape(3) for i in range(4000)])
+    """pixels.Pixels' shift, from the pipeline's alpha draws, over 4000 seeds."""
+    d = preprocess.normalization("unit")
+    px = pixels.Pixels(tuple(d["mean"]), tuple(d["std"]))
+    alpha = np.stack([preprocess.pca_alpha(tf.constant([3, i], tf.int64)).numpy()
+                      for i in range(4000)])
+    zero = np.full((4000, 1, 1, 3), 127.5, np.float32)  # 'unit': (x - 127.5) / 127.5
+    shifts = np.asarray(px(zero, alpha)).reshape(4000, 3) * 127.5
     v = np.asarray(preprocess.IMAGENET_EIGVEC)
     lam = np.asarray(preprocess.IMAGENET_EIGVAL)
     expected = 255.0 ** 2 * v @ np.diag((0.1 * lam) ** 2) @ v.T
@@ -97,13 +117,18 @@ def test_pca_colour_shift_has_the_documented_covariance():
 
 
 def test_mean_subtraction_uses_the_configured_mean():
-    img = tf.fill((2, 2, 3), 200.0)
-    out = preprocess.normalize(img, preprocess.normalization("paper")).numpy()
-    np.testing.assert_allclose(out[0, 0], 200.0 - np.asarray(preprocess.IMAGENET_MEAN_RGB), rtol=1e-6)
-    out = preprocess.normalize(img, preprocess.normalization("custom", (10, 20, 30), (2, 2, 2)))
-    np.testing.assert_allclose(out.numpy()[0, 0], [95, 90, 85])
-    caffe = preprocess.normalize(img, preprocess.normalization("caffe")).numpy()
-    np.testing.assert_allclose(caffe[0, 0], (200.0 - np.asarray(preprocess.IMAGENET_MEAN_RGB))[::-1])
+    img = np.full((1, 2, 2, 3), 200, np.uint8)
+
+    def device(normalization, mean=None, std=None):
+        d = dict(normalization=normalization, mean=mean, std=std)
+        return np.asarray(pixels.for_data(ml_collections.ConfigDict(d))(img))[0, 0, 0]
+
+    np.testing.assert_allclose(device("paper"), 200.0 - np.asarray(preprocess.IMAGENET_MEAN_RGB),
+                               rtol=1e-6)
+    np.testing.assert_allclose(device("custom", (10, 20, 30), (2, 2, 2)), [95, 90, 85])
+    np.testing.assert_allclose(device("caffe"),
+                               (200.0 - np.asarray(preprocess.IMAGENET_MEAN_RGB))[::-1], rtol=1e-6)
+
 
 
 def test_same_seed_same_batches_and_resume_replays_exactly(config):
@@ -222,9 +247,9 @@ def test_device_normalisation_equals_the_host_side_computation_for_the_same_seed
     for pos in range(8):  # no skipped images: batch element i is epoch position i
         s = tf.stack([tf.constant(ip._mix(7, 0), tf.int64), tf.constant(pos, tf.int64)])
         s_pca = preprocess.seeds(s, 4)[3]
-        shifted = preprocess.pca_colour_shift(batch["image"][pos], s_pca, d.pca_eigval,
-                                              d.pca_eigvec, d.pca_std)
-        host = preprocess.normalize(shifted, norm).numpy()
+        shifted = pca_colour_shift(batch["image"][pos], s_pca, d.pca_eigval, d.pca_eigvec,
+                                   d.pca_std)
+        host = normalize(shifted, norm)
         np.testing.assert_allclose(device[pos], host, rtol=1e-6, atol=1e-4)
     assert np.abs(batch["alpha"]).max() > 0  # the shift is really there
 

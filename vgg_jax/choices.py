@@ -1,9 +1,10 @@
 """Every option that takes one of a fixed set of values, listed once. Config validation,
 the command-line `choices` and the error messages all read these (`errors.check_choice`).
-No imports, so the CLI can build its parser without loading JAX or TensorFlow."""
+Imports nothing, so that every module (the CLI's parser, configs, models) can read it
+without an import cycle."""
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")   # Sec. 3.2 (evaluate)
-CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "winograd4")                 # conv algorithms (conv)
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "winograd4")  # conv algorithms (conv)
 RECIPES = ("paper", "small")                                       # training crops (preprocess)
 # Pixel conventions (preprocess.NORMALIZATIONS), plus 'custom' (data.mean / data.std) and,
 # in training configs, 'from_init' (those of train.init_from's weights).

@@ -43,8 +43,9 @@ def make_embed_fn(model, layer: str, pool: bool = True, devices=None, normalise=
 
 def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: int = 64, *,
           pool: bool = True, limit: int | None = None, progress: bool = False):
-    """(embeddings (N, ...), labels (N,)) for every example of `source`, in the order of
-    the processes' shards. `batch_size` is global; it is rounded up to a multiple of the
+    """(embeddings (N, ...), labels (N,)) for every example of `source`, row for row: with
+    one process in the source's order, with several process 0's part, then process 1's
+    and so on (not the source's order). `batch_size` is global; it is rounded up to a multiple of the
     device count."""
     models.check_layer(model.arch, layer)
     fn, data, replicated = make_embed_fn(model, layer, pool, normalise=pixels.for_data(data_cfg))

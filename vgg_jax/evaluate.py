@@ -234,10 +234,6 @@ def posterior(net: Net | list, image_bytes, protocol: str, scales, *, flip: bool
     return out[0]
 
 
-def rescaled(image_bytes, d, q: int, crop: bool) -> np.ndarray:
-    return preprocess.eval_example(image_bytes, d, scale=q, crop=crop).numpy()
-
-
 def evaluate(nets: list[Net], dataset: str, split: str, protocol: str, scales, *,
              data_dir=None, flip: bool | None = None, limit=None, progress: bool = True,
              batch_size: int = 64, crop_size: int | None = None) -> dict:

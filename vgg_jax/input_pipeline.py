@@ -333,19 +333,18 @@ class TrainIterator:
 
 # ----------------------------------------------------------------------------- eval
 
-def eval_batches(source: Source, data_cfg, local_batch: int, *, scale=None, crop=True,
-                 flip=False, limit=None):
+def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None):
     """Every example of this process's shard once, in order, in batches of exactly
     `local_batch` with a 0/1 `mask`; every process yields the same number of batches
-    (ceil(largest shard / batch)) so collective eval steps line up. flip=True adds
-    'image_flipped'. Undecodable images are skipped with a warning."""
+    (ceil(largest shard / batch)) so collective eval steps line up: the centre crop of
+    data_cfg's eval scale. Undecodable images are skipped with a warning."""
     d = data_cfg
     n_local = source.num_examples if limit is None else min(limit, source.num_examples)
     n_max = source.max_shard_examples if limit is None else min(limit, source.max_shard_examples)
     num_batches = math.ceil(n_max / local_batch)
 
     def prep(pos, example):
-        image = preprocess.eval_example(example[0], d, scale=scale, crop=crop)
+        image = preprocess.eval_example(example[0], d)
         return pos, image, example[1]
 
     ds = source.epoch_dataset(0, False, 0).take(n_local).enumerate()
@@ -357,12 +356,12 @@ def eval_batches(source: Source, data_cfg, local_batch: int, *, scale=None, crop
         batch = _pad(image, label, local_batch)
         template = batch
         produced += 1
-        yield _with_flip(batch, flip)
+        yield batch
     if template is None:  # empty shard: shapes from one example of the split
         shape = (d.image_size, d.image_size, d.channels)
         template = _pad(np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32), local_batch)
     for _ in range(num_batches - produced):
-        yield _with_flip({k: np.zeros_like(v) for k, v in template.items()}, flip)
+        yield {k: np.zeros_like(v) for k, v in template.items()}
 
 
 def _pad(image, label, size):
@@ -374,12 +373,6 @@ def _pad(image, label, size):
         image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
         label = np.concatenate([label, np.zeros((pad,), label.dtype)])
     return {"image": image, "label": label.astype(np.int32), "mask": mask}
-
-
-def _with_flip(batch, flip):
-    if flip:
-        batch = dict(batch, image_flipped=batch["image"][:, :, ::-1])
-    return batch
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -100,28 +100,11 @@ def pca_alpha(seed, alpha_std: float = 0.1):
     return tf.random.stateless_normal([3], seed) * alpha_std
 
 
-def pca_colour_shift(image, seed, eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC,
-                     alpha_std: float = 0.1):
-    """Krizhevsky et al. 2012: add sum_i alpha_i lambda_i p_i (alpha_i ~ N(0, alpha_std^2))
-    to every pixel; eigen-pairs are for [0, 1] pixels, so the shift is scaled by 255.
-    (Training applies it on the device: `pixels.Pixels` with `pca_alpha`'s draws.)"""
-    alpha = pca_alpha(seed, alpha_std)
-    shift = tf.linalg.matvec(tf.constant(eigvec, tf.float32),
-                             alpha * tf.constant(eigval, tf.float32))
-    return tf.cast(image, tf.float32) + 255.0 * shift
-
-
 def to_uint8(image):
     """Round a resized (float) image back to 0..255 pixels, as PIL-based pipelines do."""
     if image.dtype == tf.uint8:
         return image
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def normalize(image, norm: dict):
-    image = (tf.cast(image, tf.float32) - tf.constant(norm["mean"], tf.float32)) / tf.constant(
-        norm["std"], tf.float32)
-    return image[..., ::-1] if norm["bgr"] else image
 
 
 def pad_and_random_crop(image, pad: int, seed):
