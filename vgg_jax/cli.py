@@ -56,7 +56,6 @@ def _convert(sub):
     p.add_argument("--from", dest="from_dir", help="vgg_jax weights directory or train workdir")
     p.add_argument("--to-torch", dest="torch_out",
                    help="torch state_dict file to write (.pth or .safetensors)")
-    p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--preprocessing", default=None, choices=choices.NORMALIZATIONS,
                    help="pixel convention the weights expect (default: caffe for Keras "
                    "files, torchvision otherwise)")

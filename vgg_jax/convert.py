@@ -82,7 +82,9 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
 
 def infer_model_kwargs(sd, arch: str, num_classes: int | None = None,
                        include_top: bool = True) -> dict:
-    """Model options read off the tensors: width, fc widths, classes, input channels."""
+    """Model options read off the tensors: width, fc widths, classes, input channels.
+    `num_classes`: the class count the caller expects (from_torch then refuses a file with
+    another, naming the key and both shapes); None takes the file's."""
     layout = torch_layout(arch)
     first = layout["conv1_1"][0] + ".weight"
     if not include_top:
@@ -253,7 +255,7 @@ def _write(out: str, variables, kw: dict, preprocessing: str, source: str) -> No
 def main(*, arch: str | None = None, torch_file: str | None = None, out: str | None = None,
          keras_file: str | None = None, onnx_file: str | None = None, no_top: bool = False,
          from_dir: str | None = None, torch_out: str | None = None,
-         num_classes: int | None = None, preprocessing: str | None = None) -> None:
+         preprocessing: str | None = None) -> None:
     """`vgg-jax convert`: a torch state_dict, a Keras file or an ONNX graph into a weights
     directory; or a weights directory back into a torch state_dict."""
     from vgg_jax import weights
@@ -275,8 +277,8 @@ def main(*, arch: str | None = None, torch_file: str | None = None, out: str | N
             sd = load_state_dict(torch_file)
             if no_top:
                 sd = {k: v for k, v in sd.items() if k.startswith("features.")}
-            kw = infer_model_kwargs(sd, arch, num_classes, include_top=not no_top)
-            _write(out, from_torch(sd, arch, num_classes, include_top=not no_top), kw,
+            kw = infer_model_kwargs(sd, arch, include_top=not no_top)
+            _write(out, from_torch(sd, arch, include_top=not no_top), kw,
                    preprocessing or "torchvision", torch_file)
     elif from_dir and torch_out:
         variables, meta = weights.load_weights(from_dir)

@@ -77,6 +77,14 @@ def _assign(arch: str, convs, fcs, include_top: bool, source: str, fc6_order=Non
                             f"{0 if batch_norms is None else len(batch_norms)}; convert it "
                             f"as {models.canonical_name(letter)}")
         for layer, (name, scale, beta, mean, var) in zip(table, batch_norms):
+            want = (params[layer.name]["bias"].shape[0],)
+            for what, a in (("scale", scale), ("bias", beta), ("mean", mean), ("var", var)):
+                if a is None or tuple(np.shape(a)) != want:
+                    raise UserError(
+                        f"{source}: BatchNormalization {name!r} has {what} "
+                        f"{None if a is None else tuple(np.shape(a))}, but "
+                        f"{models.canonical_name(arch)}'s {models.bn_name(layer.name)} needs "
+                        f"{want}")
             params[models.bn_name(layer.name)] = {"scale": scale, "bias": beta}
             stats[models.bn_name(layer.name)] = {"mean": mean, "var": var}
     kwargs = dict(arch=models.canonical_name(arch), in_channels=int(in_channels),
@@ -255,6 +263,7 @@ def read_onnx(path: str):
             b = value(node.input[2]) if len(node.input) > 2 else None
             if w is None:
                 raise UserError(f"{path}: Conv node {node.name!r} has no constant weight")
+            _check_vgg_conv(path, node, w.shape[2:])
             if b is None:
                 b = np.zeros(w.shape[0], w.dtype)
             convs.append((node.input[1], w.transpose(2, 3, 1, 0), b))  # OIHW -> HWIO
@@ -272,6 +281,8 @@ def read_onnx(path: str):
             if b_const is None or a_const is not None:
                 raise UserError(f"{path}: {node.op_type} node {node.name!r} has no constant "
                                 f"weight matrix")
+            if node.op_type == "Gemm":
+                _check_plain_gemm(path, node)
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             kernel = b_const.T if trans_b else b_const  # -> (in, out)
             bias = None
@@ -287,11 +298,58 @@ def read_onnx(path: str):
     return convs, norms, fcs, not nhwc_flatten
 
 
+def _attributes(node) -> dict:
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _check_vgg_conv(path: str, node, kernel_hw) -> None:
+    """A VGG conv: stride 1, 'same' zero padding (1 for 3x3, 0 for 1x1), no dilation, one
+    group. Anything else computes another function with the same weight shapes."""
+    a = _attributes(node)
+    k = tuple(int(x) for x in kernel_hw)
+    pad = (k[0] - 1) // 2
+    wrong = []
+    if list(a.get("strides", [1, 1])) != [1, 1]:
+        wrong.append(f"strides {list(a['strides'])}")
+    if list(a.get("dilations", [1, 1])) != [1, 1]:
+        wrong.append(f"dilations {list(a['dilations'])}")
+    if int(a.get("group", 1)) != 1:
+        wrong.append(f"group {a['group']}")
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if k not in ((3, 3), (1, 1)):
+        wrong = [f"a {k[0]}x{k[1]} kernel"]
+    elif auto_pad in ("NOTSET", ""):
+        if list(a.get("pads", [0, 0, 0, 0])) != [pad] * 4:
+            wrong.append(f"pads {list(a.get('pads', [0, 0, 0, 0]))}")
+    elif not (auto_pad in ("SAME_UPPER", "SAME_LOWER") or (auto_pad == "VALID" and pad == 0)):
+        wrong.append(f"auto_pad {auto_pad}")
+    if wrong:
+        raise UserError(f"{path}: Conv node {node.name!r} has {', '.join(wrong)}: not a VGG "
+                        f"conv (3x3 or 1x1, stride 1, 'same' padding, no dilation, one group)")
+
+
+def _check_plain_gemm(path: str, node) -> None:
+    """A fully connected layer: Y = X W^T + b or X W + b (alpha = beta = 1, A not
+    transposed)."""
+    a = _attributes(node)
+    wrong = [f"{name} {a[name]}" for name, want in (("alpha", 1.0), ("beta", 1.0), ("transA", 0))
+             if name in a and a[name] != want]
+    if wrong:
+        raise UserError(f"{path}: Gemm node {node.name!r} has {', '.join(wrong)}: not a fully "
+                        f"connected layer (alpha 1, beta 1, transA 0)")
+
+
 def from_onnx(path: str, arch: str, include_top: bool = True):
     """(variables, model kwargs) from an ONNX VGG graph (torchvision's export, BN
     included; fc6 flattened from NCHW unless the graph transposes to NHWC first)."""
     convs, norms, fcs, nchw = read_onnx(path)
     _, bn = models.resolve_arch(arch)
+    if norms and not bn:  # dropping them would compute another function
+        raise UserError(f"{path}: the graph has {len(norms)} BatchNormalization nodes, "
+                        f"which {models.canonical_name(arch)} has no place for; convert it "
+                        f"as {models.canonical_name(arch)}_bn")
     if bn and not norms and convs:  # BN folded into the convs at export: an identity BN
         c = lambda w: np.ones(w.shape[-1], np.float32)
         norms = [(name, c(w), 0 * c(w), 0 * c(w), c(w) - 1e-5) for name, w, _ in convs]
