@@ -20,21 +20,55 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def positive(text: str) -> int:
+    """An integer >= 1 (counts, sizes, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return value
+
+
 def int_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in comma_list(text))
+        values = tuple(int(x) for x in comma_list(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 256 or 256,384,512, "
                                          f"got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be at least 1, got {text!r}")
+    return values
 
 
 def _summary(sub):
     p = sub.add_parser("summary", help="per-layer table: shapes, params, FLOPs, memory, RF")
     p.add_argument("arch")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--num-classes", type=positive, default=1000)
+    p.add_argument("--image-size", type=positive, default=224)
+    p.add_argument("--in-channels", type=positive, default=3)
+    p.add_argument("--width", type=positive_float, default=1.0)
     p.add_argument("--json", dest="json_output", action="store_true",
                    help="print one JSON object")
     p.set_defaults(run="vgg_jax.summary:main")
@@ -66,11 +100,11 @@ def _predict(sub):
     p = sub.add_parser("predict", help="top-5 classes for images")
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive, default=5)
     p.add_argument("--dense", action="store_true",
                    help="the fully-convolutional net over the whole image at --q, without "
                    "the flip averaging of `evaluate --protocol dense`")
-    p.add_argument("--q", type=int, default=256, help="test scale Q for --dense")
+    p.add_argument("--q", type=positive, default=256, help="test scale Q for --dense")
     p.set_defaults(run="vgg_jax.predict:predict")
 
 
@@ -101,7 +135,7 @@ def _stats(sub):
     p.add_argument("dataset", help="TFDS name or image folder")
     p.add_argument("--split", default="train")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-images", type=int, default=10000)
+    p.add_argument("--max-images", type=positive, default=10000)
     p.set_defaults(run="vgg_jax.input_pipeline:main_stats")
 
 
@@ -116,21 +150,21 @@ def _evaluate(sub):
     p.add_argument("--protocol", default="center", choices=choices.PROTOCOLS)
     p.add_argument("--scales", type=int_list, default=(),
                    help="Q or Q1,Q2,... (default: the crop size)")
-    p.add_argument("--crop", type=int, default=None,
+    p.add_argument("--crop", type=positive, default=None,
                    help="crop size of center / multicrop views (default: the model's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average with horizontal flips (default: as the weights were "
                    "trained, from their meta.json)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=positive, default=64,
                    help="crops per batch on this process (dense views: as many pixels)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N")
+    p.add_argument("--limit", type=positive, default=None, help="evaluate only the first N")
     p.add_argument("--json", dest="json_output", action="store_true")
     p.add_argument("--distributed", action="store_true",
                    help="one of several processes (jax.distributed.initialize): each "
                    "evaluates its shard, counts are summed")
     p.add_argument("--coordinator-address", default=None, help="with --distributed: host:port")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--num-processes", type=positive, default=None)
+    p.add_argument("--process-id", type=non_negative, default=None)
     p.set_defaults(run="vgg_jax.evaluate:main")
 
 
@@ -150,8 +184,8 @@ def _embed(sub):
                    help="with --protocol paper: Q1,Q2,... (default 256,384,512)")
     p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES,
                    help="with --protocol paper: how the scales are combined")
-    p.add_argument("--batch-size", type=int, default=64, help="global, over all devices")
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    p.add_argument("--batch-size", type=positive, default=64, help="global, over all devices")
+    p.add_argument("--limit", type=positive, default=None, help="only the first N examples")
     p.add_argument("--out", required=True, help=".npz: embeddings, labels, class_names")
     p.set_defaults(run="vgg_jax.embed:main")
 
@@ -167,9 +201,9 @@ def _transfer(sub):
     p.add_argument("--scales", type=int_list, default=(),
                    help="Q1,Q2,... (default 256,384,512, the paper's)")
     p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES)
-    p.add_argument("--c", type=float, default=1.0, help="the SVM's C")
-    p.add_argument("--batch-size", type=int, default=32, help="views per batch")
-    p.add_argument("--limit", type=int, default=None, help="first N images of each split")
+    p.add_argument("--c", type=positive_float, default=1.0, help="the SVM's C")
+    p.add_argument("--batch-size", type=positive, default=32, help="views per batch")
+    p.add_argument("--limit", type=positive, default=None, help="first N images of each split")
     p.add_argument("--json", dest="json_output", action="store_true")
     p.set_defaults(run="vgg_jax.transfer:main")
 
@@ -180,7 +214,7 @@ def _plot_embeddings(sub):
     p.add_argument("--method", default="pca", choices=choices.EMBED_METHODS)
     p.add_argument("--out", required=True, help=".png")
     p.add_argument("--size", default="1000x800", help="WIDTHxHEIGHT pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative, default=0)
     p.set_defaults(run="vgg_jax.plots:main_plot_embeddings")
 
 
@@ -189,7 +223,7 @@ def _activations(sub):
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     p.add_argument("image")
     p.add_argument("--layer", default="conv3_1")
-    p.add_argument("--max-maps", type=int, default=64, help="show the N strongest channels")
+    p.add_argument("--max-maps", type=positive, default=64, help="show the N strongest channels")
     p.add_argument("--out", required=True, help=".png")
     p.add_argument("--size", default="1400x700", help="WIDTHxHEIGHT pixels")
     p.set_defaults(run="vgg_jax.plots:main_activations")

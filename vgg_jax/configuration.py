@@ -123,10 +123,19 @@ def explain_flag_error(argv, error: Exception, default_config: str) -> str:
     if not os.path.isfile(file):
         return f"config file {file} not found (give --config=configs/NAME.py)"
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_vgg_jax_config", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(path.split(":", 1)[1]) if ":" in path else module.get_config()
+    try:  # the error may be the config file's own: report it, do not raise it again
+        spec = importlib.util.spec_from_file_location("_vgg_jax_config", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(path.split(":", 1)[1]) if ":" in path else module.get_config()
+    except Exception as e:  # noqa: BLE001 (anything the user's file raises)
+        import traceback
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if os.path.abspath(f.filename) == os.path.abspath(file)]
+        where = f" (line {frames[-1].lineno})" if frames else ""
+        arg = f" with argument {path.split(':', 1)[1]!r}" if ":" in path else ""
+        first = (str(e).splitlines() or [""])[0]
+        return (f"config file {file}{arg} failed{where}: {type(e).__name__}: {first}")
     keys = flat_keys(config)
     for key in override_keys(argv):
         if key in keys:

@@ -15,7 +15,7 @@ import numpy as np
 
 from vgg_jax import classes, importers, models
 from vgg_jax.importers import fc6_flax_to_torch, fc6_torch_to_flax  # noqa: F401 (API)
-from vgg_jax.errors import UserError, NotFound
+from vgg_jax.errors import MissingDependency, NotFound, UserError
 
 BN_TORCH = {"weight": "scale", "bias": "bias"}
 BN_STATS = {"running_mean": "mean", "running_var": "var"}
@@ -59,8 +59,9 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
             try:
                 import torch
             except ImportError:
-                raise ImportError(f"reading {path} needs torch (pip install 'vgg_jax[torch]'); "
-                                  "or convert it to .safetensors / .npz elsewhere") from None
+                raise MissingDependency(f"reading {path} needs torch (pip install "
+                                        f"'vgg_jax[torch]'); or convert it to .safetensors / "
+                                        f".npz elsewhere") from None
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # pickle.UnpicklingError for anything but tensors
@@ -296,7 +297,12 @@ def main(*, arch: str | None = None, torch_file: str | None = None, out: str | N
             from safetensors.numpy import save_file
             save_file(dict(sd), torch_out)
         else:
-            import torch
+            try:
+                import torch
+            except ImportError:
+                raise MissingDependency(f"writing {torch_out} needs torch (pip install "
+                                        f"'vgg_jax[torch]'); or write a .safetensors file, "
+                                        f"which does not") from None
             torch.save(sd, torch_out)
         print(f"wrote {len(sd)} tensors to {torch_out}")
     else:

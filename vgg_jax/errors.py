@@ -17,6 +17,11 @@ class NotFound(UserError, FileNotFoundError):
     """A file, directory or dataset the user named does not exist (or is not prepared)."""
 
 
+class MissingDependency(UserError, ImportError):
+    """An optional package the asked-for job needs is not installed: the message names the
+    extra to install."""
+
+
 def closest(value: str, allowed, n: int = 3) -> list[str]:
     return difflib.get_close_matches(str(value), [str(a) for a in allowed], n=n, cutoff=0.5)
 

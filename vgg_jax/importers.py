@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 
 from vgg_jax import models
-from vgg_jax.errors import NotFound, UserError
+from vgg_jax.errors import MissingDependency, NotFound, UserError
 
 KERAS_BLOCK = re.compile(r"block(\d+)_conv(\d+)$")
 KERAS_FC = {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}
@@ -228,7 +228,8 @@ def read_onnx(path: str):
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        raise ImportError("reading ONNX needs the onnx package: pip install onnx") from None
+        raise MissingDependency(f"reading {path} needs the onnx package (pip install "
+                                f"'vgg_jax[onnx]')") from None
     if not os.path.exists(path):
         raise NotFound(f"ONNX file {path} does not exist")
     try:

@@ -83,8 +83,15 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
     """A TFDS split; each process reads its own even part (tfds.even_splits), as whole
     files where it can, so no host reads another's examples."""
     builder = tfds_builder(name, data_dir)
-    shards = tfds.even_splits(split, n=process_count)
-    sizes = [builder.info.splits[s].num_examples for s in shards]
+    try:
+        shards = tfds.even_splits(split, n=process_count)
+        sizes = [builder.info.splits[s].num_examples for s in shards]
+    except (ValueError, KeyError) as e:  # an unknown split name, or a bad slice of one
+        known = ", ".join(sorted(builder.info.splits))
+        why = str(e).splitlines()[0]
+        why = "" if why.startswith("Unknown split") else f" ({why})"
+        raise UserError(f"{name} has no split {split!r}{why}; its splits: {known} (slices "
+                        f"like 'train[:10%]' work too)") from None
     label = builder.info.features["label"]
     mine = shards[process_index]
 

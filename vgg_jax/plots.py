@@ -107,7 +107,18 @@ def plot_embeddings(embeddings, labels, class_names, out: str, *, method: str = 
 
 def main_plot_embeddings(*, embeddings: str, out: str, method: str = "pca",
                          size: str = "1000x800", seed: int = 0):
-    with np.load(embeddings, allow_pickle=False) as f:
+    if not os.path.isfile(embeddings):
+        raise NotFound(f"embeddings file {embeddings} does not exist (write one with "
+                       f"`vgg-jax embed ... --out FILE.npz`)")
+    try:
+        f = np.load(embeddings, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {embeddings} as an .npz of embeddings: "
+                        f"{str(e).splitlines()[0]}") from None
+    with f:
+        if "embeddings" not in f or "labels" not in f:
+            raise UserError(f"{embeddings} has no 'embeddings' and 'labels' arrays (it has "
+                            f"{', '.join(f.files) or 'none'}): write it with `vgg-jax embed`")
         emb, labels = f["embeddings"], f["labels"]
         names = [str(n) for n in f["class_names"]] if "class_names" in f else []
         layer = str(f["layer"]) if "layer" in f else "embedding"

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from vgg_jax.weights import Net
+from vgg_jax.weights import Net, read_image_bytes
 
 
 def predict(*, weights: str, images, top: int = 5, dense: bool = False, q: int = 256) -> None:
     """Print the `top` classes of each image file: the centre crop, or with `dense` the
     whole image at scale `q` through the fully-convolutional net (without the flip that
     the paper's dense evaluation averages in: `vgg-jax evaluate --protocol dense`)."""
+    for path in images:  # every file checked before any output
+        read_image_bytes(path)
     net = Net(weights)
     for path in images:
         print(path)

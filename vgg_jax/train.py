@@ -265,6 +265,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train_src = input_pipeline.make_source(d.dataset, d.train_split, data_dir, pidx, pcount,
                                            d.shuffle_buffer)
     eval_src = input_pipeline.make_source(d.dataset, d.eval_split, data_dir, pidx, pcount)
+    if 0 < config.model.num_classes < train_src.num_classes:  # labels past fc8: NaN loss
+        raise UserError(f"model.num_classes={config.model.num_classes}, but {d.dataset} has "
+                        f"{train_src.num_classes} classes (labels 0..{train_src.num_classes - 1}); "
+                        f"set model.num_classes=0 to take the dataset's")
     model = build_model(config, config.model.num_classes or train_src.num_classes)
     local_batch = o.batch_size // pcount
     steps_per_epoch = (train_src.total_examples // pcount) // local_batch

@@ -212,6 +212,10 @@ def names(value) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- in memory
 
 def read_image_bytes(path: str) -> bytes:
+    """The bytes of an image file, refused in one line when missing or undecodable."""
+    if not os.path.isfile(path):
+        raise NotFound(f"image file {path} does not exist" if not os.path.exists(path) else
+                       f"{path} is not an image file (a directory?)")
     with open(path, "rb") as f:
         raw = f.read()
     try:
