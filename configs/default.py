@@ -90,7 +90,7 @@ def get_config():
                                  # length, logging and the like may change without it)
         progress_bar=True,
         compile_cache="",        # JAX's persistent compile cache: '' -> ~/.cache/vgg_jax/jax,
-                                 # a folder, or 'off' ($VGG_JAX_COMPILE_CACHE wins)
+                                 # a folder, or 'off' (wins over $VGG_JAX_COMPILE_CACHE)
         weights_cache="",        # published weights (init_from=torchvision:vgg16) are
                                  # kept here; '' -> $VGG_JAX_CACHE or ~/.cache/vgg_jax
     ))

@@ -122,3 +122,77 @@ def test_fewer_model_classes_than_the_dataset_has_is_refused(tmp_path):
         f"train.py: error: model.num_classes=2, but {tmp_path}/imgs has 3 classes (labels 0..2);"
         f" set model.num_classes=0 to take the dataset's")
     assert not os.path.exists(tmp_path / "wd" / "checkpoints")
+
+
+def test_dense_views_below_the_nets_window_are_refused_naming_the_smallest_q(tiny, capsys):
+    """The tiny net (classifier_pool 1) needs Q >= 32; Q = 20 used to give uniform scores."""
+    one_line_error(capsys, ["predict", "--weights", tiny["w"], "--dense", "--q", "20",
+                            tiny["photo"]],
+                   "is too small for dense evaluation: this net's fc6 needs a 1x1 window of "
+                   "pool5 (the view leaves 0x0); the smallest test scale Q for it is 32")
+    assert weights.Net(tiny["w"]).smallest_dense_q() == 32
+    assert cli.main(["predict", "--weights", tiny["w"], "--dense", "--q", "32", tiny["photo"]]) == 0
+
+
+# ----------------------------------------------------------------------------- meanings
+
+def test_an_explicit_compile_cache_wins_over_the_environment(monkeypatch, tmp_path):
+    from vgg_jax import runtime
+    monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, str(tmp_path / "env"))
+    assert runtime.compile_cache_dir(str(tmp_path / "config")) == str(tmp_path / "config")
+    assert runtime.compile_cache_dir("") == str(tmp_path / "env")
+    assert runtime.compile_cache_dir("off") is None
+
+
+def test_init_from_all_says_what_was_left_out_and_named_layers_must_exist(tmp_path, caplog):
+    """E's weights into D: 'all' loads the shared layers and lists E's extra convs (and D's
+    layers that start fresh); a named layer D lacks is refused."""
+    import logging
+
+    import ml_collections
+
+    from vgg_jax.errors import UserError
+    e = models.create_model("E", num_classes=3, width=1 / 16, fc_widths=(8, 8), classifier_pool=1)
+    variables = models.init_variables(e, jax.random.key(0), 32)
+    kw = dict(arch="vgg19", num_classes=3, width=1 / 16, fc_widths=[8, 8], classifier_pool=1)
+    weights.save_weights(str(tmp_path / "e"), variables, convert.weights_meta(kw))
+    d = models.create_model("D", num_classes=3, width=1 / 16, fc_widths=(8, 8), classifier_pool=1)
+    params = models.init_variables(d, jax.random.key(1), 32)["params"]
+    cfg = ml_collections.ConfigDict(dict(init_from=str(tmp_path / "e"), init_from_layers="all",
+                                         init_exclude=""))
+    with caplog.at_level(logging.INFO, logger="vgg_jax"):
+        new, _ = weights.init_layers(params, {}, cfg)
+    assert "its layers conv3_4, conv4_4, conv5_4 have no place in this model" in caplog.text
+    np.testing.assert_array_equal(new["conv5_3"]["kernel"],
+                                  variables["params"]["conv5_3"]["kernel"])
+    cfg.init_from_layers = "conv1_1,conv3_4"
+    with pytest.raises(UserError, match="init_from_layers names 'conv3_4', which this model "
+                                        "does not have"):
+        weights.init_layers(params, {}, cfg)
+
+
+def test_weights_record_the_model_not_the_machines_conv_algorithm(tiny):
+    import ml_collections
+    model = models.create_model("vgg11", num_classes=5, width=1 / 16, fc_widths=(8, 8),
+                                conv_impl="winograd")
+    data = ml_collections.ConfigDict(dict(normalization="unit", mean=(0.0,), std=(1.0,),
+                                          bgr=False, recipe="small", image_size=32,
+                                          eval_scale=32, channels=3, flip=False))
+    meta = weights.model_meta(model, data, [str(i) for i in range(5)])
+    assert "conv_impl" not in meta["model"]
+    old = dict(meta, model=dict(meta["model"], conv_impl="winograd"))  # written before
+    assert weights.model_from_meta(old).conv_impl == "auto"
+
+
+def test_ceil_mode_pools_accept_the_sizes_they_can_take():
+    from vgg_jax.errors import UserError
+    with pytest.raises(UserError, match="input 16x16 is smaller than 32x32: the five"):
+        models.check_input((1, 16, 16, 3), 3)
+    models.check_input((1, 16, 16, 3), 3, pool_ceil=True)  # 16 -> 8 -> 4 -> 2 -> 1 -> 1
+    models.check_input((1, 194, 194, 3), 3, dense=True, pool_ceil=True)  # pool5 7x7
+    with pytest.raises(UserError, match="smaller than 193x193 with ceil-mode pools: dense"):
+        models.check_input((1, 192, 192, 3), 3, dense=True, pool_ceil=True)
+    m = models.create_model("A", num_classes=2, width=1 / 16, fc_widths=(4, 4), classifier_pool=1,
+                            pool_ceil=True)
+    v = models.init_variables(m, jax.random.key(0), 32)
+    assert m.apply(v, np.zeros((1, 20, 20, 3), np.float32)).shape == (1, 2)

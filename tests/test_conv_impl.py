@@ -84,7 +84,8 @@ def test_batch_chunks_are_the_fewest_that_fit_the_budget():
     assert conv.CHUNK_BYTES == 8 * mb
     # data parallel over 4 devices: 4 images each, one per chunk; 4 does not divide 6
     assert conv.batch_chunks((16, 224, 224, 64), 64, devices=4) == 4
-    assert conv.batch_chunks((128, 32, 32, 64), 64, devices=8) == 1  # 2 MB a device
+    # the budget is the whole chunk's, on one device or eight: 32 MB -> 4 chunks of 8 MB
+    assert conv.batch_chunks((128, 32, 32, 64), 64, devices=8) == 4
     assert conv.batch_chunks((6, 64, 64, 128), 256, devices=4) == 3
 
 
@@ -92,7 +93,7 @@ SHARDED_CHUNKS = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from vgg_jax import conv, mesh
-conv.CHUNK_BYTES = 4 * 6 * 6 * 8 * 4  # 4 images a device per chunk: 32 images -> 2 chunks
+conv.CHUNK_BYTES = 16 * 6 * 6 * 8 * 4  # 16 images (2 a device) per chunk: 32 images -> 2 chunks
 m = mesh.data_mesh()[0]
 r = np.random.default_rng(0)
 x = jax.device_put(r.normal(size=(32, 6, 6, 3)).astype(np.float32), NamedSharding(m, P("data")))

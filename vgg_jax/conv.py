@@ -278,16 +278,18 @@ CHUNK_BYTES = 8 << 20
 
 def batch_chunks(shape, channels: int, devices: int = 1) -> int:
     """How many equal chunks winograd_conv3x3 splits a batch of maps `shape` (n, h, w, c)
-    into: the fewest with at most CHUNK_BYTES per chunk and device (`channels` = the
-    larger of Cin and Cout). With the batch data-parallel over `devices` (when they
-    divide it), each chunk keeps a whole share on every device (chunks divide n/devices),
-    so no chunk moves images between devices."""
+    into: the fewest whose whole chunk holds at most CHUNK_BYTES (`channels` = the larger
+    of Cin and Cout), wherever its images live. With `devices` that divide the batch, the
+    chunks also divide every device's share (a data-parallel batch keeps each device's
+    images in every chunk, so no chunk moves images between devices), and when no such
+    chunk fits, each chunk takes one image per device. The budget counts the whole chunk,
+    not a device's part, so an array on one device of a many-device host gets chunks of
+    CHUNK_BYTES too (a data-parallel batch gets smaller ones per device)."""
     n, h, w = shape[:3]
-    per_device = n // devices if n % devices == 0 else n
+    share = n // devices if n % devices == 0 else n
     per_image = h * w * channels * 4
-    return next((k for k in range(1, per_device + 1)
-                 if per_device % k == 0 and per_device // k * per_image <= CHUNK_BYTES),
-                per_device)
+    return next((k for k in range(1, share + 1)
+                 if share % k == 0 and n // k * per_image <= CHUNK_BYTES), share)
 
 
 def _over_chunks(f, carry, xs, chunks: int, out_channels: int, dtype):

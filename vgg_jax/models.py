@@ -245,7 +245,7 @@ class VGG(nn.Module):
     def __call__(self, x, train: bool = False, *, dense: bool = False,
                  capture: Sequence[str] = (), valid=None):
         letter, batch_norm = resolve_arch(self.arch)
-        check_input(x.shape, self.in_channels, dense, self.classifier_pool)
+        check_input(x.shape, self.in_channels, dense, self.classifier_pool, self.pool_ceil)
         if valid is not None and not dense:
             raise UserError("valid= (true image sizes in a padded batch) needs dense=True")
         names = layer_names(self.arch)
@@ -333,18 +333,28 @@ def average_valid(scores, valid_out):
     return scores.sum(axis=(1, 2)) / count[:, None]
 
 
-def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: int = 7):
+def pool5_side(n: int, pool_ceil: bool = False) -> int:
+    """A side of n pixels after the five 2x2 stride-2 max-pools (floor, or Caffe's ceil)."""
+    for _ in range(POOLS):
+        n = (n + 1) // 2 if pool_ceil else n // 2
+    return n
+
+
+def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: int = 7,
+                pool_ceil: bool = False):
     if len(shape) != 4:
         raise UserError(f"expected NHWC images (N, H, W, C), got shape {tuple(shape)}")
     _, h, w, c = shape
     if c != in_channels:
         raise UserError(f"images have {c} channels but the model was built for "
                          f"in_channels={in_channels}")
-    need = 2 ** POOLS * (classifier_pool if dense else 1)
-    if h < need or w < need:
+    want = classifier_pool if dense else 1
+    if min(pool5_side(h, pool_ceil), pool5_side(w, pool_ceil)) < want:
+        need = next(n for n in range(1, 2 ** POOLS * want + 1) if pool5_side(n, pool_ceil) >= want)
         what = (f"dense evaluation needs pool5 to be at least {classifier_pool}x{classifier_pool}"
                 if dense else "the five 2x2 max-pools need at least 1x1 left at pool5")
-        raise UserError(f"input {h}x{w} is smaller than {need}x{need}: {what}")
+        mode = " with ceil-mode pools" if pool_ceil else ""
+        raise UserError(f"input {h}x{w} is smaller than {need}x{need}{mode}: {what}")
 
 
 def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: int = 3,

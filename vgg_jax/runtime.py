@@ -9,8 +9,8 @@ also sets TF_CPP_MIN_LOG_LEVEL=1 (INFO off later on) unless the user set it.
 
 Compile cache: the first run of a command compiles its steps (~35 s for the VGG-16 CPU
 training step); JAX can keep the compiled programs on disk and reuse them when nothing
-changed. The commands (`train.py`, `vgg-jax`) turn it on in COMPILE_CACHE_ENV's folder,
-else config.train.compile_cache, else ~/.cache/vgg_jax/jax (XDG_CACHE_HOME respected);
+changed. The commands (`train.py`, `vgg-jax`) turn it on in config.train.compile_cache's
+folder when the config sets one, else COMPILE_CACHE_ENV's, else ~/.cache/vgg_jax/jax (XDG_CACHE_HOME respected);
 'off' (in either) leaves it off.
 """
 from __future__ import annotations
@@ -81,9 +81,10 @@ def default_cache_dir() -> str:
 
 
 def compile_cache_dir(configured: str = "") -> str | None:
-    """The folder the persistent compile cache uses, or None when it is turned off: the
-    environment variable wins over the config field, which wins over the default."""
-    choice = os.environ.get(COMPILE_CACHE_ENV) or configured or default_cache_dir()
+    """The folder the persistent compile cache uses, or None when it is turned off: a value
+    set in the config (explicit) wins over the environment variable, which wins over the
+    default."""
+    choice = configured or os.environ.get(COMPILE_CACHE_ENV) or default_cache_dir()
     return None if choice.strip().lower() in OFF else os.path.abspath(os.path.expanduser(choice))
 
 

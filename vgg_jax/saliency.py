@@ -39,7 +39,7 @@ def input_gradient(model, variables, image, class_index: int | None = None,
     """(dS_c/dI of shape image.shape, c, S_c). class_index None: the top class (of the
     whole image, or at `position`)."""
     models.check_input((1, *np.shape(image)), model.in_channels, dense=position is not None,
-                       classifier_pool=model.classifier_pool)
+                       classifier_pool=model.classifier_pool, pool_ceil=model.pool_ceil)
     position = None if position is None else (int(position[0]), int(position[1]))
     image = jnp.asarray(image)
     if not jnp.issubdtype(image.dtype, jnp.floating):

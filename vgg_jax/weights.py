@@ -92,8 +92,11 @@ def load_weights(path: str, which: str = "latest"):
 
 
 def model_from_meta(meta: dict, **overrides) -> models.VGG:
-    """The VGG module described by a weights directory's meta.json."""
-    return models.create_model(**dict(meta["model"], **overrides))
+    """The VGG module described by a weights directory's meta.json. The conv algorithm is
+    this machine's choice ('auto' unless overridden), not the trainer's: meta.json written
+    before 2026-11-29 recorded the training machine's `conv_impl`, which is ignored."""
+    model = {k: v for k, v in meta["model"].items() if k != "conv_impl"}
+    return models.create_model(**dict(model, **overrides))
 
 
 def model_meta(model: models.VGG, data: ml_collections.ConfigDict, class_names) -> dict:
@@ -103,7 +106,7 @@ def model_meta(model: models.VGG, data: ml_collections.ConfigDict, class_names) 
         model=dict(arch=model.arch, num_classes=model.num_classes,
                    in_channels=model.in_channels, width=model.width,
                    fc_widths=list(model.fc_widths), dropout_rate=model.dropout_rate,
-                   init_scheme=model.init_scheme, conv_impl=model.conv_impl,
+                   init_scheme=model.init_scheme,
                    classifier_pool=model.classifier_pool, pool_ceil=model.pool_ceil,
                    include_top=model.include_top),
         preprocessing=dict(
@@ -157,15 +160,23 @@ def paper_preinit_layers(source_arch: str) -> list[str]:
     return convs[:4] + ["fc6", "fc7", "fc8"]
 
 
-def load_layers(params, batch_stats, source_variables, layers, exclude=()):
+def load_layers(params, batch_stats, source_variables, layers, exclude=(), strict=True):
     """Copy the named layers (and their BN) from source_variables. A named layer that is
-    missing or has another shape is an error naming it and both shapes."""
+    missing from the source, or (with `strict`) from the model, or has another shape is an
+    error naming it (and both shapes); without `strict` a layer the model lacks is passed
+    over (the caller reports it)."""
     src_p = source_variables["params"]
     src_bs = source_variables.get("batch_stats", {})
     params, batch_stats = dict(params), dict(batch_stats)
     loaded = []
     for name in layers:
         if name in exclude:
+            continue
+        if name not in params:
+            if strict:
+                raise UserError(f"train.init_from_layers names {name!r}, which this model "
+                                f"does not have (its layers: "
+                                f"{', '.join(k for k in params if not k.startswith('bn'))})")
             continue
         for tree, src in ((params, src_p), (batch_stats, src_bs)):
             for key in (name, models.bn_name(name)) if name.startswith("conv") else (name,):
@@ -196,9 +207,18 @@ def init_layers(params, batch_stats, train_cfg):
         layers = [k for k in variables["params"] if not k.startswith("bn")]
     else:
         layers = names(train_cfg.init_from_layers)
-    params, batch_stats, loaded = load_layers(params, batch_stats, variables, layers,
-                                              names(train_cfg.init_exclude))
+    exclude = names(train_cfg.init_exclude)
+    params, batch_stats, loaded = load_layers(params, batch_stats, variables, layers, exclude,
+                                              strict=train_cfg.init_from_layers != "all")
     log.info("initialised %s from %s", ", ".join(dict.fromkeys(loaded)), train_cfg.init_from)
+    unused = [k for k in layers if k not in params and k not in exclude]
+    fresh = [k for k in params if not k.startswith("bn") and k not in loaded]
+    if unused:  # 'all' from a deeper net (E into D): say which weights were left behind
+        log.warning("init_from %s: its layers %s have no place in this model and were not "
+                    "loaded", train_cfg.init_from, ", ".join(unused))
+    if fresh:
+        log.warning("init_from %s: this model's layers %s start from their initialiser",
+                    train_cfg.init_from, ", ".join(fresh))
     return params, batch_stats
 
 
@@ -303,6 +323,8 @@ class Net:
         """Soft-max posteriors (N, K) of a batch of uint8 images whose size divides over
         the devices; with `valid` (N, 2) the batch is zero-padded whole images (dense)."""
         dense = valid is not None
+        if dense:
+            self.check_dense_views(valid)
         valid = np.asarray(valid if dense else np.zeros((len(images), 2)), np.int32)
         fn = _softmax_fn(self.model, dense, self.normalise)
         put = lambda x: jax.device_put(x, self._sharded)
@@ -316,10 +338,31 @@ class Net:
         if layer not in ("fc6", "fc7"):
             raise UserError(f"dense features come from fc6 or fc7, not {layer!r}")
         n = len(images)
+        self.check_dense_views(valid)
         images, valid = self._padded(images, valid, batch)
         fn = _dense_feature_fn(self.model, layer, self.normalise)
         put = lambda x: jax.device_put(x, self._sharded)
         return np.asarray(fn(self.variables, put(images), put(np.asarray(valid, np.int32))))[:n]
+
+    def smallest_dense_q(self) -> int:
+        """The smallest test scale Q (shorter side) whose dense view leaves fc6 its
+        classifier_pool x classifier_pool window of pool5."""
+        m = self.model
+        return next(q for q in range(1, 2 ** models.POOLS * m.classifier_pool + 1)
+                    if models.pool5_side(q, m.pool_ceil) >= m.classifier_pool)
+
+    def check_dense_views(self, valid) -> None:
+        """Refuse views too small for the fully-convolutional net, in one line naming the
+        smallest Q (below it fc6's window does not fit and the scores would be empty)."""
+        m = self.model
+        for h, w in np.asarray(valid).reshape(-1, 2):
+            ph, pw = models.pool5_side(int(h), m.pool_ceil), models.pool5_side(int(w), m.pool_ceil)
+            if min(ph, pw) < m.classifier_pool:
+                raise UserError(
+                    f"a {h}x{w} view is too small for dense evaluation: this net's fc6 needs "
+                    f"a {m.classifier_pool}x{m.classifier_pool} window of pool5 (the view "
+                    f"leaves {ph}x{pw}); the smallest test scale Q for it is "
+                    f"{self.smallest_dense_q()}")
 
     def _padded(self, images, valid, batch: int | None):
         """The batch padded with empty views to `batch` or to a multiple of the devices."""
