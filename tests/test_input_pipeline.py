@@ -325,3 +325,34 @@ def test_folder_training_order_is_one_global_order_whatever_the_process_count(tm
     for _, uid, _ in parts[1][:4]:
         os.remove(paths[order[uid]])
     assert epoch(src, 2, 4) == parts[1][4:]
+
+
+def test_centre_crop_offsets_are_torchvisions():
+    """torchvision.transforms.functional.center_crop (0.29): crop_top =
+    int(round((image_height - crop_height) / 2.0)), Python's round (halves to even). Every
+    difference 0..40 on both axes, against that formula and the pixels it selects."""
+    for diff_h in range(41):
+        for diff_w in (0, 3, 7, 10):
+            h, w = 8 + diff_h, 8 + diff_w
+            image = np.arange(h * w, dtype=np.int32).reshape(h, w, 1)
+            top, left = int(round(diff_h / 2.0)), int(round(diff_w / 2.0))
+            got = preprocess.center_crop(tf.constant(image), 8).numpy()
+            np.testing.assert_array_equal(got, image[top:top + 8, left:left + 8], (h, w))
+    assert int(round(3 / 2.0)) == 2 and (3 // 2) == 1  # where a floor was one pixel off
+
+
+def test_dataset_stats_sample_the_whole_split_and_skip_broken_images(tmp_path):
+    """Ten black then ten white images (class folders in that order) and a broken file:
+    8 images drawn at random see both classes (the first 8 files are all black); over
+    everything the mean is the exact mix and the broken file is counted, not fatal."""
+    from PIL import Image
+    for cls, value in (("a_black", 0), ("b_white", 255)):
+        os.makedirs(tmp_path / cls)
+        for i in range(10):
+            Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "b_white" / "broken.png").write_bytes(b"not a png")
+    some = ip.dataset_stats(str(tmp_path), max_images=8)
+    assert 0 < some["mean"][0] < 255 and some["images"] + some["skipped"] == 8
+    every = ip.dataset_stats(str(tmp_path), max_images=100)
+    assert (every["images"], every["skipped"]) == (20, 1)
+    np.testing.assert_allclose(every["mean"], [127.5] * 3)

@@ -385,23 +385,32 @@ def _pad(image, label, size):
 # ----------------------------------------------------------------------------- CLI
 
 def dataset_stats(dataset, split="train", data_dir=None, max_images=10_000, channels=3):
-    """Mean pixel (0..255) and the PCA of RGB on [0, 1] pixels (for the colour shift)."""
+    """Mean pixel (0..255) and the PCA of RGB on [0, 1] pixels (for the colour shift),
+    over `max_images` drawn at random from the whole split (all of them when it has no
+    more; a folder's first files would be its first classes only). Undecodable images
+    are skipped and counted."""
     source = make_source(dataset, split, data_dir)
-    ds = source.epoch_dataset(0, False, 0).take(max_images)
+    sample = max_images < source.num_examples
+    ds = source.epoch_dataset(0, sample, 0).take(max_images)
     ds = ds.map(lambda b, l: tf.reshape(tf.cast(preprocess.decode(b, channels), tf.float64),
-                                        (-1, channels)))
-    n, total, outer = 0, np.zeros(channels), np.zeros((channels, channels))
+                                        (-1, channels))).ignore_errors()
+    n, images, total, outer = 0, 0, np.zeros(channels), np.zeros((channels, channels))
     for pixels in ds.as_numpy_iterator():
         n += len(pixels)
+        images += 1
         total += pixels.sum(0)
         outer += pixels.T @ pixels
+    if not images:
+        raise UserError(f"no decodable image among the {min(max_images, source.num_examples)} "
+                        f"read from {dataset} ({split})")
     mean = total / n
     cov = (outer / n - np.outer(mean, mean)) / 255.0 ** 2
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1]
     return {"mean": mean.round(3).tolist(), "std": np.sqrt(np.diag(cov) * 255.0 ** 2).round(3).tolist(),
             "pca_eigval": eigval[order].round(5).tolist(),
-            "pca_eigvec": eigvec[:, order].round(4).tolist(), "pixels": int(n)}
+            "pca_eigvec": eigvec[:, order].round(4).tolist(), "pixels": int(n),
+            "images": images, "skipped": min(max_images, source.num_examples) - images}
 
 
 def main_stats(*, dataset: str, split: str = "train", data_dir: str | None = None,

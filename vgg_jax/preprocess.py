@@ -85,9 +85,12 @@ def random_crop(image, size: int, seed):
 
 
 def center_crop(image, size: int):
+    """torchvision's CenterCrop: offsets int(round((side - size) / 2)), Python's round,
+    which takes halves to the even integer (a floor would be one pixel off whenever
+    side - size = 3 mod 4); tf.math.round rounds halves to even too."""
     shape = tf.shape(image)
-    top = (shape[0] - size) // 2
-    left = (shape[1] - size) // 2
+    offset = lambda side: tf.cast(tf.math.round(tf.cast(side - size, tf.float64) / 2.0), tf.int32)
+    top, left = offset(shape[0]), offset(shape[1])
     return image[top:top + size, left:left + size]
 
 
