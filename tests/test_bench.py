@@ -15,10 +15,10 @@ def test_benchmark_smoke_mode_prints_both_frameworks():
     assert [(row["mode"], row["row"]) for row in r["rows"]] == [
         ("train", "torch eager"), ("train", "jax grad+optax"), ("train", "jax train.py step"),
         ("infer", "torch eager"), ("infer", "jax jit(model.apply)")]
-    for row in r["rows"]:
-        assert row["img_per_s"] > 0 and row["peak_mb"] > 0, row
-        base = [b for b in r["rows"] if b["mode"] == row["mode"]][0]
-        assert row["vs_torch_eager"] == pytest.approx(row["img_per_s"] / base["img_per_s"])
+    for row in r["rows"]:  # speed, its first step's compile time and memory, each measured
+        assert row["img_per_s"] > 0 and row["compile_s"] > 0 and row["peak_mb"] > 100, row
+    # the vgg_jax rows say which conv algorithm each layer ran (conv1_1's 3 channels: im2col)
+    assert "im2col conv1_1" in r["rows"][1]["conv_impl"]
     # the plain jax.jit(model.apply) gets YNNPACK convs from vgg_jax's import-time default
     assert "ynn_fusion_type" in r["rows"][-1]["xla_flags"]
 
@@ -33,10 +33,10 @@ def test_input_benchmark_smoke_mode_times_the_real_pipeline():
     plain, ours = r["rows"]
     assert plain["variant"].startswith("plain") and plain["dtype"] == "float32"
     assert ours["dtype"] == "uint8" and ours["bytes_per_image"] == 224 * 224 * 3 + 3 * 4 + 4
+    # float32 pixels to the device in the plain pipeline, a quarter of that as uint8
+    assert plain["bytes_per_image"] >= 224 * 224 * 3 * 4 > 3 * ours["bytes_per_image"]
     for row in (plain, ours):
         assert row["cores"] == 1 and row["img_per_s"] > 0
-        assert row["img_per_s_per_core"] == pytest.approx(row["img_per_s"])
-    assert ours["vs_plain"] == pytest.approx(ours["img_per_s"] / plain["img_per_s"])
 
 
 def test_eval_benchmark_smoke_mode_counts_compiles_per_bucket():

@@ -219,16 +219,28 @@ def test_unknown_tfds_name_is_a_clear_error(tmp_path):
         ip.make_source("no_such_set", "train", data_dir=str(tmp_path))
 
 
-def test_fused_jpeg_decode_and_crop_matches_rescale_then_crop_in_distribution(tmp_path, config):
+def test_fused_jpeg_decode_and_crop_is_a_window_of_the_rescaled_image(tmp_path, config):
+    """Each fused crop (crop the JPEG window, then resize) equals, to JPEG/resampling
+    error, some 32x32 window of the image rescaled to S = 48 then cropped, the way
+    the unfused path computes it; over 24 seeds the windows found reach both ends of
+    the valid offsets (a wrong scale matches no window, a fixed offset one only)."""
     from PIL import Image
-    grad = np.tile(np.linspace(0, 255, 120, dtype=np.float32)[None, :, None], (80, 1, 3))
-    Image.fromarray(grad.astype(np.uint8)).save(tmp_path / "g.jpg", quality=98)
+    ys, xs = np.mgrid[0:80, 0:120].astype(np.float32)
+    image = np.stack([xs * 255 / 119, ys * 255 / 79, (xs + ys) * 255 / 198], -1)
+    Image.fromarray(image.round().astype(np.uint8)).save(tmp_path / "g.jpg", quality=98)
     raw = tf.io.read_file(str(tmp_path / "g.jpg"))
-    fused = preprocess.fused_jpeg_scale_crop(raw, 3, 48, 32, tf.constant([0, 0], tf.int64))
-    assert fused.shape == (32, 32, 3)
-    # a horizontal ramp: any 32-wide crop of the 48-rescaled image spans 32/72 of the range
-    span = float(fused[16, -1, 0] - fused[16, 0, 0])
-    assert abs(span - 255 * 31 / 71) < 12
+    rescaled = preprocess.rescale(preprocess.decode(raw, 3), 48, False).numpy()  # 48 x 72
+    offsets = set()
+    for i in range(24):
+        fused = preprocess.fused_jpeg_scale_crop(raw, 3, 48, 32, tf.constant([i, 7], tf.int64))
+        fused = fused.numpy()
+        errors = {(y, x): np.abs(fused - rescaled[y:y + 32, x:x + 32]).max()
+                  for y in range(48 - 32 + 1) for x in range(72 - 32 + 1)}
+        best = min(errors, key=errors.get)
+        assert errors[best] < 6, (i, best, errors[best])
+        offsets.add(best)
+    assert min(x for _, x in offsets) <= 4 and max(x for _, x in offsets) >= 36
+    assert min(y for y, _ in offsets) <= 3 and max(y for y, _ in offsets) >= 13
 
 
 @pytest.mark.parametrize("normalization", ["paper", "torchvision", "caffe"])
