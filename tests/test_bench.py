@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-
 from conftest import ROOT
 
 
