@@ -198,6 +198,36 @@ def test_frozen_layers_do_not_change_after_a_step():
     assert not np.allclose(new.batch_stats["bn2_1"]["mean"], state.batch_stats["bn2_1"]["mean"])
 
 
+def test_a_frozen_batch_norm_computes_in_training_what_it_computes_at_evaluation(tmp_path):
+    """Fine-tuning with conv1_1 frozen (tiny A_bn on the digits): train.setup gives the
+    model bn1_1 in inference mode, so conv1_1's output in a training step (ReLU(BN(conv)))
+    equals its evaluation output, with running statistics that are not the identity; an
+    unfrozen BN (bn2_1) still normalises with the batch's statistics."""
+    c = load_config()
+    c.model.arch, c.model.width, c.model.fc_widths = "A_bn", 1 / 16, (16, 16)
+    c.optim.freeze, c.train.num_epochs = ("conv1_1",), 1
+    run = train.setup(c, str(tmp_path / "wd"))
+    assert tuple(run.model.frozen_bn) == ("bn1_1",)
+    params = jax.device_get(run.state.params)
+    stats = jax.tree.map(np.asarray, jax.device_get(run.state.batch_stats))
+    rng = np.random.default_rng(0)
+    for name in ("bn1_1", "bn2_1"):  # running statistics a fine-tuned net would carry
+        stats[name] = {"mean": rng.normal(size=stats[name]["mean"].shape).astype(np.float32),
+                       "var": rng.uniform(0.5, 2, stats[name]["var"].shape).astype(np.float32)}
+    x = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    v = {"params": params, "batch_stats": stats}
+    out = lambda m, tr: m.apply(v, x, train=tr, capture=("conv1_1", "conv2_1"),
+                                rngs={"dropout": jax.random.key(0)},
+                                mutable=["batch_stats", "intermediates"])[1][
+                                    "intermediates"]["layers"][0]
+    training, evaluation = out(run.model, True), out(run.model, False)
+    np.testing.assert_allclose(training["conv1_1"], evaluation["conv1_1"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(training["conv2_1"], evaluation["conv2_1"], atol=1e-3)
+    unfrozen = run.model.clone(frozen_bn=())  # what it computed before: batch statistics
+    assert not np.allclose(out(unfrozen, True)["conv1_1"], evaluation["conv1_1"], atol=1e-3)
+    run.mngr.close()
+
+
 def test_freeze_groups_and_unknown_names():
     m = models.create_model("B_bn", num_classes=10, width=1 / 16, fc_widths=(16, 16),
                             classifier_pool=1)

@@ -240,6 +240,10 @@ class VGG(nn.Module):
     include_top: bool = True  # False: the conv stack only; apply returns the pool5 map
     bn_momentum: float = 0.9  # Flax's momentum = 1 - torch's 0.1
     bn_epsilon: float = 1e-5
+    # BatchNorm layers (bn3_1, ...) that normalise with their running statistics in
+    # training too: frozen layers (optim.freeze) compute in training what they compute at
+    # evaluation, as Keras' BatchNormalization with trainable=False does
+    frozen_bn: Sequence[str] = ()
 
     @nn.compact
     def __call__(self, x, train: bool = False, *, dense: bool = False,
@@ -269,7 +273,9 @@ class VGG(nn.Module):
                 x = Conv(scaled(layer.channels, self.width), layer.kernel, self.conv_impl,
                          self.dtype, conv_init, name=layer.name)(x, train)
                 if batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                    frozen = bn_name(layer.name) in self.frozen_bn
+                    x = nn.BatchNorm(use_running_average=not train or frozen,
+                                     momentum=self.bn_momentum,
                                      epsilon=self.bn_epsilon, dtype=self.dtype,
                                      param_dtype=jnp.float32,
                                      name=bn_name(layer.name))(x)

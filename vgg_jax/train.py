@@ -283,6 +283,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     frozen = optim.frozen_layers(abstract_params, tuple(o.freeze))
     if frozen:
         log.info("frozen layers (params and BN statistics fixed): %s", ", ".join(frozen))
+        # frozen BN normalises with its running statistics in training too
+        model = model.clone(frozen_bn=tuple(n for n in frozen if n.startswith("bn")))
     par = parallel_steps(model, tx, o.grad_accum_steps, frozen, pixels.for_data(d))
     state = jax.jit(functools.partial(create_state, model, tx, plateau, image_size=d.image_size),
                     out_shardings=par.replicated)(jax.random.PRNGKey(config.seed))
