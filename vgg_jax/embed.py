@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from vgg_jax import choices, conv, input_pipeline, mesh, models, pixels, preprocess, runtime
 from vgg_jax.errors import check_choice
-from vgg_jax.weights import Net, bucket, pad_to
+from vgg_jax.weights import IMAGENET_SCALES, Net, bucket, pad_to
 
 with runtime.tensorflow_banners_filtered():
     import tensorflow as tf
@@ -71,10 +71,7 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
     return np.concatenate(outs), np.concatenate(labels)
 
 
-PAPER_SCALES = (256, 384, 512)  # Appendix B's Q
-
-
-def paper_descriptors(net: Net, source, scales=PAPER_SCALES, *, layer: str = "fc7",
+def paper_descriptors(net: Net, source, scales=IMAGENET_SCALES, *, layer: str = "fc7",
                       aggregate: str = "average", batch_size: int = 32,
                       limit: int | None = None, progress: bool = False):
     """Appendix B's image descriptors for every example of `source` (this process's
@@ -146,6 +143,17 @@ def gather_shards(values: np.ndarray, labels: np.ndarray, rows: int):
             np.asarray(every["l"]).reshape(-1)[keep].astype(np.int64))
 
 
+def default_scales(net: Net, quiet: bool = False) -> tuple[int, ...]:
+    """Appendix B's scales for `net` when none are given (weights.descriptor_scales: from
+    the scales it was trained at), printed so the user sees what was chosen."""
+    from vgg_jax import weights
+    scales = weights.descriptor_scales(net.d)
+    if not quiet and jax.process_index() == 0:
+        print(f"scales Q = {', '.join(map(str, scales))} (from the weights' training scales; "
+              f"--scales to choose others)")
+    return scales
+
+
 def main(*, weights: str, data: str, out: str, split: str = "test",
          data_dir: str | None = None, layer: str = "fc7", no_pool: bool = False,
          protocol: str = "center", scales=(), aggregate: str = "average",
@@ -157,7 +165,7 @@ def main(*, weights: str, data: str, out: str, split: str = "test",
     source = input_pipeline.make_source(data, split, data_dir, jax.process_index(),
                                         jax.process_count())
     if protocol == "paper":
-        emb, labels = paper_descriptors(net, source, tuple(scales) or PAPER_SCALES,
+        emb, labels = paper_descriptors(net, source, tuple(scales) or default_scales(net),
                                         layer=layer, aggregate=aggregate,
                                         batch_size=batch_size, limit=limit, progress=True)
     else:

@@ -39,8 +39,9 @@ def main(*, weights: str, data: str, train_split: str = "train", test_split: str
          batch_size: int = 32, limit: int | None = None, json_output: bool = False) -> dict:
     """`vgg-jax transfer`: print the linear-SVM accuracy (Appendix B) of `weights`'
     descriptors on `data`."""
-    r = transfer(Net(weights), data, train_split, test_split,
-                 scales=tuple(scales) or embed.PAPER_SCALES, aggregate=aggregate,
+    net = Net(weights)
+    scales = tuple(scales) or embed.default_scales(net, quiet=json_output)
+    r = transfer(net, data, train_split, test_split, scales=scales, aggregate=aggregate,
                  data_dir=data_dir, c=c, batch_size=batch_size, limit=limit,
                  progress=not json_output)
     if jax.process_index() == 0:

@@ -112,7 +112,8 @@ def model_meta(model: models.VGG, data: ml_collections.ConfigDict, class_names) 
         preprocessing=dict(
             preprocess.normalization(data.normalization, data.mean, data.std, data.bgr),
             recipe=data.recipe, image_size=data.image_size, eval_scale=data.eval_scale,
-            channels=data.channels, flip=bool(data.flip)),
+            s_min=data.s_min, s_max=data.s_max, channels=data.channels,
+            flip=bool(data.flip)),
         class_names=list(class_names))
     described = classes.descriptions(class_names)  # ImageNet synsets -> readable names
     if described:
@@ -126,7 +127,28 @@ def data_config(meta: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         normalization="custom", mean=tuple(p["mean"]), std=tuple(p["std"]), bgr=p["bgr"],
         recipe=p["recipe"], image_size=p["image_size"], eval_scale=p["eval_scale"],
-        channels=p["channels"]))
+        s_min=p.get("s_min"), s_max=p.get("s_max"), channels=p["channels"]))
+
+
+IMAGENET_SCALES = (256, 384, 512)  # Appendix B's Q for the ImageNet nets (S in [256, 512])
+
+
+def descriptor_scales(d) -> tuple[int, ...]:
+    """Appendix B's test scales Q for a net, from the scales it was trained at (`d`: its
+    data_config), as Sec. 3.2 derives Q from S: {Smin, (Smin+Smax)/2, Smax} for S jittered
+    in [Smin, Smax] (the ImageNet nets: 256, 384, 512), {S-32, S, S+32} for a fixed S;
+    for the small-image recipe (the net sees the whole S x S image) {S, 1.5 S, 2 S}, the
+    same ratios as 256, 384, 512. Weights that do not record their training scales (the
+    published ImageNet ones) get 256, 384, 512."""
+    if d.recipe == "small":
+        s = int(d.image_size)
+        return (s, s * 3 // 2, 2 * s)
+    s_min, s_max = d.get("s_min"), d.get("s_max")
+    if not s_min:
+        return IMAGENET_SCALES
+    if s_max and s_max > s_min:
+        return (int(s_min), (int(s_min) + int(s_max)) // 2, int(s_max))
+    return (int(s_min) - 32, int(s_min), int(s_min) + 32)
 
 
 # ----------------------------------------------------------------------------- init_from
