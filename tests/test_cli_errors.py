@@ -177,7 +177,8 @@ def test_weights_record_the_model_not_the_machines_conv_algorithm(tiny):
                                 conv_impl="winograd")
     data = ml_collections.ConfigDict(dict(normalization="unit", mean=(0.0,), std=(1.0,),
                                           bgr=False, recipe="small", image_size=32,
-                                          eval_scale=32, channels=3, flip=False))
+                                          eval_scale=32, s_min=256, s_max=256, channels=3,
+                                          flip=False))
     meta = weights.model_meta(model, data, [str(i) for i in range(5)])
     assert "conv_impl" not in meta["model"]
     old = dict(meta, model=dict(meta["model"], conv_impl="winograd"))  # written before

@@ -124,7 +124,7 @@ def test_winograd_chunks_of_a_sharded_batch_stay_on_their_devices():
 
 
 def test_winograd_backward_keeps_only_its_input_and_kernel(capsys):
-    """The custom VJP's residuals: x and the kernel, not the transformed tiles (16 or 36
+    """Reverse mode's residuals: x and the kernel, not the transformed tiles (16 or 36
     arrays of 2.25-4x the map between them) that autodiff would keep."""
     from jax.ad_checkpoint import print_saved_residuals
     x = jnp.ones((2, 8, 8, 4))
