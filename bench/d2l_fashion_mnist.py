@@ -133,6 +133,12 @@ def run_jax(a, out_dir: str) -> list[dict]:
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}",
                     "--config", os.path.join(ROOT, "configs", "fashion_mnist_vgg11_small.py"),
                     *flags], check=True, env=env, cwd=ROOT)
+    return jax_rows(workdir, out_dir)
+
+
+def jax_rows(workdir: str, out_dir: str) -> list[dict]:
+    """vgg_jax's rows from train.py's metrics.jsonl: test accuracy after each epoch, and
+    the median training speed over that epoch's logged windows."""
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     steps_per_epoch = 60_000 // 128
     rows = []
@@ -152,6 +158,33 @@ def run_jax(a, out_dir: str) -> list[dict]:
     return rows
 
 
+D2L_PUBLISHED = 0.92  # the chapter's run at 224x224 ends near this test accuracy
+
+
+def plot(out_dir: str, size: int) -> str:
+    """Test accuracy per epoch of both sides (OUT/d2l.jsonl) beside d2l's published final
+    accuracy, as OUT/d2l_curves.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "d2l.jsonl"))]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for side, style in (("vgg_jax", "o-"), ("pytorch", "s--")):
+        pts = sorted((r["epoch"], r["test_acc"]) for r in rows if r["side"] == side)
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{side} (final {pts[-1][1]:.4f})")
+    ax.axhline(D2L_PUBLISHED, color="grey", lw=1, ls=":",
+               label=f"d2l's published run at 224x224 (~{D2L_PUBLISHED})")
+    ax.set(xlabel="epoch", ylabel="test accuracy",
+           title=f"d2l VGG-11/4 on Fashion-MNIST at {size}x{size}, plain SGD lr 0.05")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    path = os.path.join(out_dir, "d2l_curves.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=64)
@@ -162,7 +195,18 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="train on the first N images only")
     ap.add_argument("--side", choices=("both", "pytorch", "vgg_jax"), default="both")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--plot", action="store_true",
+                    help="draw OUT/d2l.jsonl's curves to OUT/d2l_curves.png and stop")
+    ap.add_argument("--collect", metavar="WORKDIR",
+                    help="add the vgg_jax rows of a finished train.py WORKDIR to OUT/d2l.jsonl "
+                    "and stop (a run whose bench process was stopped)")
     a = ap.parse_args()
+    if a.collect:
+        jax_rows(a.collect, a.out)
+        return
+    if a.plot:
+        print(f"wrote {plot(a.out, a.size)}")
+        return
     if not os.path.isfile(os.path.join(a.idx_dir, "train-images-idx3-ubyte.gz")):
         sys.exit(f"d2l_fashion_mnist.py: error: no Fashion-MNIST IDX files in {a.idx_dir} "
                  f"(apt-get install dataset-fashion-mnist, or --idx-dir DIR)")

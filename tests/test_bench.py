@@ -65,6 +65,11 @@ def test_d2l_comparison_smoke_runs_both_sides_on_idx_files(tmp_path):
         assert r["images_per_sec"] > 0 and abs(r["test_acc"] * 32 - round(r["test_acc"] * 32)) < 1e-6, r
     logged = [json.loads(l) for l in open(tmp_path / "out" / "d2l.jsonl")]
     assert [r["side"] for r in logged] == ["vgg_jax", "pytorch"]  # rows as they finish
+    drawn = subprocess.run([sys.executable, "bench/d2l_fashion_mnist.py", "--plot", "--out",
+                            str(tmp_path / "out"), "--idx-dir", str(tmp_path / "idx")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert (tmp_path / "out" / "d2l_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_depth_table_smoke_trains_each_configuration_once(tmp_path):
