@@ -97,7 +97,7 @@ def get_config():
 
     c.eval = ml_collections.ConfigDict(dict(
         protocol="center",       # center | dense | multicrop | dense+multicrop
-        batch_size=128,
+        batch_size=128,          # global (over processes), as optim.batch_size
         scales=(),               # test scales Q; () -> data.eval_scale (the crop for
                                  # 'small'); --config.eval.scales=256,384,512 for several
     ))

@@ -360,3 +360,25 @@ def test_logged_learning_rate_is_the_one_the_update_used():
         lrs.append(float(metrics["lr"]))
     expected = [c.optim.learning_rate * k / 10 for k in range(3)]  # linear 0 -> lr in 10
     np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_training_time_validation_batches_by_eval_batch_size(tmp_path, monkeypatch):
+    """'center' validation during training reads eval.batch_size (it used the training
+    batch); the counts still cover every test image once."""
+    from vgg_jax import input_pipeline
+    c = load_config()
+    c.model.width, c.model.fc_widths = 1 / 16, (16, 16)
+    c.eval.batch_size = 40
+    run = train.setup(c, str(tmp_path / "wd"))
+    seen = []
+    real = input_pipeline.eval_batches
+
+    def recording(source, data_cfg, local_batch, **kw):
+        seen.append(local_batch)
+        return real(source, data_cfg, local_batch, **kw)
+
+    monkeypatch.setattr(input_pipeline, "eval_batches", recording)
+    result = train.evaluate_model(run, run.state)
+    run.mngr.close()
+    assert seen == [40] and run.it.batch != 40
+    assert result["count"] == 360

@@ -16,6 +16,12 @@ WEIGHTS_HELP = ("weights directory, train workdir, or published weights by name 
                 "(torchvision:vgg16, keras:vgg19: `vgg-jax published` lists them)")
 
 
+# One meaning each, in every sub-command that takes them:
+BATCH_HELP = "views (images, crops) per batch on this process, rounded up to its devices"
+LIMIT_HELP = ("about the first N images in all: ceil(N / processes) of each process's part "
+              "of the split")
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -155,9 +161,9 @@ def _evaluate(sub):
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average with horizontal flips (default: as the weights were "
                    "trained, from their meta.json)")
-    p.add_argument("--batch-size", type=positive, default=64,
-                   help="crops per batch on this process (dense views: as many pixels)")
-    p.add_argument("--limit", type=positive, default=None, help="evaluate only the first N")
+    p.add_argument("--batch-size", type=positive, default=64, help=BATCH_HELP +
+                   " (dense views: as many pixels)")
+    p.add_argument("--limit", type=positive, default=None, help=LIMIT_HELP)
     p.add_argument("--json", dest="json_output", action="store_true")
     p.add_argument("--distributed", action="store_true",
                    help="one of several processes (jax.distributed.initialize): each "
@@ -184,8 +190,8 @@ def _embed(sub):
                    help="with --protocol paper: Q1,Q2,... (default 256,384,512)")
     p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES,
                    help="with --protocol paper: how the scales are combined")
-    p.add_argument("--batch-size", type=positive, default=64, help="global, over all devices")
-    p.add_argument("--limit", type=positive, default=None, help="only the first N examples")
+    p.add_argument("--batch-size", type=positive, default=64, help=BATCH_HELP)
+    p.add_argument("--limit", type=positive, default=None, help=LIMIT_HELP)
     p.add_argument("--out", required=True, help=".npz: embeddings, labels, class_names")
     p.set_defaults(run="vgg_jax.embed:main")
 
@@ -202,8 +208,8 @@ def _transfer(sub):
                    help="Q1,Q2,... (default 256,384,512, the paper's)")
     p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES)
     p.add_argument("--c", type=positive_float, default=1.0, help="the SVM's C")
-    p.add_argument("--batch-size", type=positive, default=32, help="views per batch")
-    p.add_argument("--limit", type=positive, default=None, help="first N images of each split")
+    p.add_argument("--batch-size", type=positive, default=32, help=BATCH_HELP)
+    p.add_argument("--limit", type=positive, default=None, help=LIMIT_HELP + ", per split")
     p.add_argument("--json", dest="json_output", action="store_true")
     p.set_defaults(run="vgg_jax.transfer:main")
 

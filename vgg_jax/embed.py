@@ -45,14 +45,14 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
           pool: bool = True, limit: int | None = None, progress: bool = False):
     """(embeddings (N, ...), labels (N,)) for every example of `source`, row for row: with
     one process in the source's order, with several process 0's part, then process 1's
-    and so on (not the source's order). `batch_size` is global; it is rounded up to a multiple of the
-    device count."""
+    and so on (not the source's order). `batch_size`: images per batch on this process,
+    rounded up to a multiple of its devices (as evaluate's and transfer's); `limit`: about
+    the first `limit` images in all (ceil(limit / processes) of each process's part)."""
     models.check_layer(model.arch, layer)
     fn, data, replicated = make_embed_fn(model, layer, pool, normalise=pixels.for_data(data_cfg))
-    n_dev = len(data.mesh.devices.flat)
-    pcount = jax.process_count()
-    global_batch = -(-batch_size // n_dev) * n_dev
-    local_batch = global_batch // pcount
+    n_local_dev = jax.local_device_count()
+    local_batch = -(-batch_size // n_local_dev) * n_local_dev
+    limit = None if limit is None else -(-limit // jax.process_count())
     variables = jax.device_put(variables, replicated)
     batches = input_pipeline.eval_batches(source, data_cfg, local_batch, limit=limit)
     if progress:
