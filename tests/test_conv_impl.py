@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_jax import conv, models
+from vgg_jax import conv, models, winograd
 
 
 def reference(x, k, b):
@@ -60,8 +60,8 @@ def test_winograd_on_maps_smaller_than_or_not_a_multiple_of_its_tiles(hw, tile):
 def test_winograd_over_batch_chunks_matches_xla_outputs_and_gradients(tile, monkeypatch):
     """A chunk budget of one 6x5x7 image: the batch of 4 runs as 4 chunks, forward and
     backward (the fori_loop path, which the small maps of the other tests never take)."""
-    monkeypatch.setattr(conv, "CHUNK_BYTES", 6 * 5 * 7 * 4)
-    assert conv.batch_chunks((4, 6, 5, 3), 7) == 4
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 6 * 5 * 7 * 4)
+    assert winograd.batch_chunks((4, 6, 5, 3), 7) == 4
     r = np.random.default_rng(tile)
     x = jnp.asarray(r.normal(size=(4, 6, 5, 3)), jnp.float32)
     k = jnp.asarray(r.normal(size=(3, 3, 3, 7)) * 0.3, jnp.float32)
@@ -76,24 +76,24 @@ def test_winograd_over_batch_chunks_matches_xla_outputs_and_gradients(tile, monk
 
 def test_batch_chunks_are_the_fewest_that_fit_the_budget():
     mb = 1 << 20
-    assert conv.batch_chunks((128, 32, 32, 64), 64) == 4  # 32 MB of map -> 4 x 8 MB
-    assert conv.batch_chunks((16, 224, 224, 64), 64) == 16  # 12.25 MB an image: one each
-    assert conv.batch_chunks((128, 4, 4, 512), 512) == 1  # 4 MB in all
-    assert conv.batch_chunks((6, 64, 64, 128), 256) == 3  # 4 MB an image: 3 chunks of 2
-    assert conv.batch_chunks((5, 64, 64, 256), 256) == 5  # 5 is prime: one image each
-    assert conv.CHUNK_BYTES == 8 * mb
+    assert winograd.batch_chunks((128, 32, 32, 64), 64) == 4  # 32 MB of map -> 4 x 8 MB
+    assert winograd.batch_chunks((16, 224, 224, 64), 64) == 16  # 12.25 MB an image: one each
+    assert winograd.batch_chunks((128, 4, 4, 512), 512) == 1  # 4 MB in all
+    assert winograd.batch_chunks((6, 64, 64, 128), 256) == 3  # 4 MB an image: 3 chunks of 2
+    assert winograd.batch_chunks((5, 64, 64, 256), 256) == 5  # 5 is prime: one image each
+    assert winograd.CHUNK_BYTES == 8 * mb
     # data parallel over 4 devices: 4 images each, one per chunk; 4 does not divide 6
-    assert conv.batch_chunks((16, 224, 224, 64), 64, devices=4) == 4
+    assert winograd.batch_chunks((16, 224, 224, 64), 64, devices=4) == 4
     # the budget is the whole chunk's, on one device or eight: 32 MB -> 4 chunks of 8 MB
-    assert conv.batch_chunks((128, 32, 32, 64), 64, devices=8) == 4
-    assert conv.batch_chunks((6, 64, 64, 128), 256, devices=4) == 3
+    assert winograd.batch_chunks((128, 32, 32, 64), 64, devices=8) == 4
+    assert winograd.batch_chunks((6, 64, 64, 128), 256, devices=4) == 3
 
 
 SHARDED_CHUNKS = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from vgg_jax import conv, mesh
-conv.CHUNK_BYTES = 16 * 6 * 6 * 8 * 4  # 16 images (2 a device) per chunk: 32 images -> 2 chunks
+from vgg_jax import conv, mesh, winograd
+winograd.CHUNK_BYTES = 16 * 6 * 6 * 8 * 4  # 16 images (2 a device) per chunk: 32 images -> 2 chunks
 m = mesh.data_mesh()[0]
 r = np.random.default_rng(0)
 x = jax.device_put(r.normal(size=(32, 6, 6, 3)).astype(np.float32), NamedSharding(m, P("data")))
@@ -102,7 +102,7 @@ ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 loss = lambda f: jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), (0, 1))
 step = jax.jit(loss(lambda x, k: conv.winograd_conv3x3(x, k, 2)))
-assert conv.batch_chunks(x.shape, 8, jax.device_count()) == 2
+assert winograd.batch_chunks(x.shape, 8, jax.device_count()) == 2
 assert "all-gather" not in step.lower(x, k).compile().as_text()
 (l1, g1), (l2, g2) = step(x, k), loss(ref)(x, k)
 np.testing.assert_allclose(l1, l2, rtol=1e-5)
@@ -156,7 +156,7 @@ def test_default_xla_flags_add_each_cpu_option_the_user_has_not_set(monkeypatch)
 def test_winograd_matrices_are_the_minimal_filtering_algorithm():
     """A^T [(G g) * (B^T d)] = the 'valid' correlation of a (tile+2)-tap signal d with the
     3-tap filter g, for every basis d and g (exact in float64): the tables hold no typo."""
-    for tile, (bt, g, at) in conv.WINOGRAD.items():
+    for tile, (bt, g, at) in winograd.WINOGRAD.items():
         bt, g, at = (np.asarray(m, np.float64) for m in (bt, g, at))
         for i in range(tile + 2):
             for j in range(3):

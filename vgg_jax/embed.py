@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from vgg_jax import choices, conv, input_pipeline, mesh, models, pixels, preprocess, runtime
 from vgg_jax.errors import check_choice
-from vgg_jax.weights import IMAGENET_SCALES, Net, bucket, pad_to
+from vgg_jax.weights import Net, bucket, pad_to
 
 with runtime.tensorflow_banners_filtered():
     import tensorflow as tf
@@ -69,6 +69,27 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
         outs.append(np.asarray(gathered["out"])[keep])
         labels.append(np.asarray(gathered["label"])[keep])
     return np.concatenate(outs), np.concatenate(labels)
+
+
+IMAGENET_SCALES = (256, 384, 512)  # Appendix B's Q for the ImageNet nets (S in [256, 512])
+
+
+def descriptor_scales(d) -> tuple[int, ...]:
+    """Appendix B's test scales Q for a net, from the scales it was trained at (`d`: its
+    data_config), as Sec. 3.2 derives Q from S: {Smin, (Smin+Smax)/2, Smax} for S jittered
+    in [Smin, Smax] (the ImageNet nets: 256, 384, 512), {S-32, S, S+32} for a fixed S;
+    for the small-image recipe (the net sees the whole S x S image) {S, 1.5 S, 2 S}, the
+    same ratios as 256, 384, 512. Weights that do not record their training scales (the
+    published ImageNet ones) get 256, 384, 512."""
+    if d.recipe == "small":
+        s = int(d.image_size)
+        return (s, s * 3 // 2, 2 * s)
+    s_min, s_max = d.get("s_min"), d.get("s_max")
+    if not s_min:
+        return IMAGENET_SCALES
+    if s_max and s_max > s_min:
+        return (int(s_min), (int(s_min) + int(s_max)) // 2, int(s_max))
+    return (int(s_min) - 32, int(s_min), int(s_min) + 32)
 
 
 def paper_descriptors(net: Net, source, scales=IMAGENET_SCALES, *, layer: str = "fc7",
@@ -144,10 +165,9 @@ def gather_shards(values: np.ndarray, labels: np.ndarray, rows: int):
 
 
 def default_scales(net: Net, quiet: bool = False) -> tuple[int, ...]:
-    """Appendix B's scales for `net` when none are given (weights.descriptor_scales: from
+    """Appendix B's scales for `net` when none are given (descriptor_scales: from
     the scales it was trained at), printed so the user sees what was chosen."""
-    from vgg_jax import weights
-    scales = weights.descriptor_scales(net.d)
+    scales = descriptor_scales(net.d)
     if not quiet and jax.process_index() == 0:
         print(f"scales Q = {', '.join(map(str, scales))} (from the weights' training scales; "
               f"--scales to choose others)")

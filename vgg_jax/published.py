@@ -24,6 +24,7 @@ import shutil
 import urllib.error
 import urllib.request
 
+from vgg_jax import weights
 from vgg_jax.errors import UserError
 
 CACHE_ENV = "VGG_JAX_CACHE"      # the cache folder (its weights/ holds the converted weights)
@@ -141,7 +142,6 @@ def pretrained(name: str, progress: bool = True):
     """(model, variables, meta) of published weights, e.g. pretrained('vgg16'),
     pretrained('keras:vgg19'). meta['published'] records the source, URL, hash and the
     publisher's accuracy; meta['class_names'] the 1,000 ImageNet classes."""
-    from vgg_jax import weights
     variables, meta = weights.load_weights(weights_dir(name, progress))
     return weights.model_from_meta(meta), variables, meta
 
@@ -218,7 +218,7 @@ def _download(p: Published, path: str, progress: bool) -> None:
 
 def _convert(p: Published, path: str, out: str) -> None:
     """Convert into a temporary directory beside `out`, then rename it into place."""
-    from vgg_jax import convert, importers, weights
+    from vgg_jax import convert, importers
     if p.name.startswith("torchvision:"):
         sd = convert.load_state_dict(path)
         kw = convert.infer_model_kwargs(sd, p.arch)
@@ -237,6 +237,9 @@ def _convert(p: Published, path: str, out: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(out):
             raise
+
+
+weights.NAME_RESOLVERS.append((is_name, weights_dir))
 
 
 def main(*, names: list[str]) -> None:

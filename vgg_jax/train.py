@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -23,7 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import checkpoint, input_pipeline, mesh, models, optim, pixels, published, weights
+from vgg_jax import (checkpoint, input_pipeline, mesh, models, optim, pixels, published,
+                     runtime, weights)
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
 
@@ -200,26 +200,6 @@ class MetricWriter:
             self._tb.close()
 
 
-class Preemption:
-    """SIGTERM sets a flag. The loop sends it with every batch (`flags`): the train step
-    returns its maximum over all processes, so a signal that reaches any one host makes
-    every host save the same step and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint at the current step, then stopping")
-        self.requested = True
-
-    def flags(self, local_batch: int) -> np.ndarray:
-        return np.full((local_batch,), int(self.requested), np.int32)
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def init_from_checkpoint(state: TrainState, config) -> TrainState:
@@ -394,7 +374,7 @@ def loop(run: Run) -> dict:
     config, workdir = run.config, run.workdir
     o, t = config.optim, config.train
     state, step, total = run.state, int(run.state.step), run.total_steps
-    saver, writer, preempt = Saver(run), MetricWriter(workdir), Preemption()
+    saver, writer, preempt = Saver(run), MetricWriter(workdir), runtime.Preemption()
     bar = None
     if jax.process_index() == 0 and t.progress_bar:
         from tqdm import tqdm

@@ -48,11 +48,18 @@ def save_weights(directory: str, variables, meta: dict) -> None:
         json.dump(meta, f, indent=2)
 
 
+# (is_name, directory) pairs: vgg_jax.published registers its names here when the package
+# loads, so that published weights work wherever a directory does (no import cycle)
+NAME_RESOLVERS: list = []
+
+
 def resolve(path: str) -> str:
     """A weights directory or workdir as given, or the cached directory of published
     weights named `source:name` (vgg_jax.published), fetched on first use."""
-    from vgg_jax import published
-    return published.weights_dir(path) if published.is_name(path) else path
+    for is_name, directory in NAME_RESOLVERS:
+        if is_name(path):
+            return directory(path)
+    return path
 
 
 def read_meta(path: str) -> dict:
@@ -128,27 +135,6 @@ def data_config(meta: dict) -> ml_collections.ConfigDict:
         normalization="custom", mean=tuple(p["mean"]), std=tuple(p["std"]), bgr=p["bgr"],
         recipe=p["recipe"], image_size=p["image_size"], eval_scale=p["eval_scale"],
         s_min=p.get("s_min"), s_max=p.get("s_max"), channels=p["channels"]))
-
-
-IMAGENET_SCALES = (256, 384, 512)  # Appendix B's Q for the ImageNet nets (S in [256, 512])
-
-
-def descriptor_scales(d) -> tuple[int, ...]:
-    """Appendix B's test scales Q for a net, from the scales it was trained at (`d`: its
-    data_config), as Sec. 3.2 derives Q from S: {Smin, (Smin+Smax)/2, Smax} for S jittered
-    in [Smin, Smax] (the ImageNet nets: 256, 384, 512), {S-32, S, S+32} for a fixed S;
-    for the small-image recipe (the net sees the whole S x S image) {S, 1.5 S, 2 S}, the
-    same ratios as 256, 384, 512. Weights that do not record their training scales (the
-    published ImageNet ones) get 256, 384, 512."""
-    if d.recipe == "small":
-        s = int(d.image_size)
-        return (s, s * 3 // 2, 2 * s)
-    s_min, s_max = d.get("s_min"), d.get("s_max")
-    if not s_min:
-        return IMAGENET_SCALES
-    if s_max and s_max > s_min:
-        return (int(s_min), (int(s_min) + int(s_max)) // 2, int(s_max))
-    return (int(s_min) - 32, int(s_min), int(s_min) + 32)
 
 
 # ----------------------------------------------------------------------------- init_from
