@@ -155,9 +155,12 @@ def test_the_compile_cache_is_created_and_reused(tmp_path):
     assert path1 == path2 == str(cache) and any(cache.iterdir())
     assert int(hits1) == 0 and int(hits2) >= 1
     off = subprocess.run([sys.executable, "-c", "from vgg_jax import runtime; "
-                          "print(runtime.enable_compile_cache('/somewhere'))"],
+                          "print(runtime.enable_compile_cache(''), "
+                          "runtime.enable_compile_cache(str(__import__('sys').argv[1])))",
+                          str(tmp_path / "explicit")],
                          capture_output=True, text=True, env=dict(env, VGG_JAX_COMPILE_CACHE="off"))
-    assert off.stdout.strip() == "None"
+    # the environment turns it off, unless the config names a folder (explicit wins)
+    assert off.stdout.split() == ["None", str(tmp_path / "explicit")], off.stderr[-2000:]
 
 
 def test_killed_at_random_moments_and_during_a_save_then_resumed_is_bit_equal():

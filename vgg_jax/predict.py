@@ -15,9 +15,9 @@ def predict(*, weights: str, images, top: int = 5, dense: bool = False, q: int =
     """Print the `top` classes of each image file: the centre crop, or with `dense` the
     whole image at scale `q` through the fully-convolutional net (without the flip that
     the paper's dense evaluation averages in: `vgg-jax evaluate --protocol dense`)."""
+    net = Net(weights)
     for path in images:  # every file checked before any output
         read_image_bytes(path)
-    net = Net(weights)
     for path in images:
         print(path)
         for name, p in net.top(path, top, dense=dense, q=q):
