@@ -172,7 +172,7 @@ def plot(out_dir: str, size: int) -> str:
     for side, style in (("vgg_jax", "o-"), ("pytorch", "s--")):
         pts = sorted((r["epoch"], r["test_acc"]) for r in rows if r["side"] == side)
         if pts:
-            ax.plot(*zip(*pts), style, label=f"{side} (final {pts[-1][1]:.4f})")
+            ax.plot(*zip(*pts), style, label=f"{side} (epoch {pts[-1][0]}: {pts[-1][1]:.4f})")
     ax.axhline(D2L_PUBLISHED, color="grey", lw=1, ls=":",
                label=f"d2l's published run at 224x224 (~{D2L_PUBLISHED})")
     ax.set(xlabel="epoch", ylabel="test accuracy",
