@@ -93,9 +93,13 @@ def params(workdir, step="latest"):
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
-def assert_close(a, b, rtol=1e-4, atol=1e-6):
+def assert_close(a, b, rtol=1e-4, atol=1e-5):
     """Every array equal to float32 rounding: max |a - b| within rtol of the array's
-    largest value (a wrong shard or an unaveraged gradient is off by percents)."""
+    largest value (a wrong shard or an unaveraged gradient is off by percents). The
+    absolute floor is for the conv biases under BatchNorm: their gradient is exactly zero
+    (BN subtracts the mean), so after two steps they hold rounding noise of ~1e-6 whose
+    value depends on the summation order across devices (more since the 16-channel
+    layers run Winograd, whose rounding is larger than im2col's)."""
     paths_a = jax.tree_util.tree_leaves_with_path(a)
     leaves_b = jax.tree.leaves(b)
     assert len(paths_a) == len(leaves_b)
