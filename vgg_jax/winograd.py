@@ -161,9 +161,10 @@ def batch_chunks(shape, channels: int, devices: int = 1) -> int:
                  if share % k == 0 and n // k * per_image <= CHUNK_BYTES), share)
 
 
-def _over_chunks(f, carry, xs, chunks: int, out_channels: int, dtype):
+def _over_chunks(f, carry, xs, chunks: int, out_channels: int | None, dtype):
     """f(carry, *chunk) -> (carry, y) over `chunks` equal parts of the batch of the arrays
-    xs, returning the carry and the y's as one batch. Chunk i holds images i, i + chunks,
+    xs, returning the carry and the y's as one batch (out_channels None: f returns no y,
+    only the carry comes back). Chunk i holds images i, i + chunks,
     i + 2 chunks, ...: with the batch sharded over devices (data parallel), each device
     keeps its own images of every chunk and the loop needs no resharding. A fori_loop that
     writes each y into the output in place: lax.map/scan start their outputs from a zero
@@ -174,10 +175,13 @@ def _over_chunks(f, carry, xs, chunks: int, out_channels: int, dtype):
         return f(carry, *xs)
     n, h, w = xs[0].shape[:3]
     xs = [a.reshape(n // chunks, chunks, *a.shape[1:]) for a in xs]
+    chunk = lambda i: (jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False) for a in xs)
+    if out_channels is None:
+        return jax.lax.fori_loop(0, chunks, lambda i, c: f(c, *chunk(i))[0], carry), None
 
     def body(i, state):
         carry, out = state
-        carry, y = f(carry, *(jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False) for a in xs))
+        carry, y = f(carry, *chunk(i))
         return carry, jax.lax.dynamic_update_index_in_dim(out, y, i, 1)
 
     out = jnp.broadcast_to((xs[0][0, 0, 0, 0, 0] * 0).astype(dtype),
@@ -204,15 +208,15 @@ def winograd_conv3x3(x, kernel, tile: int = 2):
     return winograd_p.bind(x, kernel, tile=tile)
 
 
-def _chunks(x, kernel) -> int:
-    return batch_chunks(x.shape, max(kernel.shape[2:]), jax.device_count())
+def _chunks(x_shape, kernel_shape) -> int:
+    return batch_chunks(x_shape, max(kernel_shape[2:]), jax.device_count())
 
 
 def _winograd(x, kernel, tile):
     mt, ct = _dtypes(x.dtype, tile)
     u = _kernel_tiles(kernel, tile, ct)
     return _over_chunks(lambda _, xc: (None, _conv_tiles(xc, u, tile, mt, ct)), None, [x],
-                        _chunks(x, kernel), kernel.shape[3], x.dtype)[1]
+                        _chunks(x.shape, kernel.shape), kernel.shape[3], x.dtype)[1]
 
 
 def _kernel_grad(x, dy, tile, kernel_shape, kernel_dtype):
@@ -230,15 +234,7 @@ def _kernel_grad(x, dy, tile, kernel_shape, kernel_dtype):
         return [a + b for a, b in zip(du, _kernel_grad_tiles(xc, dyc, tile, mt, ct))], None
 
     zeros = [jnp.zeros(kernel_shape[2:], ct)] * (tile + 2) ** 2
-    chunks = batch_chunks(x.shape, max(kernel_shape[2:]), jax.device_count())
-    if chunks == 1:
-        du = chunk(zeros, x, dy)[0]
-    else:
-        n = x.shape[0]
-        xs = [a.reshape(n // chunks, chunks, *a.shape[1:]) for a in (x, dy)]
-        du = jax.lax.fori_loop(
-            0, chunks, lambda i, du: chunk(du, *(jax.lax.dynamic_index_in_dim(
-                a, i, 1, keepdims=False) for a in xs))[0], zeros)
+    du = _over_chunks(chunk, zeros, [x, dy], _chunks(x.shape, kernel_shape), None, x.dtype)[0]
     # transpose of u_pq = sum_ab G[p,a] G[q,b] k_ab
     g, a = WINOGRAD[tile][1], tile + 2
     dk = [_combine(_t(g), [du[p * a + q] for q in range(a)]) for p in range(a)]  # [p][b]
