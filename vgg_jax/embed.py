@@ -50,8 +50,7 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
     the first `limit` images in all (ceil(limit / processes) of each process's part)."""
     models.check_layer(model.arch, layer)
     fn, data, replicated = make_embed_fn(model, layer, pool, normalise=pixels.for_data(data_cfg))
-    n_local_dev = jax.local_device_count()
-    local_batch = -(-batch_size // n_local_dev) * n_local_dev
+    local_batch = mesh.per_process_batch(batch_size)
     limit = None if limit is None else -(-limit // jax.process_count())
     variables = jax.device_put(variables, replicated)
     batches = input_pipeline.eval_batches(source, data_cfg, local_batch, limit=limit)

@@ -15,6 +15,13 @@ def data_mesh(devices=None):
     return mesh, NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
 
 
+def per_process_batch(images: int) -> int:
+    """`images` rounded up to a multiple of this process's devices (a batch each of them
+    gets an equal share of)."""
+    n = jax.local_device_count()
+    return -(-images // n) * n
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:

@@ -346,6 +346,11 @@ def pool5_side(n: int, pool_ceil: bool = False) -> int:
     return n
 
 
+def smallest_side(pool5: int, pool_ceil: bool = False) -> int:
+    """The fewest pixels a side needs to leave `pool5` pixels after the five pools."""
+    return next(n for n in range(1, 2 ** POOLS * pool5 + 1) if pool5_side(n, pool_ceil) >= pool5)
+
+
 def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: int = 7,
                 pool_ceil: bool = False):
     if len(shape) != 4:
@@ -356,7 +361,7 @@ def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: i
                          f"in_channels={in_channels}")
     want = classifier_pool if dense else 1
     if min(pool5_side(h, pool_ceil), pool5_side(w, pool_ceil)) < want:
-        need = next(n for n in range(1, 2 ** POOLS * want + 1) if pool5_side(n, pool_ceil) >= want)
+        need = smallest_side(want, pool_ceil)
         what = (f"dense evaluation needs pool5 to be at least {classifier_pool}x{classifier_pool}"
                 if dense else "the five 2x2 max-pools need at least 1x1 left at pool5")
         mode = " with ceil-mode pools" if pool_ceil else ""

@@ -297,8 +297,8 @@ def evaluate_model(run: Run, state: TrainState) -> dict:
     d, e = run.config.data, run.config.eval
     if e.protocol == "center":
         sums = dict(loss=0.0, top1=0.0, top5=0.0, count=0.0)
-        local = max(1, e.batch_size // jax.process_count())  # eval.batch_size is global
-        local = -(-local // jax.local_device_count()) * jax.local_device_count()
+        # eval.batch_size is global
+        local = mesh.per_process_batch(max(1, e.batch_size // jax.process_count()))
         for batch in input_pipeline.eval_batches(run.eval_src, d, local):
             out = jax.device_get(run.par.eval_step(state, run.par.global_batch(batch)))
             for k in sums:

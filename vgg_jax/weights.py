@@ -355,9 +355,7 @@ class Net:
     def smallest_dense_q(self) -> int:
         """The smallest test scale Q (shorter side) whose dense view leaves fc6 its
         classifier_pool x classifier_pool window of pool5."""
-        m = self.model
-        return next(q for q in range(1, 2 ** models.POOLS * m.classifier_pool + 1)
-                    if models.pool5_side(q, m.pool_ceil) >= m.classifier_pool)
+        return models.smallest_side(self.model.classifier_pool, self.model.pool_ceil)
 
     def check_dense_views(self, valid) -> None:
         """Refuse views too small for the fully-convolutional net, in one line naming the
