@@ -71,6 +71,11 @@ def main(argv):
               f"(top-1 error {100 * result['top1_err']:.2f}%, top-5 error "
               f"{100 * result['top5_err']:.2f}%) on {int(result['count'])} images "
               f"after {result['step']} steps")
+    from vgg_jax.eval_data import skipped_line
+    for what, names in (("training", result.get("train_skipped_images")),
+                        (result.get("split", ""), result.get("skipped_images"))):
+        if names:
+            print(skipped_line(names, what).lstrip("\n"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, load_config
-from vgg_jax import evaluate, preprocess, train
+from vgg_jax import evaluate, preprocess, train, views
+from vgg_jax.choices import PROTOCOLS
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +34,16 @@ def _png(array):
     return tf.io.encode_png(tf.constant(array.astype(np.uint8)))
 
 
+def _dense_softmax(net, image):
+    """One whole image through the net's dense forward directly (padded, masked)."""
+    padded, valid = views.dense_view(image)
+    return net.padded_posteriors(padded[None], np.array([valid]))[0]
+
+
 def test_dense_at_the_crop_size_equals_the_standard_forward(trained):
     net = evaluate.Net(trained)
     raw, _ = _digit_bytes()
-    dense = evaluate.posterior(net, raw, "dense", [32], flip=False)
+    dense = views.posterior(net, raw, "dense", [32], flip=False)
     image = preprocess.eval_example(raw, net.d, scale=32, crop=True).numpy()
     np.testing.assert_allclose(dense, net.softmax(image[None])[0], rtol=1e-5, atol=1e-7)
 
@@ -45,26 +52,26 @@ def test_flip_averaging(trained):
     net = evaluate.Net(trained)
     half = np.random.default_rng(0).integers(0, 255, (40, 20, 3))
     symmetric = _png(np.concatenate([half, half[:, ::-1]], axis=1))
-    np.testing.assert_allclose(evaluate.posterior(net, symmetric, "dense", [40]),
-                               evaluate.posterior(net, symmetric, "dense", [40], flip=False),
+    np.testing.assert_allclose(views.posterior(net, symmetric, "dense", [40]),
+                               views.posterior(net, symmetric, "dense", [40], flip=False),
                                rtol=1e-5, atol=1e-7)
     general = _png(np.random.default_rng(1).integers(0, 255, (40, 48, 3)))
     image = preprocess.eval_example(general, net.d, scale=40, crop=False).numpy()
-    two = (net.dense_softmax(image) + net.dense_softmax(image[:, ::-1])) / 2
+    two = (_dense_softmax(net, image) + _dense_softmax(net, image[:, ::-1])) / 2
     # (digits are trained without flips, so their weights' default is no flip: ask for it)
-    np.testing.assert_allclose(evaluate.posterior(net, general, "dense", [40], flip=True), two,
+    np.testing.assert_allclose(views.posterior(net, general, "dense", [40], flip=True), two,
                                rtol=1e-5, atol=1e-7)
 
 
 def test_multicrop_geometry_50_per_scale_on_a_5x5_grid_covering_the_corners():
-    boxes = evaluate.multicrop_boxes(256, 341, 224)
+    boxes = views.multicrop_boxes(256, 341, 224)
     assert len(boxes) == 25 and len(set(boxes)) == 25
     assert {(0, 0), (0, 341 - 224), (256 - 224, 0), (256 - 224, 341 - 224)} <= set(boxes)
     image = np.random.default_rng(0).normal(size=(256, 341, 3)).astype(np.float32)
-    batch = evaluate.multicrop_batch(image, 224)
+    batch = views.multicrop_batch(image, 224)
     assert batch.shape == (50, 224, 224, 3)
     np.testing.assert_array_equal(batch[25 + 7], batch[7][:, ::-1])
-    assert sum(len(evaluate.multicrop_batch(image, 224)) for _ in (256, 384, 512)) == 150
+    assert sum(len(views.multicrop_batch(image, 224)) for _ in (256, 384, 512)) == 150
 
 
 def test_paper_scale_rules():
@@ -75,12 +82,12 @@ def test_paper_scale_rules():
 def test_multi_scale_and_ensemble_average_the_separate_runs(trained):
     net = evaluate.Net(trained)
     raw, _ = _digit_bytes(3)
-    sep = [evaluate.posterior(net, raw, "multicrop", [q]) for q in (32, 40, 48)]
-    np.testing.assert_allclose(evaluate.posterior(net, raw, "multicrop", [32, 40, 48]),
+    sep = [views.posterior(net, raw, "multicrop", [q]) for q in (32, 40, 48)]
+    np.testing.assert_allclose(views.posterior(net, raw, "multicrop", [32, 40, 48]),
                                np.mean(sep, axis=0), rtol=1e-6)
-    both = evaluate.posterior(net, raw, "dense+multicrop", [40])
-    np.testing.assert_allclose(both, (evaluate.posterior(net, raw, "dense", [40]) +
-                                      evaluate.posterior(net, raw, "multicrop", [40])) / 2,
+    both = views.posterior(net, raw, "dense+multicrop", [40])
+    np.testing.assert_allclose(both, (views.posterior(net, raw, "dense", [40]) +
+                                      views.posterior(net, raw, "multicrop", [40])) / 2,
                                rtol=1e-6)
     other = evaluate.Net(trained)
     other.variables = {**other.variables, "params": {
@@ -89,12 +96,12 @@ def test_multi_scale_and_ensemble_average_the_separate_runs(trained):
     fused = evaluate.evaluate([net, other], "vgg_digits", "test", "center", [32], limit=5,
                               progress=False)
     assert fused["nets"] == 2 and fused["images"] == 5
-    p1 = evaluate.posterior(net, raw, "center", [32])
-    p2 = evaluate.posterior(other, raw, "center", [32])
+    p1 = views.posterior(net, raw, "center", [32])
+    p2 = views.posterior(other, raw, "center", [32])
     assert not np.allclose(p1, p2)  # fusion then averages two different posteriors
 
 
-@pytest.mark.parametrize("protocol", evaluate.PROTOCOLS)
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_every_protocol_runs_from_the_cli_and_beats_chance(trained, protocol):
     out = subprocess.run([sys.executable, "-m", "vgg_jax.cli", "evaluate", "--weights", trained,
                           "--data", "vgg_digits", "--split", "test", "--protocol", protocol,
@@ -191,7 +198,7 @@ def test_bucketed_dense_equals_the_unpadded_computation_on_odd_sizes(arch):
         assert not got[out[i][0]:].any() and not got[:, out[i][1]:].any()  # masked outside
         logits = ref.mean(axis=(0, 1))
         want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-        np.testing.assert_allclose(net.dense_softmax(x), want, atol=1e-5)
+        np.testing.assert_allclose(_dense_softmax(net, x), want, atol=1e-5)
 
 
 def test_dense_evaluation_compiles_one_shape_per_bucket_not_per_image(tmp_path):
@@ -223,9 +230,12 @@ def test_dense_evaluation_compiles_one_shape_per_bucket_not_per_image(tmp_path):
 def test_dense_below_the_crop_size_and_valid_without_dense_are_clear_errors():
     model, v, net = _odd_net("A")
     raw = _png(np.random.default_rng(0).integers(0, 255, (80, 90, 3)))
-    with pytest.raises(ValueError, match="dense evaluation at a scale giving 48x54 is smaller "
-                                         "than the crop 64: use Q >= 64"):
-        evaluate.posterior(net, raw, "dense", [48])
+    with pytest.raises(ValueError, match="a 48x54 view is too small for dense evaluation: "
+                                         ".* the smallest test scale Q for it is 64"):
+        views.posterior(net, raw, "dense", [48])
+    with pytest.raises(ValueError, match="multi-crop evaluation at a scale giving 48x54 is "
+                                         "smaller than the crop 64: use Q >= 64"):
+        views.posterior(net, raw, "multicrop", [48])
     with pytest.raises(ValueError, match=r"valid= \(true image sizes in a padded batch\) "
                                          "needs dense=True"):
         model.apply(v, np.zeros((1, 64, 64, 3), np.float32), valid=np.array([[64, 64]]))
@@ -241,3 +251,6 @@ def test_undecodable_images_are_skipped_and_counted_also_at_the_end_of_the_split
     r = evaluate.evaluate([net], str(tmp_path / "imgs"), None, "center", [64],
                           progress=False)
     assert r["skipped"] == 2 and r["images"] == len(paths) - 2
+    assert sorted(r["skipped_images"]) == sorted(map(str, (paths[0], paths[-1])))
+    assert "skipped 2 image(s) that failed to decode: " in evaluate.format_result(r)
+    assert str(paths[-1]) in evaluate.format_result(r)

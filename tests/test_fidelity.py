@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from vgg_jax import evaluate, models, preprocess, summary, train, weights
+from vgg_jax import models, preprocess, summary, train, views, weights
 from vgg_jax.errors import UserError
 
 
@@ -76,18 +76,18 @@ def test_test_time_flips_follow_the_weights_recipe_and_no_flip_dense_is_the_cent
     raw = jpeg()
     no_flip_net, flip_net = small_224_net(False), small_224_net(True)
     assert not no_flip_net.flip and flip_net.flip
-    follows = evaluate.posterior(no_flip_net, raw, "dense", [224])
-    assert np.allclose(follows, evaluate.posterior(no_flip_net, raw, "dense", [224], flip=False))
+    follows = views.posterior(no_flip_net, raw, "dense", [224])
+    assert np.allclose(follows, views.posterior(no_flip_net, raw, "dense", [224], flip=False))
     # Q = 224 on a 224x224 image: the dense map is 1x1 and equals the centre crop's logits
-    center = evaluate.posterior(flip_net, raw, "center", [224])
-    np.testing.assert_allclose(evaluate.posterior(flip_net, raw, "dense", [224], flip=False),
+    center = views.posterior(flip_net, raw, "center", [224])
+    np.testing.assert_allclose(views.posterior(flip_net, raw, "dense", [224], flip=False),
                                center, rtol=1e-5, atol=1e-7)
-    flipped = evaluate.posterior(flip_net, raw, "dense", [224])  # follows: flip averaged
+    flipped = views.posterior(flip_net, raw, "dense", [224])  # follows: flip averaged
     mirror = preprocess.eval_example(raw, flip_net.d, scale=224, crop=True).numpy()[:, ::-1]
     expected = (center + flip_net.softmax(mirror[None])[0]) / 2
     np.testing.assert_allclose(flipped, expected, rtol=1e-5, atol=1e-7)
     assert not np.allclose(flipped, center)
-    multicrop = evaluate.multicrop_batch(np.zeros((256, 256, 3)), 224, flip=False)
+    multicrop = views.multicrop_batch(np.zeros((256, 256, 3)), 224, flip=False)
     assert len(multicrop) == 25
 
 
@@ -148,11 +148,12 @@ def test_paper_descriptors_are_unit_length_stack_scales_and_skip_broken_images(t
     (tmp_path / "f" / "cat" / "broken.png").write_bytes(b"not an image")
     source = input_pipeline.make_source(str(tmp_path / "f"), "test")
     with caplog.at_level("WARNING"):
-        avg, labels = embed.paper_descriptors(net, source, (32, 64), batch_size=4)
-    assert "skipped 1 image(s)" in caplog.text
+        avg, labels, skipped = embed.paper_descriptors(net, source, (32, 64), batch_size=4)
+    broken = str(tmp_path / "f" / "cat" / "broken.png")
+    assert skipped == [broken] and f"failed to decode: {broken}" in caplog.text
     assert avg.shape == (6, 16) and sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
     np.testing.assert_allclose(np.linalg.norm(avg, axis=1), 1.0, rtol=1e-5)
-    stacked, _ = embed.paper_descriptors(net, source, (32, 64), aggregate="stack", batch_size=4)
+    stacked, _, _ = embed.paper_descriptors(net, source, (32, 64), aggregate="stack", batch_size=4)
     assert stacked.shape == (6, 32)
     # the stacked scales, summed, point exactly where their average does
     halves = stacked[:, :16] + stacked[:, 16:]

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from conftest import write_image_folder
 from vgg_jax import input_pipeline as ip
-from vgg_jax import pixels, preprocess
+from vgg_jax import eval_data, pixels, preprocess
 
 
 def paper_data(config, size=32, s_min=40, s_max=48):
@@ -31,7 +31,7 @@ def test_folder_train_and_eval_batches_shapes_dtypes_ranges(tmp_path, config):
     # on the device, paper normalisation: 0..255 minus the mean RGB, plus a colour shift
     x = np.asarray(pixels.for_data(d)(batch["image"], batch["alpha"]))
     assert -123.68 - 20 < x.min() < 0 < x.max() < 255 - 103.94 + 20
-    ev = list(ip.eval_batches(src, d, 5))
+    ev = list(eval_data.eval_batches(src, d, 5))
     assert [b["image"].shape for b in ev] == [(5, 32, 32, 3)] * 3
     assert all(b["image"].dtype == np.uint8 for b in ev)
     assert sum(b["mask"].sum() for b in ev) == 12
@@ -150,7 +150,7 @@ def test_same_seed_same_batches_and_resume_replays_exactly(config):
 
 def _labels_and_pixels(source, data_cfg):
     out = []
-    for b in ip.eval_batches(source, data_cfg, 64):
+    for b in eval_data.eval_batches(source, data_cfg, 64):
         keep = b["mask"] > 0
         out += [(int(l), float(i.sum())) for l, i in zip(b["label"][keep], b["image"][keep])]
     return out
@@ -175,7 +175,7 @@ def test_process_shards_are_disjoint_and_cover_the_split(tmp_path, config, kind)
 def test_padded_eval_batches_count_every_example_once_on_every_process(config):
     sources = [ip.make_source("vgg_digits", "test", process_index=i, process_count=7)
                for i in range(7)]
-    batches = [list(ip.eval_batches(s, config.data, 16)) for s in sources]
+    batches = [list(eval_data.eval_batches(s, config.data, 16)) for s in sources]
     assert len({len(b) for b in batches}) == 1  # same number of steps on every process
     assert sum(b["mask"].sum() for bs in batches for b in bs) == 360
     assert all(b["image"].shape == (16, 32, 32, 3) for bs in batches for b in bs)
@@ -192,6 +192,37 @@ def test_corrupt_jpeg_is_skipped_counted_and_the_run_goes_on(tmp_path, config, c
     assert all(b["image"].shape == (3, 32, 32, 3) for b in batches)
     assert it.skipped and set(it.skipped) == {str(bad)}
     assert "broken.jpg" in caplog.text
+
+
+def test_eval_batches_name_every_image_they_skip_and_cover_the_rest_once(tmp_path, config):
+    """Training-time validation and `embed`: undecodable images are counted and named
+    (they were dropped silently), the first and the last of the split included."""
+    paths = write_image_folder(tmp_path / "imgs", per_class=4, formats=("png",))
+    for p in (paths[0], paths[-1]):
+        with open(p, "wb") as f:
+            f.write(b"not an image")
+    skipped = eval_data.Skipped(ip.make_source(str(tmp_path / "imgs"), None))
+    batches = list(eval_data.eval_batches(skipped.source, paper_data(config), 3,
+                                          skipped=skipped))
+    assert sum(b["mask"].sum() for b in batches) == len(paths) - 2 and len(batches) == 3
+    assert sorted(skipped.names) == sorted(map(str, (paths[0], paths[-1])))
+    assert skipped.summary() == dict(skipped=2, skipped_images=skipped.names)
+
+
+def test_nested_tfds_names_are_tfds_names_and_paths_are_folders(tmp_path):
+    assert not ip.is_folder("voc/2007") and not ip.is_folder("imagenet2012:5.1.0")
+    assert not ip.is_folder("cifar10")
+    assert ip.is_folder(str(tmp_path)) and ip.is_folder("./nope") and ip.is_folder("/data/x")
+    os.makedirs(tmp_path / "voc" / "2007")  # a folder of that name on disk wins
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert ip.is_folder("voc/2007")
+    finally:
+        os.chdir(cwd)
+    with pytest.raises(ValueError, match="unknown TFDS dataset 'nope/2007' .* and no folder "
+                                         "nope/2007 exists"):
+        ip.make_source("nope/2007", "test", str(tmp_path))
 
 
 def test_missing_folder_and_empty_class_are_reported_with_their_path(tmp_path):
@@ -363,8 +394,10 @@ def test_dataset_stats_sample_the_whole_split_and_skip_broken_images(tmp_path):
         for i in range(10):
             Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(tmp_path / cls / f"{i}.png")
     (tmp_path / "b_white" / "broken.png").write_bytes(b"not a png")
-    some = ip.dataset_stats(str(tmp_path), max_images=8)
+    some = eval_data.dataset_stats(str(tmp_path), max_images=8)
     assert 0 < some["mean"][0] < 255 and some["images"] + some["skipped"] == 8
-    every = ip.dataset_stats(str(tmp_path), max_images=100)
+    every = eval_data.dataset_stats(str(tmp_path), max_images=100)
     assert (every["images"], every["skipped"]) == (20, 1)
+    assert every["skipped_images"] == [str(tmp_path / "b_white" / "broken.png")]
+    assert set(some["skipped_images"]) <= set(every["skipped_images"])
     np.testing.assert_allclose(every["mean"], [127.5] * 3)

@@ -88,8 +88,8 @@ def test_cli_choices_are_the_listed_values():
     evaluate = subcommands()["evaluate"]
     protocol = next(a for a in evaluate._actions if a.dest == "protocol")
     assert tuple(protocol.choices) == choices.PROTOCOLS
-    from vgg_jax import evaluate as ev, preprocess
-    assert ev.PROTOCOLS is choices.PROTOCOLS
+    from vgg_jax import preprocess, views
+    assert views.PROTOCOLS is choices.PROTOCOLS
     assert tuple(preprocess.NORMALIZATIONS) == choices.NORMALIZATIONS
 
 

@@ -270,3 +270,19 @@ def test_a_workdir_saved_on_8_devices_reads_on_1(tmp_path):
     assert step == 3
     assert_close(state["params"], _tiny_state()["params"], rtol=0, atol=0)
     assert {d for leaf in jax.tree.leaves(state) for d in leaf.devices()} == {jax.devices()[0]}
+
+
+def test_skipped_image_names_gather_over_processes_in_order():
+    """Every command's summary names the undecodable images of every process: the
+    names travel as bytes through one allgather (uneven lengths, spaces, an empty list)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    helper = [sys.executable, os.path.join(ROOT, "tests", "helpers", "gather_strings.py")]
+    procs = [subprocess.Popen(helper + [str(i), str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    for out, _ in outs:
+        assert json.loads(out.strip().splitlines()[-1]) == [
+            "/data/cat/broken 1.jpg", "voc/2007:test example #3"]

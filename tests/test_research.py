@@ -4,6 +4,7 @@ The "trained" model is a short run of the default config on the bundled digits (
 1/8 width, but torchvision-wide fc6/fc7 so fc7 is 4096-d): XLA's CPU convs are slow, and
 these tests check the tools, not the accuracy.
 """
+import json
 import os
 import subprocess
 import sys
@@ -15,9 +16,14 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, load_config
-from vgg_jax import cli, embed, input_pipeline, models, optim, plots, saliency, train, weights
+from vgg_jax import (cli, embed, input_pipeline, models, optim, plots, runtime, saliency, train,
+                     weights)
 from vgg_jax.datasets import digits
+from vgg_jax.errors import UserError
 from vgg_jax.weights import Net
+
+with runtime.tensorflow_banners_filtered():
+    import tensorflow_datasets as tfds
 
 sys.path.insert(0, ROOT)
 from configs import finetune_folder  # noqa: E402
@@ -91,8 +97,8 @@ def test_embed_pools_conv_maps_and_rejects_unknown_layers(digits_run, tmp_path):
     model = weights.model_from_meta(meta)
     source = input_pipeline.make_source(str(tmp_path / "folder"), "")
     d = Net(digits_run).d
-    pooled, _ = embed.embed(model, variables, source, d, "conv3_2", 4)
-    maps, _ = embed.embed(model, variables, source, d, "conv3_2", 4, pool=False)
+    pooled, _, _ = embed.embed(model, variables, source, d, "conv3_2", 4)
+    maps, _, _ = embed.embed(model, variables, source, d, "conv3_2", 4, pool=False)
     assert maps.shape == (6, 8, 8, 32) and pooled.shape == (6, 32)
     np.testing.assert_allclose(pooled, maps.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown layer 'fc9' for vgg11_bn; valid: conv1_1"):
@@ -281,3 +287,85 @@ def test_finetune_config_without_a_dataset_says_what_to_set(tmp_path):
     c.model.arch, c.data.normalization = "vgg16", "torchvision"
     with pytest.raises(ValueError, match="data.dataset is empty: set --config.data.dataset"):
         train.validate(c)
+
+
+# ----------------------------------------------------------------------------- multi-label
+
+class VggMultiDigitsTest(tfds.core.GeneratorBasedBuilder):
+    """A multi-label TFDS dataset the test builds (VOC's layout: a 'labels' sequence of
+    ClassLabel): 64x64 images of four 32x32 quadrants, each a real digit 0, 1 or 2 from
+    the test split, or black; an image's labels are the digits it shows."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="quadrants")]
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(64, 64, 3)),
+            "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=["0", "1", "2"]))}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, 48), "test": self._generate_examples(1, 32)}
+
+    def _generate_examples(self, seed, n):
+        _, _, images, labels = digits.digits_arrays()
+        rng = np.random.default_rng(seed)
+        pool = {c: images[labels == c] for c in (0, 1, 2)}
+        for i in range(n):
+            image, present = np.zeros((64, 64, 3), np.uint8), set()
+            for q in range(4):
+                c = int(rng.integers(-1, 3))  # -1: a black quadrant
+                if c >= 0:
+                    y, x = divmod(q, 2)
+                    image[32 * y:32 * y + 32, 32 * x:32 * x + 32] = pool[c][rng.integers(len(pool[c]))]
+                    present.add(c)
+            yield i, {"image": image, "labels": sorted(present)}
+
+
+def test_multi_label_tfds_dataset_by_nested_name_embeds_multi_hot_and_transfers_with_map(
+        digits_run, tmp_path):
+    data_dir = str(tmp_path / "tfds")
+    VggMultiDigitsTest(config="quadrants", data_dir=data_dir).download_and_prepare()
+    name = "vgg_multi_digits_test/quadrants"
+    assert not input_pipeline.is_folder(name) and input_pipeline.is_folder(str(tmp_path))
+    truth = [sorted(ex["labels"].tolist()) for ex in tfds.as_numpy(
+        tfds.builder(name, data_dir=data_dir).as_dataset(split="test", shuffle_files=False))]
+    out = tmp_path / "emb.npz"
+    run_cli("embed", "--weights", digits_run, "--data", name, "--data-dir", data_dir,
+            "--split", "test", "--protocol", "paper", "--out", out)
+    with np.load(out) as f:
+        labels, emb = f["labels"], f["embeddings"]
+        assert bool(f["multi_label"]) and len(f["skipped_images"]) == 0
+    assert emb.shape == (32, 4096) and labels.shape == (32, 3)
+    assert [np.flatnonzero(row).tolist() for row in labels] == truth
+    # transfer, in a fresh process (the builder class exists only here: TFDS reads the
+    # prepared files): one-vs-rest SVMs ranked by their decision values -> mAP
+    r = subprocess.run(["vgg-jax", "transfer", "--weights", digits_run, "--data", name,
+                        "--data-dir", data_dir, "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(result["ap"]) == {"0", "1", "2"} and "accuracy" not in result
+    assert result["mAP"] == pytest.approx(np.mean(list(result["ap"].values())))
+    # chance (a random ranking) is each class's share of the test images, about 0.6 here
+    chance = np.mean([np.mean([c in t for t in truth]) for c in range(3)])
+    assert result["mAP"] >= max(0.85, chance + 0.15), (result, chance)
+    # a multi-label dataset is refused where one label per image is needed
+    with pytest.raises(UserError, match="several labels per image"):
+        from vgg_jax import evaluate
+        evaluate.evaluate([Net(digits_run)], name, "test", "center", [32], data_dir=data_dir,
+                          progress=False)
+
+
+def test_average_precision_of_one_vs_rest_svms_on_a_ranking_worked_by_hand():
+    from vgg_jax import transfer
+    # one feature; class 0 is positive for x > 0 in training. Test ranking by x:
+    # pos (0.9), neg (0.5), pos (0.1), neg (-1): AP = (1/1 + 2/3) / 2 = 5/6
+    x_train = np.array([[1.0], [2.0], [-1.0], [-2.0]])
+    y_train = np.array([[1, 0], [1, 0], [0, 1], [0, 1]])
+    x_test = np.array([[0.9], [0.5], [0.1], [-1.0]])
+    y_test = np.array([[1, 0], [0, 0], [1, 1], [0, 0]])
+    r = transfer.mean_average_precision(x_train, y_train, x_test, y_test, 1.0, ["a", "b"])
+    assert r["ap"]["a"] == pytest.approx(5 / 6)
+    # class b: positive for x < 0; its one test positive (0.1) ranks 2nd of 4 -> AP 1/2
+    assert r["ap"]["b"] == pytest.approx(1 / 2) and r["mAP"] == pytest.approx((5 / 6 + 1 / 2) / 2)

@@ -365,19 +365,19 @@ def test_logged_learning_rate_is_the_one_the_update_used():
 def test_training_time_validation_batches_by_eval_batch_size(tmp_path, monkeypatch):
     """'center' validation during training reads eval.batch_size (it used the training
     batch); the counts still cover every test image once."""
-    from vgg_jax import input_pipeline
+    from vgg_jax import eval_data
     c = load_config()
     c.model.width, c.model.fc_widths = 1 / 16, (16, 16)
     c.eval.batch_size = 40
     run = train.setup(c, str(tmp_path / "wd"))
     seen = []
-    real = input_pipeline.eval_batches
+    real = eval_data.eval_batches
 
     def recording(source, data_cfg, local_batch, **kw):
         seen.append(local_batch)
         return real(source, data_cfg, local_batch, **kw)
 
-    monkeypatch.setattr(input_pipeline, "eval_batches", recording)
+    monkeypatch.setattr(eval_data, "eval_batches", recording)
     result = train.evaluate_model(run, run.state)
     run.mngr.close()
     assert seen == [40] and run.it.batch != 40

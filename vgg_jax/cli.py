@@ -130,7 +130,7 @@ def _stats(sub):
     p.add_argument("--split", default="train")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-images", type=positive, default=10000)
-    p.set_defaults(run="vgg_jax.input_pipeline:main_stats")
+    p.set_defaults(run="vgg_jax.eval_data:main_stats")
 
 
 def _evaluate(sub):

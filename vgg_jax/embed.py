@@ -15,12 +15,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vgg_jax import choices, conv, input_pipeline, mesh, models, pixels, preprocess, runtime
+from vgg_jax import choices, conv, eval_data, input_pipeline, mesh, models, pixels, views
 from vgg_jax.errors import check_choice
-from vgg_jax.weights import Net, bucket, pad_to
-
-with runtime.tensorflow_banners_filtered():
-    import tensorflow as tf
+from vgg_jax.weights import Net
 
 
 def make_embed_fn(model, layer: str, pool: bool = True, devices=None, normalise=None):
@@ -43,7 +40,8 @@ def make_embed_fn(model, layer: str, pool: bool = True, devices=None, normalise=
 
 def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: int = 64, *,
           pool: bool = True, limit: int | None = None, progress: bool = False):
-    """(embeddings (N, ...), labels (N,)) for every example of `source`, row for row: with
+    """(embeddings (N, ...), labels (N,) or multi-hot (N, K), skipped: the names of the
+    images that failed to decode, every process's) for every example of `source`, row for row: with
     one process in the source's order, with several process 0's part, then process 1's
     and so on (not the source's order). `batch_size`: images per batch on this process,
     rounded up to a multiple of its devices (as evaluate's and transfer's); `limit`: about
@@ -53,7 +51,9 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
     local_batch = mesh.per_process_batch(batch_size)
     limit = None if limit is None else -(-limit // jax.process_count())
     variables = jax.device_put(variables, replicated)
-    batches = input_pipeline.eval_batches(source, data_cfg, local_batch, limit=limit)
+    skipped = eval_data.Skipped(source)
+    batches = eval_data.eval_batches(source, data_cfg, local_batch, limit=limit,
+                                          skipped=skipped)
     if progress:
         from tqdm import tqdm
         total = -(-(source.max_shard_examples if limit is None else limit) // local_batch)
@@ -67,7 +67,7 @@ def embed(model, variables, source, data_cfg, layer: str = "fc7", batch_size: in
         keep = np.asarray(gathered["mask"]) > 0
         outs.append(np.asarray(gathered["out"])[keep])
         labels.append(np.asarray(gathered["label"])[keep])
-    return np.concatenate(outs), np.concatenate(labels)
+    return np.concatenate(outs), np.concatenate(labels), skipped.everywhere()
 
 
 IMAGENET_SCALES = (256, 384, 512)  # Appendix B's Q for the ImageNet nets (S in [256, 512])
@@ -98,53 +98,23 @@ def paper_descriptors(net: Net, source, scales=IMAGENET_SCALES, *, layer: str = 
     shard, gathered over processes): at each scale Q the whole image (smallest side Q)
     goes through the fully-convolutional net, the fc7 map is averaged over space and
     with the flipped image's; the scales are averaged (`aggregate='average'`) or
-    concatenated ('stack'); the result is L2-normalised. Returns (descriptors, labels)."""
+    concatenated ('stack'); the result is L2-normalised. The views run through
+    `views.run_split`, as evaluate's. Returns (descriptors, labels (N,) or multi-hot
+    (N, K), the names of the images that failed to decode, every process's)."""
     check_choice("aggregate", aggregate, choices.AGGREGATES)
-    n_local = source.num_examples if limit is None else min(-(-limit // jax.process_count()),
-                                                            source.num_examples)
-    ds = source.epoch_dataset(0, False, 0).take(n_local).map(
-        lambda raw, label: (tuple(preprocess.eval_example(raw, net.d, scale=q, crop=False)
-                                  for q in scales), label),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors(log_warning=False).prefetch(4)  # undecodable images: counted below
-    batch = -(-batch_size // net.num_devices) * net.num_devices
-    per_scale = {}   # (image, scale) -> sum of its views' features
-    buffers = {}     # padded shape -> [(image, scale, array, (h, w))]
-
-    def run(shape):
-        views, buffers[shape] = buffers[shape], []
-        feats = net.dense_features(np.stack([v[2] for v in views]),
-                                   np.asarray([v[3] for v in views]), layer, batch)
-        for (image, scale, _, _), f in zip(views, feats):
-            per_scale[image, scale] = per_scale.get((image, scale), 0.0) + f / 2
-
-    labels = []
-    items = ds.as_numpy_iterator()
+    plan = views.Plan([net], "dense", scales, flip=True, slot_per_scale=aggregate == "stack")
+    results, skipped, _ = views.run_split(plan, source, forward=views.features(layer),
+                                          batch_size=batch_size, limit=limit)
+    n_local = eval_data.local_count(source, limit)
     if progress:
         from tqdm import tqdm
-        items = tqdm(items, total=n_local, desc="paper descriptors", unit="img")
-    for image, (wholes, label) in enumerate(items):
-        labels.append(int(label))
-        for scale, whole in enumerate(wholes):
-            h, w = whole.shape[:2]
-            shape = (bucket(h), bucket(w))
-            for view in (whole, whole[:, ::-1]):
-                buffers.setdefault(shape, []).append((image, scale, pad_to(view, *shape),
-                                                      (h, w)))
-            if len(buffers[shape]) >= batch:
-                run(shape)
-    for shape in list(buffers):
-        if buffers[shape]:
-            run(shape)
-    if len(labels) < n_local:
-        input_pipeline.log.warning("skipped %d image(s) of %s:%s that failed to decode",
-                                   n_local - len(labels), source.name, source.split)
-    rows = [[per_scale[i, s] for s in range(len(scales))] for i in range(len(labels))]
-    desc = np.asarray([np.mean(r, axis=0) if aggregate == "average" else np.concatenate(r)
-                       for r in rows], np.float32).reshape(len(labels), -1)
+        results = tqdm(results, total=n_local, desc="paper descriptors", unit="img")
+    rows = sorted((pos, label, np.concatenate(slots)) for pos, label, slots in results)
+    labels = np.asarray([label for _, label, _ in rows], np.int64)
+    desc = np.asarray([d for _, _, d in rows], np.float32).reshape(len(rows), -1)
     desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
-    return gather_shards(desc, np.asarray(labels, np.int64), source.max_shard_examples
-                         if limit is None else n_local)
+    return (*gather_shards(desc, labels, source.max_shard_examples if limit is None
+                           else n_local), skipped.everywhere())
 
 
 def gather_shards(values: np.ndarray, labels: np.ndarray, rows: int):
@@ -155,12 +125,13 @@ def gather_shards(values: np.ndarray, labels: np.ndarray, rows: int):
     pad = rows - len(values)
     mask = np.concatenate([np.ones(len(values)), np.zeros(pad)]).astype(np.float32)
     padded = dict(v=np.concatenate([values, np.zeros((pad, *values.shape[1:]), values.dtype)]),
-                  l=np.concatenate([labels, np.zeros(pad, labels.dtype)]).astype(np.int32),
+                  l=np.concatenate([labels, np.zeros((pad, *labels.shape[1:]), labels.dtype)]
+                                   ).astype(np.int32),
                   m=mask)
     every = multihost_utils.process_allgather(padded)
     keep = np.asarray(every["m"]).reshape(-1) > 0
     return (np.asarray(every["v"]).reshape(-1, *values.shape[1:])[keep],
-            np.asarray(every["l"]).reshape(-1)[keep].astype(np.int64))
+            np.asarray(every["l"]).reshape(-1, *labels.shape[1:])[keep].astype(np.int64))
 
 
 def default_scales(net: Net, quiet: bool = False) -> tuple[int, ...]:
@@ -184,15 +155,18 @@ def main(*, weights: str, data: str, out: str, split: str = "test",
     source = input_pipeline.make_source(data, split, data_dir, jax.process_index(),
                                         jax.process_count())
     if protocol == "paper":
-        emb, labels = paper_descriptors(net, source, tuple(scales) or default_scales(net),
+        emb, labels, skipped = paper_descriptors(net, source, tuple(scales) or default_scales(net),
                                         layer=layer, aggregate=aggregate,
                                         batch_size=batch_size, limit=limit, progress=True)
     else:
-        emb, labels = embed(net.model, net.variables, source, net.d, layer, batch_size,
+        emb, labels, skipped = embed(net.model, net.variables, source, net.d, layer, batch_size,
                             pool=not no_pool, limit=limit, progress=True)
     if jax.process_index() == 0:
         np.savez(out, embeddings=emb, labels=labels,
                  class_names=np.asarray(source.class_names), layer=layer,
-                 weights=str(weights), data=f"{data}:{split}")
-        print(f"wrote {layer} embeddings {emb.shape} and labels of {source.name}:"
-              f"{source.split} ({len(source.class_names)} classes) to {out}")
+                 weights=str(weights), data=f"{data}:{split}", multi_label=source.multi_label,
+                 skipped_images=np.asarray(skipped, dtype=str))
+        kind = "multi-hot labels" if source.multi_label else "labels"
+        print(f"wrote {layer} embeddings {emb.shape} and {kind} of {source.name}:"
+              f"{source.split} ({len(source.class_names)} classes) to {out}"
+              + eval_data.skipped_line(skipped))

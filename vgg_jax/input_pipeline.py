@@ -6,16 +6,16 @@ of every global batch. Training order is a pure function of (seed, epoch) and ca
 entered at any position without reading what comes before; each example's augmentation
 is a function of (seed, epoch, example), so the iterator's state is just {epoch, offset}
 and resuming from it replays exactly what an uninterrupted run would have seen. Images
-that fail to decode are skipped, counted and logged with their path. Eval batches are
-padded to a fixed shape with a `mask`. (Finding and preparing TFDS datasets: `prepared`.)
+that fail to decode are skipped, counted and logged with their path. (Reading a split
+once for evaluation: `eval_data`; finding and preparing TFDS datasets: `prepared`.)
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
+import re
 
 import numpy as np
 
@@ -34,8 +34,15 @@ log = logging.getLogger(__name__)
 tf.config.set_visible_devices([], "GPU")
 
 
+# a TFDS name: NAME, NAME/CONFIG, NAME:VERSION, NAME/CONFIG:VERSION ('voc/2007')
+TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[\w.+-]+)?(:[\d.*]+)?$")
+
+
 def is_folder(dataset: str) -> bool:
-    return os.sep in dataset or dataset.startswith(".") or os.path.isdir(dataset)
+    """An image folder is what exists on disk; anything else shaped like a TFDS name
+    ('cifar10', 'voc/2007') is one, and the rest are folder paths (a missing one is
+    reported as such)."""
+    return os.path.isdir(dataset) or not TFDS_NAME.match(dataset)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -54,6 +61,7 @@ class Source:
     _train_fn: object = None   # (epoch, seed, start, block) -> (pos, uid, bytes, label)
     process_index: int = 0
     process_count: int = 1
+    multi_label: bool = False  # labels are multi-hot (num_classes,) int32 vectors
 
     @property
     def num_classes(self) -> int:
@@ -92,7 +100,7 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
         why = "" if why.startswith("Unknown split") else f" ({why})"
         raise UserError(f"{name} has no split {split!r}{why}; its splits: {known} (slices "
                         f"like 'train[:10%]' work too)") from None
-    label = builder.info.features["label"]
+    class_names, label_of, multi = label_feature(builder)
     mine = shards[process_index]
 
     def dataset(epoch, shuffle, seed):
@@ -101,12 +109,12 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
         ds = builder.as_dataset(split=mine, shuffle_files=False,
                                 read_config=tfds.ReadConfig(try_autocache=False),
                                 decoders={"image": tfds.decode.SkipDecoding()})
-        return ds.map(lambda ex: (ex["image"], ex["label"]))
+        return ds.map(lambda ex: (ex["image"], label_of(ex)))
 
     def parse(record):
         ex = builder.info.features.deserialize_example(
             record, decoders={"image": tfds.decode.SkipDecoding()})
-        return ex["image"], ex["label"]
+        return ex["image"], label_of(ex)
 
     pieces = builder.info.splits[mine].file_instructions  # (file, skip, take) each
     window = max(1, min(shuffle_buffer, sizes[process_index]))
@@ -117,9 +125,31 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
             lambda pos, record: (pos, pos * process_count + process_index, *parse(record)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    return Source(name, split, sizes[process_index], max(sizes), sum(sizes), list(label.names),
-                  dataset, _train_fn=train, process_index=process_index,
-                  process_count=process_count)
+    def key(epoch, position, shuffled, block=1):
+        shard = f" of process {process_index}'s part" if process_count > 1 else ""
+        return f"{name}:{split} example #{position}{shard}"
+
+    return Source(name, split, sizes[process_index], max(sizes), sum(sizes), class_names,
+                  dataset, key, train, process_index, process_count, multi)
+
+
+def label_feature(builder):
+    """(class names, example -> label, multi-label?) of a TFDS dataset: its 'label'
+    (a ClassLabel), or its 'labels' (a sequence of ClassLabel, as VOC's) as a multi-hot
+    vector."""
+    features = dict(builder.info.features.items())
+    if isinstance(features.get("label"), tfds.features.ClassLabel):
+        return list(features["label"].names), lambda ex: ex["label"], False
+    labels = features.get("labels")
+    if (isinstance(labels, tfds.features.Sequence)
+            and isinstance(labels.feature, tfds.features.ClassLabel)):
+        k = labels.feature.num_classes
+        return (list(labels.feature.names),
+                lambda ex: tf.minimum(tf.reduce_sum(tf.one_hot(ex["labels"], k, dtype=tf.int32),
+                                                    axis=0), 1), True)
+    raise UserError(f"{builder.name} has neither a 'label' (ClassLabel) nor a 'labels' "
+                    f"(sequence of ClassLabel) feature; its features: "
+                    f"{', '.join(sorted(features.keys()))}")
 
 
 def _windowed_shuffle(pieces, window: int, seed: int, start: int, data_dir: str):
@@ -336,83 +366,3 @@ class TrainIterator:
 
     def __next__(self):
         return next(self._it)
-
-
-# ----------------------------------------------------------------------------- eval
-
-def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None):
-    """Every example of this process's shard once, in order, in batches of exactly
-    `local_batch` with a 0/1 `mask`; every process yields the same number of batches
-    (ceil(largest shard / batch)) so collective eval steps line up: the centre crop of
-    data_cfg's eval scale. Undecodable images are skipped with a warning."""
-    d = data_cfg
-    n_local = source.num_examples if limit is None else min(limit, source.num_examples)
-    n_max = source.max_shard_examples if limit is None else min(limit, source.max_shard_examples)
-    num_batches = math.ceil(n_max / local_batch)
-
-    def prep(pos, example):
-        image = preprocess.eval_example(example[0], d)
-        return pos, image, example[1]
-
-    ds = source.epoch_dataset(0, False, 0).take(n_local).enumerate()
-    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
-    ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
-    produced = 0
-    template = None
-    for _, image, label in ds.as_numpy_iterator():
-        batch = _pad(image, label, local_batch)
-        template = batch
-        produced += 1
-        yield batch
-    if template is None:  # empty shard: shapes from one example of the split
-        shape = (d.image_size, d.image_size, d.channels)
-        template = _pad(np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32), local_batch)
-    for _ in range(num_batches - produced):
-        yield {k: np.zeros_like(v) for k, v in template.items()}
-
-
-def _pad(image, label, size):
-    n = len(label)
-    mask = np.zeros((size,), np.float32)
-    mask[:n] = 1
-    pad = size - n
-    if pad:
-        image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
-        label = np.concatenate([label, np.zeros((pad,), label.dtype)])
-    return {"image": image, "label": label.astype(np.int32), "mask": mask}
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def dataset_stats(dataset, split="train", data_dir=None, max_images=10_000, channels=3):
-    """Mean pixel (0..255) and the PCA of RGB on [0, 1] pixels (for the colour shift),
-    over `max_images` drawn at random from the whole split (all of them when it has no
-    more; a folder's first files would be its first classes only). Undecodable images
-    are skipped and counted."""
-    source = make_source(dataset, split, data_dir)
-    sample = max_images < source.num_examples
-    ds = source.epoch_dataset(0, sample, 0).take(max_images)
-    ds = ds.map(lambda b, l: tf.reshape(tf.cast(preprocess.decode(b, channels), tf.float64),
-                                        (-1, channels))).ignore_errors()
-    n, images, total, outer = 0, 0, np.zeros(channels), np.zeros((channels, channels))
-    for pixels in ds.as_numpy_iterator():
-        n += len(pixels)
-        images += 1
-        total += pixels.sum(0)
-        outer += pixels.T @ pixels
-    if not images:
-        raise UserError(f"no decodable image among the {min(max_images, source.num_examples)} "
-                        f"read from {dataset} ({split})")
-    mean = total / n
-    cov = (outer / n - np.outer(mean, mean)) / 255.0 ** 2
-    eigval, eigvec = np.linalg.eigh(cov)
-    order = np.argsort(eigval)[::-1]
-    return {"mean": mean.round(3).tolist(), "std": np.sqrt(np.diag(cov) * 255.0 ** 2).round(3).tolist(),
-            "pca_eigval": eigval[order].round(5).tolist(),
-            "pca_eigvec": eigvec[:, order].round(4).tolist(), "pixels": int(n),
-            "images": images, "skipped": min(max_images, source.num_examples) - images}
-
-
-def main_stats(*, dataset: str, split: str = "train", data_dir: str | None = None,
-               max_images: int = 10_000):
-    print(json.dumps(dataset_stats(dataset, split, data_dir, max_images)))

@@ -92,3 +92,23 @@ def allgather_rows(row):
     from jax.experimental import multihost_utils
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
     return [r.tolist() for r in every]
+
+
+def allgather_strings(strings) -> list[str]:
+    """Every process's list of strings, concatenated in process order (a no-op alone)."""
+    strings = list(strings)
+    if jax.process_count() == 1:
+        return strings
+    import numpy as np
+    from jax.experimental import multihost_utils
+    mine = np.frombuffer("\n".join(strings).encode(), np.uint8) if strings else np.zeros(0, np.uint8)
+    rows = allgather_rows([len(mine), len(strings)])
+    sizes, counts = [r[0] for r in rows], [r[1] for r in rows]
+    padded = np.zeros(max(max(sizes), 1), np.uint8)
+    padded[:len(mine)] = mine
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    out = []
+    for row, size, count in zip(every, sizes, counts):
+        if count:
+            out += bytes(row[:size]).decode().split("\n")
+    return out

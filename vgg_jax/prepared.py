@@ -40,9 +40,10 @@ def _builder(name: str, data_dir: str):
         with runtime.absl_warnings_off():
             return tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
-        raise UserError(f"unknown TFDS dataset {name!r} ({type(e).__name__}); give a TFDS "
-                         f"name such as vgg_digits, cifar10, imagenet2012, or an image folder "
-                         f"root/class_name/*.jpg") from None
+        nor_folder = f" and no folder {name} exists" if "/" in name else ""
+        raise UserError(f"unknown TFDS dataset {name!r} ({type(e).__name__}){nor_folder}; give "
+                         f"a TFDS name such as vgg_digits, cifar10, voc/2007, imagenet2012, or "
+                         f"an image folder root/class_name/*.jpg") from None
 
 
 def manual_dir_for(data_dir: str | None = None) -> str:

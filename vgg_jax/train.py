@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import (checkpoint, input_pipeline, mesh, models, optim, pixels, published,
+from vgg_jax import (checkpoint, eval_data, input_pipeline, mesh, models, optim, pixels, published,
                      runtime, weights)
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
@@ -245,6 +245,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     train_src = input_pipeline.make_source(d.dataset, d.train_split, data_dir, pidx, pcount,
                                            d.shuffle_buffer)
     eval_src = input_pipeline.make_source(d.dataset, d.eval_split, data_dir, pidx, pcount)
+    if train_src.multi_label:
+        raise UserError(f"{d.dataset} has several labels per image; training here is "
+                        f"single-label soft-max (embed it, or `vgg-jax transfer` for its mAP)")
     if 0 < config.model.num_classes < train_src.num_classes:  # labels past fc8: NaN loss
         raise UserError(f"model.num_classes={config.model.num_classes}, but {d.dataset} has "
                         f"{train_src.num_classes} classes (labels 0..{train_src.num_classes - 1}); "
@@ -299,14 +302,15 @@ def evaluate_model(run: Run, state: TrainState) -> dict:
         sums = dict(loss=0.0, top1=0.0, top5=0.0, count=0.0)
         # eval.batch_size is global
         local = mesh.per_process_batch(max(1, e.batch_size // jax.process_count()))
-        for batch in input_pipeline.eval_batches(run.eval_src, d, local):
+        skipped = eval_data.Skipped(run.eval_src)
+        for batch in eval_data.eval_batches(run.eval_src, d, local, skipped=skipped):
             out = jax.device_get(run.par.eval_step(state, run.par.global_batch(batch)))
             for k in sums:
                 sums[k] += float(out[k])
         n = max(sums["count"], 1.0)
         return dict(loss=sums["loss"] / n, top1_err=1 - sums["top1"] / n,
                     top5_err=1 - sums["top5"] / n, top1_acc=sums["top1"] / n,
-                    count=sums["count"])
+                    count=sums["count"], **skipped.summary())
     from vgg_jax import evaluate
     variables = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),  # replicated
                              _variables(state.params, state.batch_stats))
@@ -317,7 +321,8 @@ def evaluate_model(run: Run, state: TrainState) -> dict:
                           data_dir=d.data_dir or None, progress=False,
                           batch_size=max(1, e.batch_size // jax.process_count()))
     return dict(top1_err=r["top1_err"], top5_err=r["top5_err"], top1_acc=1 - r["top1_err"],
-                loss=r["loss"], count=float(r["images"]))
+                loss=r["loss"], count=float(r["images"]), skipped=r["skipped"],
+                skipped_images=r["skipped_images"])
 
 
 class Saver:
@@ -409,7 +414,8 @@ def loop(run: Run) -> dict:
             if (into_epoch == 0 and due(epoch, t.eval_every_epochs)) or step == total:
                 saver.check_finite(metrics, step)
                 result = evaluate_model(run, state)
-                writer.write(step, {f"eval_{k}": v for k, v in result.items()})
+                writer.write(step, {f"eval_{k}": v for k, v in result.items()
+                                    if k != "skipped_images"})  # the names are logged
                 log.info("step %d (epoch %d): eval top-1 error %.4f, top-5 error %.4f",
                          step, epoch, result["top1_err"], result["top5_err"])
                 if o.schedule == "paper":  # Sec. 3.1: lr / 10 when validation stops improving
@@ -435,5 +441,5 @@ def loop(run: Run) -> dict:
         if bar is not None:
             bar.close()
         run.mngr.close()
-    return dict(result, step=step, skipped_images=len(run.it.skipped),
-                split=config.data.eval_split)
+    return dict(result, step=step, split=config.data.eval_split,
+                train_skipped=len(run.it.skipped), train_skipped_images=list(run.it.skipped))

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vgg_jax import checkpoint, classes, conv, mesh, models, pixels, preprocess, runtime
+from vgg_jax import (checkpoint, classes, conv, mesh, models, pixels, preprocess, runtime,
+                     views)
 from vgg_jax.errors import NotFound, UserError
 
 with runtime.tensorflow_banners_filtered():
@@ -32,7 +33,6 @@ with runtime.tensorflow_banners_filtered():
 
 log = logging.getLogger(__name__)
 MODEL_FIELDS_FROM_INIT = ("arch", "width", "fc_widths", "classifier_pool")
-DENSE_BUCKET = 32  # dense inputs are padded to multiples of this (paper Q's are multiples)
 
 
 # ----------------------------------------------------------------------------- on disk
@@ -253,16 +253,6 @@ def read_image_bytes(path: str) -> bytes:
     return raw
 
 
-def bucket(n: int, multiple: int = DENSE_BUCKET) -> int:
-    return -(-n // multiple) * multiple
-
-
-def pad_to(image, h, w):
-    out = np.zeros((h, w, image.shape[-1]), image.dtype)
-    out[:image.shape[0], :image.shape[1]] = image
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _softmax_fn(model: models.VGG, dense: bool, normalise: pixels.Pixels):
     """One jitted posterior function per (model, mode, pixel convention), shared by every
@@ -392,13 +382,6 @@ class Net:
         """Posteriors of standard (crop) inputs, any batch size."""
         return self.padded_posteriors(np.asarray(images))
 
-    def dense_softmax(self, image):
-        """Spatially averaged class score map -> soft-max, for one whole image (padded to
-        a DENSE_BUCKET multiple and masked, so one compile serves many sizes)."""
-        h, w = image.shape[:2]
-        return self.padded_posteriors(pad_to(image, bucket(h), bucket(w))[None],
-                                      np.array([[h, w]]))[0]
-
     def logits(self, images, dense: bool = False):
         """Logits of uint8 images, normalised on the device."""
         return self._apply(self.variables, jnp.asarray(images), train=False, dense=dense)
@@ -418,7 +401,7 @@ class Net:
         """Soft-max of one image file: the centre crop, or with `dense` the class score map
         of the whole image at scale Q averaged spatially (Sec. 3.2, without the flip)."""
         if dense:
-            return self.dense_softmax(self.pixels(path, scale=q, crop=False))
+            return views.posterior(self, read_image_bytes(path), "dense", [q], flip=False)
         return self.softmax(self.pixels(path)[None])[0]
 
     def top(self, path: str, k: int = 5, **kw) -> list[tuple[str, float]]:

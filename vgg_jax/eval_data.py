@@ -1,0 +1,158 @@
+"""A split read once, in order, for evaluation and statistics: every example of this
+process's shard exactly once (`stream`; `eval_batches` as fixed-size padded batches with a
+mask, so that collective eval steps line up over processes), and one accounting of the
+images that fail to decode (`Skipped`: each logged with its path, or its TFDS example
+number, as it is found; the count and the names, over every process, in every command's
+summary and JSON).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import jax
+import numpy as np
+
+from vgg_jax import mesh, preprocess, runtime
+from vgg_jax.errors import UserError
+from vgg_jax.input_pipeline import Source, make_source
+
+with runtime.tensorflow_banners_filtered():
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+class Skipped:
+    """The images of this process's shard that failed to decode: each logged with its name
+    as it is found; `everywhere()` gathers every process's (a collective)."""
+
+    def __init__(self, source: Source, shuffle_seed: int | None = None):
+        self.source, self.seed, self.names = source, shuffle_seed, []
+
+    def gap(self, start: int, stop: int) -> None:
+        """Positions start..stop-1 of the shard (in epoch 0's order, shuffled with
+        `shuffle_seed` if given) never came: they failed to decode."""
+        for pos in range(start, stop):
+            self.names.append(self.source.key(0, pos, self.seed))
+            log.warning("skipped an image that failed to decode: %s", self.names[-1])
+
+    def everywhere(self) -> list[str]:
+        return mesh.allgather_strings(self.names)
+
+    def summary(self) -> dict:
+        """{'skipped': count, 'skipped_images': names} over every process."""
+        names = self.everywhere()
+        return dict(skipped=len(names), skipped_images=names)
+
+
+def skipped_line(names, what: str = "") -> str:
+    """A summary's line naming the images that failed to decode (empty when none did)."""
+    if not names:
+        return ""
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return (f"\nskipped {len(names)} {what + ' ' if what else ''}image(s) that failed to "
+            f"decode: {', '.join(names[:5])}{more}")
+
+
+def local_count(source: Source, limit: int | None) -> int:
+    """This process's images: its whole shard, or its ceil(limit / processes) first."""
+    return (source.num_examples if not limit else
+            min(-(-limit // jax.process_count()), source.num_examples))
+
+
+def stream(source: Source, fn, n_local: int, skipped: Skipped):
+    """(position, label, fn(image_bytes)) for the first `n_local` images of this process's
+    shard in order (epoch 0's shuffled order with skipped's `shuffle_seed`), `fn` (tf ops)
+    run in tf.data's parallel map; images that fail to decode are left out and recorded
+    in `skipped`."""
+    seed = skipped.seed
+    ds = source.epoch_dataset(0, seed is not None, seed or 0).take(n_local).enumerate()
+    ds = ds.map(lambda pos, ex: (pos, ex[1], fn(ex[0])), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    ds = ds.ignore_errors(log_warning=False).prefetch(4)
+    expected = 0
+    for pos, label, out in ds.as_numpy_iterator():
+        skipped.gap(expected, int(pos))
+        expected = int(pos) + 1
+        yield int(pos), label, out
+    skipped.gap(expected, n_local)  # the last images of the shard too
+
+
+def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None,
+                 skipped: Skipped | None = None):
+    """Every example of this process's shard once, in order, in batches of exactly
+    `local_batch` with a 0/1 `mask`; every process yields the same number of batches
+    (ceil(largest shard / batch)) so collective eval steps line up: the centre crop of
+    data_cfg's eval scale. Undecodable images are skipped, logged with their names and
+    recorded in `skipped` (a Skipped of `source`)."""
+    d = data_cfg
+    n_local = source.num_examples if limit is None else min(limit, source.num_examples)
+    n_max = source.max_shard_examples if limit is None else min(limit, source.max_shard_examples)
+    num_batches = math.ceil(n_max / local_batch)
+    skipped = Skipped(source) if skipped is None else skipped
+    ds = stream(source, lambda raw: preprocess.eval_example(raw, d), n_local, skipped)
+    produced, images, labels = 0, [], []
+    for _, label, image in ds:
+        images.append(image)
+        labels.append(label)
+        if len(images) == local_batch:
+            yield _pad(np.stack(images), np.stack(labels), local_batch)
+            produced, images, labels = produced + 1, [], []
+    if images:
+        yield _pad(np.stack(images), np.stack(labels), local_batch)
+        produced += 1
+    shape = (d.image_size, d.image_size, d.channels)
+    label_shape = (source.num_classes,) if source.multi_label else ()
+    template = _pad(np.zeros((0, *shape), np.uint8), np.zeros((0, *label_shape), np.int32),
+                    local_batch)
+    for _ in range(num_batches - produced):  # the batches another process still runs
+        yield template
+
+
+def _pad(image, label, size):
+    n = len(label)
+    mask = np.zeros((size,), np.float32)
+    mask[:n] = 1
+    pad = size - n
+    if pad:
+        image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
+        label = np.concatenate([label, np.zeros((pad, *label.shape[1:]), label.dtype)])
+    return {"image": image, "label": label.astype(np.int32), "mask": mask}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def dataset_stats(dataset, split="train", data_dir=None, max_images=10_000, channels=3):
+    """Mean pixel (0..255) and the PCA of RGB on [0, 1] pixels (for the colour shift),
+    over `max_images` drawn at random from the whole split (all of them when it has no
+    more; a folder's first files would be its first classes only). Undecodable images
+    are skipped, counted and named."""
+    source = make_source(dataset, split, data_dir)
+    skipped = Skipped(source, 0 if max_images < source.num_examples else None)
+    pixel_rows = lambda b: tf.reshape(tf.cast(preprocess.decode(b, channels), tf.float64),
+                                      (-1, channels))
+    n, images, total, outer = 0, 0, np.zeros(channels), np.zeros((channels, channels))
+    for _, _, pixels in stream(source, pixel_rows, min(max_images, source.num_examples),
+                               skipped):
+        n += len(pixels)
+        images += 1
+        total += pixels.sum(0)
+        outer += pixels.T @ pixels
+    if not images:
+        raise UserError(f"no decodable image among the {min(max_images, source.num_examples)} "
+                        f"read from {dataset} ({split})")
+    mean = total / n
+    cov = (outer / n - np.outer(mean, mean)) / 255.0 ** 2
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1]
+    return {"mean": mean.round(3).tolist(), "std": np.sqrt(np.diag(cov) * 255.0 ** 2).round(3).tolist(),
+            "pca_eigval": eigval[order].round(5).tolist(),
+            "pca_eigvec": eigvec[:, order].round(4).tolist(), "pixels": int(n),
+            "images": images, **skipped.summary()}
+
+
+def main_stats(*, dataset: str, split: str = "train", data_dir: str | None = None,
+               max_images: int = 10_000):
+    print(json.dumps(dataset_stats(dataset, split, data_dir, max_images)))
