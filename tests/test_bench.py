@@ -11,10 +11,15 @@ def test_benchmark_smoke_mode_prints_both_frameworks():
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(row["mode"], row["row"]) for row in r["rows"]] == [
-        ("train", "torch eager"), ("train", "jax grad+optax"), ("train", "jax train.py step"),
+        ("train", "torch eager"), ("train", "jax grad+optax"),
+        ("train", "jax grad+optax undonated"), ("train", "jax train.py step"),
         ("infer", "torch eager"), ("infer", "jax jit(model.apply)")]
     for row in r["rows"]:  # speed, its first step's compile time and memory, each measured
         assert row["img_per_s"] > 0 and row["compile_s"] > 0 and row["peak_mb"] > 100, row
+        # ratios against the faster torch row of its mode (here only eager runs)
+        assert row["torch_row"] == "torch eager"
+        torch = r["rows"][0 if row["mode"] == "train" else 4]
+        assert abs(row["vs_torch"] - row["img_per_s"] / torch["img_per_s"]) < 1e-9
     # the vgg_jax rows say which conv algorithm each layer ran (conv1_1's 3 channels: im2col)
     assert "im2col conv1_1" in r["rows"][1]["conv_impl"]
     # the plain jax.jit(model.apply) gets YNNPACK convs from vgg_jax's import-time default
