@@ -338,6 +338,11 @@ def test_multi_label_tfds_dataset_by_nested_name_embeds_multi_hot_and_transfers_
         assert bool(f["multi_label"]) and len(f["skipped_images"]) == 0
     assert emb.shape == (32, 4096) and labels.shape == (32, 3)
     assert [np.flatnonzero(row).tolist() for row in labels] == truth
+    run_cli("embed", "--weights", digits_run, "--data", name, "--data-dir", data_dir,
+            "--split", "test", "--out", out)  # the centre crop (the default protocol)
+    with np.load(out) as f:
+        assert f["embeddings"].shape == (32, 4096)
+        assert [np.flatnonzero(row).tolist() for row in f["labels"]] == truth
     # transfer, in a fresh process (the builder class exists only here: TFDS reads the
     # prepared files): one-vs-rest SVMs ranked by their decision values -> mAP
     r = subprocess.run(["vgg-jax", "transfer", "--weights", digits_run, "--data", name,
