@@ -5,7 +5,8 @@ with an uninterrupted run of the same command.
     python bench/fault_injection.py [--trials 20] [--steps 48] [--json]
 
 Each trial starts the run, kills it (at a random time within the uninterrupted run's
-duration, or, every other trial, the moment orbax starts writing a checkpoint), starts
+duration, redrawn within the trial's own run time if that run finished first, or, every
+other trial, the moment orbax starts writing a checkpoint), starts
 it again on the same workdir until it finishes, and compares. Prints one row per trial
 and "N/T bit-equal". The models are tiny (width 1/16 on the bundled digits) so a trial
 takes seconds; the compile cache is shared by all runs.
@@ -96,6 +97,12 @@ def main():
             workdir = os.path.join(base, f"trial{trial}")
             at = None if trial % 2 else rng.uniform(0.0, duration)
             ran, killed, during_save = kill_once(workdir, a.steps, at, deadline=4 * duration)
+            for _ in range(3):  # this run beat the moment (runs vary): a moment within it
+                if killed or at is None:
+                    break
+                shutil.rmtree(workdir)
+                at = rng.uniform(0.0, 0.9 * ran)
+                ran, killed, during_save = kill_once(workdir, a.steps, at, deadline=4 * duration)
             saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
                            if n.isdigit()) if os.path.isdir(os.path.join(workdir,
                                                                          "checkpoints")) else []
