@@ -62,18 +62,23 @@ def local_count(source: Source, limit: int | None) -> int:
             min(-(-limit // jax.process_count()), source.num_examples))
 
 
+def _positioned(source: Source, fn, n_local: int, seed):
+    """(position, label, fn(image_bytes)) of the first `n_local` images of the shard, in
+    tf.data's parallel map; images that fail to decode are left out (positions say which)."""
+    ds = source.epoch_dataset(0, seed is not None, seed or 0).take(n_local).enumerate()
+    ds = ds.map(lambda pos, ex: (pos, ex[1], fn(ex[0])), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    return ds.ignore_errors(log_warning=False)
+
+
 def stream(source: Source, fn, n_local: int, skipped: Skipped):
     """(position, label, fn(image_bytes)) for the first `n_local` images of this process's
     shard in order (epoch 0's shuffled order with skipped's `shuffle_seed`), `fn` (tf ops)
     run in tf.data's parallel map; images that fail to decode are left out and recorded
     in `skipped`."""
-    seed = skipped.seed
-    ds = source.epoch_dataset(0, seed is not None, seed or 0).take(n_local).enumerate()
-    ds = ds.map(lambda pos, ex: (pos, ex[1], fn(ex[0])), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-    ds = ds.ignore_errors(log_warning=False).prefetch(4)
     expected = 0
-    for pos, label, out in ds.as_numpy_iterator():
+    for pos, label, out in _positioned(source, fn, n_local, skipped.seed).prefetch(4) \
+            .as_numpy_iterator():
         skipped.gap(expected, int(pos))
         expected = int(pos) + 1
         yield int(pos), label, out
@@ -92,17 +97,15 @@ def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None,
     n_max = source.max_shard_examples if limit is None else min(limit, source.max_shard_examples)
     num_batches = math.ceil(n_max / local_batch)
     skipped = Skipped(source) if skipped is None else skipped
-    ds = stream(source, lambda raw: preprocess.eval_example(raw, d), n_local, skipped)
-    produced, images, labels = 0, [], []
-    for _, label, image in ds:
-        images.append(image)
-        labels.append(label)
-        if len(images) == local_batch:
-            yield _pad(np.stack(images), np.stack(labels), local_batch)
-            produced, images, labels = produced + 1, [], []
-    if images:
-        yield _pad(np.stack(images), np.stack(labels), local_batch)
+    ds = _positioned(source, lambda raw: preprocess.eval_example(raw, d), n_local, skipped.seed)
+    produced, expected = 0, 0  # batched by tf.data; the positions name what was skipped
+    for pos, label, image in ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+        for p in pos:
+            skipped.gap(expected, int(p))
+            expected = int(p) + 1
+        yield _pad(image, label, local_batch)
         produced += 1
+    skipped.gap(expected, n_local)
     shape = (d.image_size, d.image_size, d.channels)
     label_shape = (source.num_classes,) if source.multi_label else ()
     template = _pad(np.zeros((0, *shape), np.uint8), np.zeros((0, *label_shape), np.int32),
