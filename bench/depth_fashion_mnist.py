@@ -4,6 +4,10 @@ same seeds for every configuration, beside the paper's ImageNet numbers.
 
     python bench/depth_fashion_mnist.py [--archs A,A-LRN,B,C,D,E] [--seeds 0,1] [--idx-dir DIR]
     python bench/depth_fashion_mnist.py --archs A,E --seeds 0 --limit 256   # a smoke run
+    python bench/depth_fashion_mnist.py --init kaiming --out runs/depth_kaiming  # He init
+
+`--init` draws every configuration's weights with another of models' init schemes
+(the same one for all six, so the recipe stays one recipe).
 
 Each run is `train.py --config configs/fashion_mnist_depth.py:ARCH --config.seed=SEED` on
 TFDS fashion_mnist prepared offline from the IDX files (`vgg-jax prepare fashion_mnist
@@ -32,6 +36,8 @@ def run(a, arch: str, seed: int, data_dir: str) -> dict:
     workdir = os.path.join(a.out, f"{arch}_seed{seed}")
     flags = [f"--config.seed={seed}", f"--config.data.data_dir={data_dir}",
              "--config.train.progress_bar=False"]
+    if a.init:
+        flags.append(f"--config.model.init_scheme={a.init}")
     if a.epochs:
         flags.append(f"--config.train.num_epochs={a.epochs}")
     if a.limit:  # the smoke run: a few steps, one evaluation at the end
@@ -42,7 +48,8 @@ def run(a, arch: str, seed: int, data_dir: str) -> dict:
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     evals = [l for l in lines if "eval_top1_err" in l]
     rate = [l["train_images_per_sec"] for l in lines if "train_images_per_sec" in l]
-    return dict(arch=arch, seed=seed, steps=evals[-1]["step"] if evals else 0,
+    return dict(arch=arch, seed=seed, init=a.init or "glorot",
+                steps=evals[-1]["step"] if evals else 0,
                 top1_err=evals[-1]["eval_top1_err"] if evals else float("nan"),
                 train_loss=[l["train_loss"] for l in lines if "train_loss" in l][-1],
                 images_per_sec=float(np.median(rate)) if rate else float("nan"))
@@ -53,6 +60,8 @@ def main():
     ap.add_argument("--archs", default="A,A-LRN,B,C,D,E")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--epochs", type=int, default=0, help="0: the config's")
+    ap.add_argument("--init", default="", help="init scheme for every config "
+                    "(kaiming, paper, ...); default: the config's (glorot)")
     ap.add_argument("--idx-dir", default=DEBIAN)
     ap.add_argument("--out", default=os.path.join("runs", "depth"))
     ap.add_argument("--limit", type=int, default=0, help="train on about N images only")
