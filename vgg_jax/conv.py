@@ -126,6 +126,19 @@ def eval_compiler_options(backend: str | None = None) -> dict | None:
     return dict(CPU_EVAL_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
 
 
+# Variable initialisation is random-number generation (threefry) and little else; with the
+# classic emitters (CPU_PROCESS_OPTIONS) XLA:CPU compiles threefry 2.5-5x slower: 62 s of
+# CPU to compile a width-1/16 VGG-19's init, 25 s with the fusion emitters back on; 22 s
+# -> 13 s for VGG-16 at full width, which then runs as fast (bench/RESULTS.md, 2026-11-29).
+CPU_INIT_OPTIONS = {"xla_cpu_use_fusion_emitters": True}
+
+
+def init_compiler_options(backend: str | None = None) -> dict | None:
+    """XLA compiler options for jits that initialise variables (models.init_variables,
+    train.py's state): XLA:CPU's fusion emitters back on for them, none elsewhere."""
+    return dict(CPU_INIT_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
+
+
 def jit_eval(fun, **jit_kwargs):
     """jax.jit with `eval_compiler_options()`, for functions that run the net in eval mode
     (predict, evaluate, embed, saliency, the eval step). The backend is looked up at the

@@ -404,14 +404,27 @@ def init_variables(model: VGG, rng, image_size: int = 224):
     """Variables ({'params'[, 'batch_stats']}) for `model`, built at `image_size`. Jitted:
     XLA drops init's forward pass and draws each weight in place, so VGG-16's 138M
     parameters need no second copy of temporaries (and init takes a fraction of the time
-    of running the net eagerly)."""
-    return _jitted_init(model, (1, image_size, image_size, model.in_channels))(rng)
+    of running the net eagerly). Inside a caller's jit (train.py's state) it is traced
+    into that; the values are the same either way."""
+    shape = (1, image_size, image_size, model.in_channels)
+    if isinstance(rng, jax.core.Tracer):
+        return _init(model, shape, rng)
+    return _jitted_init(model, shape)(rng)
+
+
+def _init(model: VGG, shape, rng):
+    """model.init, its weights drawn with JAX's non-partitionable threefry. Init draws
+    each weight replicated, so partitioning buys nothing here, and XLA:CPU compiles the
+    non-partitionable form ~4x faster (a width-1/16 VGG-19's init: 22.6 -> 5.2 s of CPU;
+    bench/RESULTS.md, 2026-11-29). Same distributions; other draws than before that day."""
+    with jax.threefry_partitionable(False):
+        return model.init({"params": rng}, jnp.zeros(shape, jnp.float32), train=False)
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_init(model: VGG, shape):
-    return jax.jit(lambda rng: model.init({"params": rng}, jnp.zeros(shape, jnp.float32),
-                                          train=False))
+    return jax.jit(functools.partial(_init, model, shape),
+                   compiler_options=conv.init_compiler_options())
 
 
 def abstract_variables(model: VGG, image_size: int = 224):

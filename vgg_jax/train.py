@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import (checkpoint, eval_data, input_pipeline, mesh, models, optim, pixels, published,
-                     runtime, weights)
+from vgg_jax import (checkpoint, conv, eval_data, input_pipeline, mesh, models, optim, pixels,
+                     published, runtime, weights)
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
 
@@ -270,7 +270,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         model = model.clone(frozen_bn=tuple(n for n in frozen if n.startswith("bn")))
     par = parallel_steps(model, tx, o.grad_accum_steps, frozen, pixels.for_data(d))
     state = jax.jit(functools.partial(create_state, model, tx, plateau, image_size=d.image_size),
-                    out_shardings=par.replicated)(jax.random.PRNGKey(config.seed))
+                    out_shardings=par.replicated,
+                    compiler_options=conv.init_compiler_options())(jax.random.PRNGKey(config.seed))
 
     mngr = checkpoint.manager(workdir, t.keep_checkpoints)
     changes = checkpoint.check_config(config, workdir, mngr)
