@@ -4,6 +4,7 @@ state). The parts train.py adds, one at a time, the variants interleaved round b
 so that every one sees the same machine load:
 
   plain tx                  bench_model's step (optax add_decayed_weights + sgd momentum)
+  plain tx undonated        the same step jitted without donation (`jax.jit(step)`)
   project tx                the same step with optim.make_optimizer (injected lr and
                             plateau scale, masked decay), what train.py optimises with
   project tx +topk          + top-1/top-5 of the logits (train.py's metrics)
@@ -14,15 +15,18 @@ so that every one sees the same machine load:
 
     python bench/ab_train_step.py [--rounds 8] [--steps 4] [--variants "plain tx,..."]
 
-Prints images/s per round, the median and the best, and the ratio of medians to plain.
+Prints images/s per round, the median and the best, the ratio of medians to the first
+variant, and the minor page faults per step (the kernel zero-filling freshly mapped
+memory: a step that allocates its outputs afresh pays for them here).
 """
 import argparse
 import os
+import resource
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("plain tx", "project tx", "project tx +topk", "project tx +finite",
+VARIANTS = ("plain tx", "plain tx undonated", "project tx", "project tx +topk", "project tx +finite",
             "train.make_train_step", "train.parallel_steps")
 
 
@@ -72,6 +76,7 @@ def main():
         return step
 
     steps = {"plain tx": (plain_step(plain_tx), plain_tx),
+             "plain tx undonated": (plain_step(plain_tx), plain_tx),
              "project tx": (plain_step(project_tx), project_tx),
              "project tx +topk": (plain_step(project_tx, topk=True), project_tx),
              "project tx +finite": (plain_step(project_tx, finite=True), project_tx),
@@ -87,7 +92,7 @@ def main():
             jitted, state = par.train_step, par.replicate(state)
             batch = par.global_batch({"image": x, "label": y})
         else:
-            jitted = jax.jit(fn, donate_argnums=(0,))
+            jitted = jax.jit(fn, donate_argnums=() if name.endswith("undonated") else (0,))
             batch = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
         box = [state]
 
@@ -99,17 +104,19 @@ def main():
         print(f"{name}: first step (compile) {time.perf_counter() - t0:.1f} s", flush=True)
         runners[name] = run
     rates = {name: [] for name in runners}
+    faults = {name: [] for name in runners}
     for _ in range(a.rounds):
         for name, run in runners.items():
-            t0 = time.perf_counter()
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             run(a.steps)
             rates[name].append(a.batch * a.steps / (time.perf_counter() - t0))
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / a.steps)
     base = float(np.median(rates[next(iter(rates))]))
     print(f"\n{'variant':<24} img/s per round{'':<{max(0, 7 * a.rounds - 15)}} median   best  "
-          f"median/first")
+          f"median/first  page faults/step")
     for name, r in rates.items():
         print(f"{name:<24} {' '.join(f'{v:6.1f}' for v in r)} {np.median(r):6.1f} "
-              f"{max(r):6.1f}  {np.median(r) / base:5.2f}x")
+              f"{max(r):6.1f}  {np.median(r) / base:5.2f}x  {np.median(faults[name]):10.0f}")
 
 
 if __name__ == "__main__":

@@ -93,9 +93,11 @@ def params(workdir, step="latest"):
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
-def assert_close(a, b, rtol=1e-4, atol=1e-5):
+def assert_close(a, b, rtol=1e-3, atol=1e-5):
     """Every array equal to float32 rounding: max |a - b| within rtol of the array's
-    largest value (a wrong shard or an unaveraged gradient is off by percents). The
+    largest value (a wrong shard or an unaveraged gradient is off by percents; the
+    rounding of two processes' summation order, carried through a few SGD steps and the
+    BatchNorm running means, reached 1.5e-4 of the largest value on 2026-11-29). The
     absolute floor is for the conv biases under BatchNorm: their gradient is exactly zero
     (BN subtracts the mean), so after two steps they hold rounding noise of ~1e-6 whose
     value depends on the summation order across devices (more since the 16-channel
