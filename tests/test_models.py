@@ -201,6 +201,21 @@ def test_classifier_follows_relu_after_fc6_and_fc7():
     np.testing.assert_allclose(acts["fc8"], logits, rtol=1e-4, atol=1e-6)
 
 
+def test_init_variables_draws_the_same_weights_inside_a_callers_jit():
+    """init_variables runs its own jit (with init's compiler options) at top level and is
+    traced into the caller's jit otherwise (train.py's state): the same draws either way,
+    and different keys draw different weights. Small model (width 1/16, fc 16)."""
+    model = create_model("A_bn", num_classes=5, width=1 / 16, fc_widths=(16, 16))
+    key = jax.random.key(7)
+    top = init_variables(model, key, 32)
+    nested = jax.jit(lambda r: init_variables(model, r, 32))(key)
+    for a, b in zip(jax.tree.leaves(top), jax.tree.leaves(nested)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = init_variables(model, jax.random.key(8), 32)
+    assert not np.array_equal(np.asarray(top["params"]["conv1_1"]["kernel"]),
+                              np.asarray(other["params"]["conv1_1"]["kernel"]))
+
+
 @pytest.mark.parametrize("scheme,std", [("paper", 0.01), ("paper_literal", 0.1)])
 def test_normal_init_schemes_have_documented_std(scheme, std):
     model = create_model("A", init_scheme=scheme, width=0.25, fc_widths=(256, 256))
