@@ -38,6 +38,14 @@ class Skipped:
             self.names.append(self.source.key(0, pos, self.seed))
             log.warning("skipped an image that failed to decode: %s", self.names[-1])
 
+    def arrived(self, expected: int, positions) -> int:
+        """Records the positions from `expected` up to each arriving one that never came;
+        returns the position expected next."""
+        for pos in positions:
+            self.gap(expected, int(pos))
+            expected = int(pos) + 1
+        return expected
+
     def everywhere(self) -> list[str]:
         return mesh.allgather_strings(self.names)
 
@@ -79,8 +87,7 @@ def stream(source: Source, fn, n_local: int, skipped: Skipped):
     expected = 0
     for pos, label, out in _positioned(source, fn, n_local, skipped.seed).prefetch(4) \
             .as_numpy_iterator():
-        skipped.gap(expected, int(pos))
-        expected = int(pos) + 1
+        expected = skipped.arrived(expected, [pos])
         yield int(pos), label, out
     skipped.gap(expected, n_local)  # the last images of the shard too
 
@@ -100,9 +107,7 @@ def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None,
     ds = _positioned(source, lambda raw: preprocess.eval_example(raw, d), n_local, skipped.seed)
     produced, expected = 0, 0  # batched by tf.data; the positions name what was skipped
     for pos, label, image in ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
-        for p in pos:
-            skipped.gap(expected, int(p))
-            expected = int(p) + 1
+        expected = skipped.arrived(expected, pos)
         yield _pad(image, label, local_batch)
         produced += 1
     skipped.gap(expected, n_local)
