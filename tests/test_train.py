@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from vgg_jax import models, optim, train, weights
+from vgg_jax import metric_log, models, optim, train, weights
 
 TINY = ["--config.model.width=0.0625", "--config.model.fc_widths=(16, 16)",
         "--config.optim.batch_size=32", "--config.train.progress_bar=False",
@@ -317,6 +317,30 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path):
     (tmp / "garbage").write_text("half written")
     _, meta = final_params(tmp_path / "w")
     assert meta["step"] == 8
+
+
+def test_metrics_reach_tensorboard_files_that_tensorflows_reader_reads_back(tmp_path):
+    """Two runs on one workdir (a resume): metrics.jsonl gets every line, and each run's
+    TensorBoard event file, read with TensorFlow's own reader, holds the file-version
+    record and every scalar at its step."""
+    import tensorflow as tf
+    for first, values in ((0, {"loss": 2.5, "lr": 0.1}), (5, {"loss": 1.25, "eval_top1_err": 0.5})):
+        writer = metric_log.MetricWriter(str(tmp_path))
+        for step in (first, first + 1):
+            writer.write(step, {k: v / (step + 1) for k, v in values.items()})
+        writer.close()
+    files = sorted(os.listdir(tmp_path / "tensorboard"))
+    assert len(files) == 2 and all(".tfevents." in f for f in files)
+    seen = []
+    for name in files:
+        events = list(tf.compat.v1.train.summary_iterator(str(tmp_path / "tensorboard" / name)))
+        assert events[0].file_version == "brain.Event:2"
+        seen += [((e.step, v.tag), v.simple_value) for e in events[1:] for v in e.summary.value]
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [0, 1, 5, 6]
+    from_jsonl = {(l["step"], k): v for l in lines for k, v in l.items() if k != "step"}
+    assert len(seen) == 8 and dict(seen) == pytest.approx(from_jsonl, rel=1e-6)
+    assert dict(seen)[6, "eval_top1_err"] == pytest.approx(0.5 / 7, rel=1e-6)
 
 
 def test_default_config_reaches_90_percent_on_digits(tmp_path):

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import (checkpoint, conv, eval_data, input_pipeline, mesh, models, optim, pixels,
-                     published, runtime, weights)
+from vgg_jax import (checkpoint, conv, eval_data, input_pipeline, mesh, metric_log, models,
+                     optim, pixels, published, runtime, weights)
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
 
@@ -169,35 +169,6 @@ def create_state(model, tx, plateau, rng, image_size: int) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=train_rng, plateau=plateau.init())
-
-
-# ----------------------------------------------------------------------------- logging
-
-class MetricWriter:
-    """metrics.jsonl (one object per line, with `step`) and TensorBoard events; only
-    process 0 writes."""
-
-    def __init__(self, workdir: str):
-        self.active = jax.process_index() == 0
-        if self.active:
-            from tensorboardX import SummaryWriter
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def write(self, step: int, metrics: dict):
-        if not self.active:
-            return
-        clean = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps(dict(step=int(step), **clean)) + "\n")
-        self._jsonl.flush()
-        for k, v in clean.items():
-            self._tb.add_scalar(k, v, int(step))
-        self._tb.flush()
-
-    def close(self):
-        if self.active:
-            self._jsonl.close()
-            self._tb.close()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -380,7 +351,7 @@ def loop(run: Run) -> dict:
     config, workdir = run.config, run.workdir
     o, t = config.optim, config.train
     state, step, total = run.state, int(run.state.step), run.total_steps
-    saver, writer, preempt = Saver(run), MetricWriter(workdir), runtime.Preemption()
+    saver, writer, preempt = Saver(run), metric_log.MetricWriter(workdir), runtime.Preemption()
     bar = None
     if jax.process_index() == 0 and t.progress_bar:
         from tqdm import tqdm
