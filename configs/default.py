@@ -17,7 +17,7 @@ def get_config():
         width=0.25,              # channels x 1/4 (the d2l seed's small VGG-11)
         fc_widths=(256, 256),    # CIFAR-style small classifier
         dropout_rate=0.5,        # Sec. 3.1
-        # paper | paper_literal | glorot | kaiming. N(0, 0.01) fc layers (paper, kaiming)
+        # paper | paper_literal | glorot | kaiming | he. N(0, 0.01) fc layers (paper, kaiming)
         # shrink a 256-wide classifier's signal ~250x; glorot scales with the width.
         init_scheme="glorot",
         conv_impl="auto",        # XLA's conv on GPU/TPU; per layer on CPU (models.conv_plan)

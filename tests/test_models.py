@@ -233,6 +233,15 @@ def test_kaiming_init_is_he_fan_out_for_convs():
     assert abs(k.std() / np.sqrt(2 / fan_out) - 1) < 0.05
 
 
+def test_he_init_is_he_fan_in_for_convs_and_fc_layers():
+    model = create_model("A", init_scheme="he", width=0.25, fc_widths=(64, 64))
+    p = init_variables(model, jax.random.key(0), 32)["params"]
+    for name in ("conv4_1", "fc6", "fc7"):
+        k = np.asarray(p[name]["kernel"])
+        fan_in = int(np.prod(k.shape[:-1]))  # 3 x 3 x Cin for a conv, the rows for an fc
+        assert abs(k.std() / np.sqrt(2 / fan_in) - 1) < 0.05 and abs(k.mean()) < 0.05 * k.std()
+
+
 def test_unknown_init_scheme_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown init scheme 'xavier'; choose one of paper"):
         create_model("A", init_scheme="xavier")

@@ -24,6 +24,10 @@ def initializers(scheme: str) -> tuple[Callable, Callable]:
     glorot        Glorot & Bengio (2010) uniform, which the authors later found trains D/E
                   without pre-initialisation.
     kaiming       torchvision: He normal (fan_out, ReLU gain) for convs, N(0, 0.01) for fc.
+    he            He et al. (2015) normal, fan_in, ReLU gain (std sqrt(2 / fan_in)) for
+                  every kernel, fc included: the variance of the signal kept through each
+                  ReLU layer (PyTorch's kaiming_normal_(mode='fan_in'), Keras' he_normal
+                  untruncated).
     """
     check_choice("init scheme", scheme, INIT_SCHEMES)
     if scheme == "paper":
@@ -35,15 +39,18 @@ def initializers(scheme: str) -> tuple[Callable, Callable]:
     if scheme == "kaiming":
         he = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         return he, fc_initializer(std=0.01)
+    if scheme == "he":
+        return nn.initializers.variance_scaling(2.0, "fan_in", "normal"), fc_initializer(he=True)
     raise AssertionError(scheme)  # every INIT_SCHEMES entry is handled above
 
 
 FC_INIT_BLOCK_ROWS = 2048
 
 
-def fc_initializer(std: float | None = None, glorot: bool = False) -> Callable:
-    """An (in, out) FC kernel initializer: N(0, std^2), or Glorot uniform on
-    [-sqrt(6 / (in + out)), +sqrt(6 / (in + out))] (flax's xavier_uniform), drawn in blocks
+def fc_initializer(std: float | None = None, glorot: bool = False, he: bool = False) -> Callable:
+    """An (in, out) FC kernel initializer: N(0, std^2), Glorot uniform on
+    [-sqrt(6 / (in + out)), +sqrt(6 / (in + out))] (flax's xavier_uniform), or (he) He
+    normal N(0, 2 / in), drawn in blocks
     of at most FC_INIT_BLOCK_ROWS rows. Same distribution; but fc6's 103M values no longer need
     the RNG's full-size temporaries at once (they put init's peak memory at ~4x the
     kernel, above a whole inference run's)."""
@@ -53,7 +60,8 @@ def fc_initializer(std: float | None = None, glorot: bool = False) -> Callable:
             limit = float(np.sqrt(6.0 / (rows + cols)))
             draw = lambda k, s: jax.random.uniform(k, s, dtype, -limit, limit)
         else:
-            draw = lambda k, s: std * jax.random.normal(k, s, dtype)
+            scale = float(np.sqrt(2.0 / rows)) if he else std
+            draw = lambda k, s: scale * jax.random.normal(k, s, dtype)
         # rows split into equal blocks (25088 = 14 x 1792), so the result is a free
         # reshape of the stacked blocks, not a copy
         block = max(d for d in range(1, min(rows, FC_INIT_BLOCK_ROWS) + 1) if rows % d == 0)
