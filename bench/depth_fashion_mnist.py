@@ -4,7 +4,7 @@ same seeds for every configuration, beside the paper's ImageNet numbers.
 
     python bench/depth_fashion_mnist.py [--archs A,A-LRN,B,C,D,E] [--seeds 0,1] [--idx-dir DIR]
     python bench/depth_fashion_mnist.py --archs A,E --seeds 0 --limit 256   # a smoke run
-    python bench/depth_fashion_mnist.py --init kaiming --out runs/depth_kaiming  # He init
+    python bench/depth_fashion_mnist.py --init he --out runs/depth_he  # He fan-in everywhere
 
 `--init` draws every configuration's weights with another of models' init schemes
 (the same one for all six, so the recipe stays one recipe).
@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--epochs", type=int, default=0, help="0: the config's")
     ap.add_argument("--init", default="", help="init scheme for every config "
-                    "(kaiming, paper, ...); default: the config's (glorot)")
+                    "(he, kaiming, paper, ...); default: the config's (glorot)")
     ap.add_argument("--idx-dir", default=DEBIAN)
     ap.add_argument("--out", default=os.path.join("runs", "depth"))
     ap.add_argument("--limit", type=int, default=0, help="train on about N images only")
