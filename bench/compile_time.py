@@ -19,6 +19,7 @@ alone; the last column is the layer's compile seconds times how often it occurs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -58,7 +59,8 @@ def step_compile(model, x, y, rng):
 
 
 def layer_cases(arch, size, batch, width):
-    """[(label, count, make_fn, input shape)] for each distinct layer of the step."""
+    """[(label, conv_impl asked or "", times in the net, fn, argument shapes)] for each
+    distinct layer of the step."""
     import jax
     import jax.numpy as jnp
 
@@ -75,7 +77,7 @@ def layer_cases(arch, size, batch, width):
                 key = (f"conv{layer.kernel} {h}x{h} {c}->{out} {chosen}", impl)
                 if key not in cases:
                     kernel = (layer.kernel, layer.kernel, c, out)
-                    cases[key] = [0, (lambda ch: lambda x, k: conv.conv_layer(x, k, ch, train=True))(chosen),
+                    cases[key] = [0, functools.partial(conv.conv_layer, impl=chosen, train=True),
                                   [(batch, h, h, c), kernel]]
                 cases[key][0] += 1
             c = out
