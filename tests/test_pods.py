@@ -27,7 +27,12 @@ TINY = ["--config.model.width=0.0625", "--config.model.fc_widths=(16, 16)",
         # no zero padding: its constant borders tie in max-pool windows, and a tie that
         # another device count's rounding breaks routes the gradient elsewhere (1e-3 after
         # two steps); random pixels make runs on different topologies agree to 1e-6
-        "--config.data.pad=0"]
+        "--config.data.pad=0",
+        # XLA's own conv: these tests are about processes, devices and workdirs, and
+        # Winograd's layers compile slowly (a cold tiny run: 22 s with 'auto', 15 s with
+        # xla, 2026-11-29); the conv algorithms have their own tests (test_conv_impl.py,
+        # test_transforms.py, and test_train.py's sharded step)
+        "--config.model.conv_impl=xla"]
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
@@ -100,8 +105,8 @@ def assert_close(a, b, rtol=1e-3, atol=1e-5):
     BatchNorm running means, reached 1.5e-4 of the largest value on 2026-11-29). The
     absolute floor is for the conv biases under BatchNorm: their gradient is exactly zero
     (BN subtracts the mean), so after two steps they hold rounding noise of ~1e-6 whose
-    value depends on the summation order across devices (more since the 16-channel
-    layers run Winograd, whose rounding is larger than im2col's)."""
+    value depends on the summation order across devices (more with 'auto', whose
+    16-channel layers run Winograd: its rounding is larger than XLA's conv's)."""
     paths_a = jax.tree_util.tree_leaves_with_path(a)
     leaves_b = jax.tree.leaves(b)
     assert len(paths_a) == len(leaves_b)
