@@ -3,7 +3,7 @@ CPU autocast, for each distinct layer of VGG-16, in training and in inference.
 
     python bench/bf16_layers.py [--mode train] [--image-size 32] [--batch 128] [--repeats 3]
     python bench/bf16_layers.py --mode infer --image-size 224 --batch 8
-    python bench/bf16_layers.py --smoke        # width 1/16, batch 2: seconds
+    python bench/bf16_layers.py --smoke        # VGG-11, width 1/16, batch 2: seconds
 
 Each conv layer at its place in the network (its input shape), and the FC head:
 - vgg_jax: `conv.conv_layer(x, kernel, 'auto', train=...)` under `jax.jit`, the layer the
@@ -54,7 +54,8 @@ def layers(arch, size, width):
             c = out
         elif layer.kind == "pool":
             h //= 2
-    return [(f"conv {h}x{h} {ci}->{co}", (h, ci, co), n) for (h, ci, co), n in seen.items()], c * h * h
+    convs = [(f"conv {h}x{h} {ci}->{co}", (h, ci, co), n) for (h, ci, co), n in seen.items()]
+    return convs, c * h * h
 
 
 def jax_layer(shape, batch, dtype, impl, train):
@@ -148,11 +149,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--smoke", action="store_true", help="width 1/16, batch 2, 1 repeat")
+    ap.add_argument("--smoke", action="store_true", help="VGG-11, width 1/16, batch 2, 1 repeat")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.width, a.batch, a.repeats = 1 / 16, 2, 1
+        a.arch, a.width, a.batch, a.repeats = "vgg11", 1 / 16, 2, 1
     sys.path.insert(0, ROOT)
     import jax.numpy as jnp
     import torch
@@ -170,7 +171,8 @@ def main(argv=None):
             plan = "dot"
         else:
             cases = {"jax f32": lambda: jax_layer(shape, a.batch, jnp.float32, "auto", train),
-                     "jax bf16 auto": lambda: jax_layer(shape, a.batch, jnp.bfloat16, "auto", train),
+                     "jax bf16 auto": lambda: jax_layer(shape, a.batch, jnp.bfloat16, "auto",
+                                                        train),
                      "jax bf16 xla": lambda: jax_layer(shape, a.batch, jnp.bfloat16, "xla", train),
                      "torch f32": lambda: torch_layer(shape, a.batch, "float32", train),
                      "torch autocast": lambda: torch_layer(shape, a.batch, "bfloat16", train)}

@@ -4,7 +4,7 @@ decay, donated state), traced with `jax.profiler` and summed by the names of XLA
 kernels (fusions, dots, convs, reduce-windows).
 
     python bench/profile_step.py [--image-size 224] [--batch 16] [--steps 2] [--top 25]
-    python bench/profile_step.py --smoke       # width 1/16, batch 2, 32x32: seconds
+    python bench/profile_step.py --smoke       # VGG-11, width 1/16, batch 2, 32x32: seconds
 
 Prints the wall time of the profiled steps, then the ops by total time per step: the
 name XLA gave the kernel, its kind (the text before the first '.' or digit, e.g.
@@ -67,11 +67,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="VGG-11, width 1/16, batch 2, 32x32, 1 step")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.width, a.batch, a.image_size, a.steps = 1 / 16, 2, 32, 1
+        a.arch, a.width, a.batch, a.image_size, a.steps = "vgg11", 1 / 16, 2, 32, 1
     sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
     import jax
     import jax.numpy as jnp

@@ -98,3 +98,56 @@ def test_depth_table_smoke_trains_each_configuration_once(tmp_path):
     assert len(open(tmp_path / "out" / "depth.jsonl").readlines()) == 2
     table = again.stdout.splitlines()
     assert table[-2].split()[:2] == ["A", "11"] and table[-1].split()[:2] == ["C", "16"]
+
+
+def _bench_module(name):
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_summary_sums_kernels_per_step_and_leaves_loops_and_runtime_out(tmp_path):
+    import gzip
+    profile = _bench_module("profile_step")
+    events = [dict(ph="X", name="ynn_fusion.3", dur=3000),
+              dict(ph="X", name="ynn_fusion.3", dur=1000),
+              dict(ph="X", name="add_bitcast_fusion.12", dur=500),
+              dict(ph="X", name="while.7", dur=9000),  # encloses the kernels above
+              dict(ph="X", name="SlinkyThreadPool::Await", dur=700),
+              dict(ph="X", name="jit_step", dur=9500), dict(ph="i", name="dot.1")]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert profile.summarize(str(path), steps=2) == {"ynn_fusion.3": (1.0, 2.0),
+                                                      "add_bitcast_fusion.12": (0.5, 0.25)}
+    assert profile.kind("add_bitcast_fusion.12") == "add_bitcast_fusion"
+    assert profile.kind("reduce-window") == "reduce-window"
+
+
+def test_bf16_and_profile_benchmarks_smoke_in_process(capsys):
+    bf16 = _bench_module("bf16_layers")
+    # VGG-16's distinct convs at 32x32, width 1/16 (4-32 channels), each with its count
+    convs, fc = bf16.layers("vgg16", 32, 1 / 16)
+    assert [(shape, n) for _, shape, n in convs] == [
+        ((32, 3, 4), 1), ((32, 4, 4), 1), ((16, 4, 8), 1), ((16, 8, 8), 1), ((8, 8, 16), 1),
+        ((8, 16, 16), 2), ((4, 16, 32), 1), ((4, 32, 32), 2), ((2, 32, 32), 3)]
+    assert fc == 32 * 1 * 1
+    bf16.main(["--smoke", "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    a_convs, _ = bf16.layers("vgg11", 32, 1 / 16)  # the smoke runs VGG-11 (config A)
+    assert [row["layer"] for row in r["rows"]] == [label for label, _, _ in a_convs] + ["fc6-fc8"]
+    assert r["rows"][0]["bf16_auto_plan"] == "im2col"  # 3 input channels
+    for row in r["rows"]:
+        assert all(ms > 0 for ms in row["ms"].values()), row
+        best = min(row["ms"]["jax bf16 auto"], row["ms"]["jax bf16 xla"])
+        assert abs(row["ratio"] - row["ms"]["torch autocast"] / best) < 1e-9
+    assert abs(r["total_ms"]["torch f32"]
+               - sum(row["ms"]["torch f32"] * row["times"] for row in r["rows"])) < 1e-6
+    _bench_module("profile_step").main(["--smoke", "--json"])
+    p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert p["wall_ms"] > 0 and p["ops"] and not any(k.startswith("while") for k in p["ops"])
+    assert abs(sum(ms for _, ms in p["kinds"].values())
+               - sum(ms for _, ms in p["ops"].values())) < 1e-6
