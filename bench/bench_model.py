@@ -108,22 +108,8 @@ def run_jax(a, row: str) -> dict:
         variables = models.init_variables(model, jax.random.key(0), a.image_size)
         params, stats = variables["params"], variables.get("batch_stats", {})
         tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
-
-        def loss_fn(params, stats, x, y, rng):
-            v = {"params": params, **({"batch_stats": stats} if stats else {})}
-            logits, new = model.apply(v, x, train=True, rngs={"dropout": rng},
-                                      mutable=["batch_stats"] if stats else [])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, new.get("batch_stats", stats)
-
-        def train_step(params, stats, opt_state, x, y, rng):
-            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, stats, x, y, rng)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), stats, opt_state, loss
-
         donate = () if row.endswith("undonated") else (0, 1, 2)
-        train_step = jax.jit(train_step, donate_argnums=donate)
+        train_step = jax.jit(grad_optax_step(model, tx), donate_argnums=donate)
         state = [params, stats, tx.init(params)]
         xj, yj, key = jnp.asarray(x), jnp.asarray(y), jax.random.key(1)
 
@@ -157,6 +143,29 @@ def run_jax(a, row: str) -> dict:
                             train=a.mode == "train", dtype=a.dtype)
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
                 conv_impl=models.describe_plan(plan), xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def grad_optax_step(model, tx):
+    """The training step a user writes: `jax.value_and_grad` of the cross-entropy of
+    model.apply (dropout on; BatchNorm's statistics updated when the model has them), then
+    tx's update. (params, stats, opt_state, x, y, rng) -> (params, stats, opt_state, loss),
+    not jitted."""
+    import jax
+    import optax
+
+    def loss_fn(params, stats, x, y, rng):
+        v = {"params": params, **({"batch_stats": stats} if stats else {})}
+        logits, new = model.apply(v, x, train=True, rngs={"dropout": rng},
+                                  mutable=["batch_stats"] if stats else [])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, new.get("batch_stats", stats)
+
+    def train_step(params, stats, opt_state, x, y, rng):
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, stats, x, y, rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+    return train_step
 
 
 def _optim_config():

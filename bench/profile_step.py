@@ -1,7 +1,8 @@
 """Where one training step's time goes, by XLA op (issue 30): the step of bench_model.py's
-`jax grad+optax` row (VGG-16, `jax.value_and_grad` + optax SGD with momentum and weight
-decay, donated state), traced with `jax.profiler` and summed by the names of XLA's
-kernels (fusions, dots, convs, reduce-windows).
+`jax grad+optax` row (`bench_model.grad_optax_step`: `jax.value_and_grad` + optax SGD
+with momentum and weight decay, donated state; VGG-16 unless --arch), traced with
+`jax.profiler` and summed by the names of XLA's kernels (fusions, dots, convs,
+reduce-windows).
 
     python bench/profile_step.py [--image-size 224] [--batch 16] [--steps 2] [--top 25]
     python bench/profile_step.py --smoke       # VGG-11, width 1/16, batch 2, 32x32: seconds
@@ -80,28 +81,20 @@ def main(argv=None):
     import optax
 
     import vgg_jax
-    from bench_model import classifier_pool
+    from bench_model import classifier_pool, grad_optax_step
     from vgg_jax import models
     a.torchvision_layout = False
     model = vgg_jax.create_model(a.arch, num_classes=1000, width=a.width, fc_widths=(4096, 4096),
                                  dtype=jnp.dtype(a.dtype), classifier_pool=classifier_pool(a))
-    params = models.init_variables(model, jax.random.key(0), a.image_size)["params"]
+    variables = models.init_variables(model, jax.random.key(0), a.image_size)
+    params, stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.01, momentum=0.9))
     r = np.random.default_rng(0)
     x = jnp.asarray(r.normal(size=(a.batch, a.image_size, a.image_size, 3)), jnp.float32)
     y = jnp.asarray(r.integers(0, 1000, a.batch), jnp.int32)
 
-    def loss_fn(p, x, y, key):
-        logits = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(p, o, x, y, key):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, y, key)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, loss
-
-    step = jax.jit(step, donate_argnums=(0, 1))
-    state = [params, tx.init(params)]
+    step = jax.jit(grad_optax_step(model, tx), donate_argnums=(0, 1, 2))
+    state = [params, stats, tx.init(params)]
     key = jax.random.key(1)
     *state, loss = step(*state, x, y, key)  # compile
     jax.block_until_ready(loss)
