@@ -125,3 +125,20 @@ def test_config_lists_are_tuples_and_accept_the_comma_form(config):
     # what --config.train.init_exclude=fc8,fc7 gives (ml_collections keeps one string)
     assert weights.names(("fc8,fc7",)) == ("fc8", "fc7") == weights.names("fc8, fc7")
     assert weights.names(("fc8", "fc7")) == ("fc8", "fc7") and weights.names(()) == ()
+
+
+def test_importing_the_package_for_models_loads_neither_tensorflow_nor_torch():
+    """Research code that builds and runs models imports `vgg_jax` alone: TensorFlow (~4 s
+    to import) loads only with what needs it, `vgg_jax.pretrained` included."""
+    import subprocess
+    import sys
+    code = ("import sys, vgg_jax; loaded = [m for m in ('tensorflow', 'torch') if m in "
+            "sys.modules]; from vgg_jax import pretrained; "
+            "print(loaded, pretrained is vgg_jax.pretrained, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "True", "True"], out.stdout
+    with pytest.raises(AttributeError, match="no attribute 'pretrained_weights'"):
+        import vgg_jax
+        vgg_jax.pretrained_weights
