@@ -151,3 +151,28 @@ def test_bf16_and_profile_benchmarks_smoke_in_process(capsys):
     assert p["wall_ms"] > 0 and p["ops"] and not any(k.startswith("while") for k in p["ops"])
     assert abs(sum(ms for _, ms in p["kinds"].values())
                - sum(ms for _, ms in p["ops"].values())) < 1e-6
+
+
+def test_compile_time_benchmark_reports_the_step_and_every_layer(capsys):
+    """bench/compile_time.py on a tiny VGG-11 (width 1/16, batch 2), in the test process:
+    the step's row for the conv algorithm asked, then one row per distinct layer."""
+    import re
+
+    import jax
+    compile_time = _bench_module("compile_time")
+    cache = jax.config.jax_enable_compilation_cache  # the script turns it off
+    try:
+        compile_time.main(["--arch", "vgg11", "--width", "0.0625", "--batch", "2",
+                           "--impls", "xla"])
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+    out = capsys.readouterr().out
+    [row] = [line.split() for line in out.splitlines() if line.startswith("xla ")]
+    lower_wall, _, compile_wall, _, total = map(float, row[1:])
+    assert compile_wall > 0 and abs(total - (lower_wall + compile_wall)) < 0.11
+    layers = [line for line in out.splitlines() if line.startswith(("conv", "max_pool", "fc6"))]
+    # VGG-11's distinct convs (each with 'auto' and with 'xla'), its 5 pools, the head
+    convs = [line for line in layers if line.startswith("conv")]
+    assert len([c for c in convs if " xla " in c[44:]]) == 7  # 8 convs, two alike at 2x2
+    assert sum(line.startswith("max_pool") for line in layers) == 5
+    assert re.search(r"with conv 'auto' [\d.]+, with conv 'xla' [\d.]+", out)
