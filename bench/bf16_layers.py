@@ -44,18 +44,11 @@ def layers(arch, size, width):
     """[(label, (h, cin, cout), times in the net)] for each distinct conv, then pool5's
     flattened size."""
     from vgg_jax import models
-    letter, _ = models.resolve_arch(arch)
-    seen, h, c = {}, size, 3
-    for layer in models.layer_table(letter):
-        if layer.kind == "conv":
-            out = models.scaled(layer.channels, width)
-            key = (h, c, out)
-            seen[key] = seen.get(key, 0) + 1
-            c = out
-        elif layer.kind == "pool":
-            h //= 2
+    seen = {}
+    for _, (h, _), cin, cout in models.conv_inputs(arch, size, width=width):
+        seen[(h, cin, cout)] = seen.get((h, cin, cout), 0) + 1
     convs = [(f"conv {h}x{h} {ci}->{co}", (h, ci, co), n) for (h, ci, co), n in seen.items()]
-    return convs, c * h * h
+    return convs, cout * models.pool5_side(size) ** 2
 
 
 def jax_layer(shape, batch, dtype, impl, train):
@@ -71,15 +64,7 @@ def jax_layer(shape, batch, dtype, impl, train):
 
     def layer(x, k):
         return jax.nn.relu(conv.conv_layer(x, k.astype(dtype), impl, train=train))
-
-    if train:
-        def f(x, k):
-            y, vjp = jax.vjp(layer, x, k)
-            return vjp(jnp.ones_like(y))
-    else:
-        f = layer
-    g = jax.jit(f)
-    return lambda: jax.block_until_ready(g(x, k))
+    return timed_jax(layer, (x, k), train)
 
 
 def jax_head(fc, batch, dtype, train):
@@ -95,15 +80,20 @@ def jax_head(fc, batch, dtype, train):
         for w in ws[:2]:
             x = jax.nn.relu(x @ w.astype(dtype))
         return x @ ws[2].astype(dtype)
+    return timed_jax(head, (x, *ws), train)
 
-    if train:
-        def f(x, *ws):
-            y, vjp = jax.vjp(head, x, *ws)
-            return vjp(jnp.ones_like(y))
-    else:
-        f = head
-    g = jax.jit(f)
-    return lambda: jax.block_until_ready(g(x, *ws))
+
+def timed_jax(fn, args, train):
+    """A call of `jax.jit` of fn (train: its forward and the gradients of all its
+    arguments, `jax.vjp`) on args that waits for the result."""
+    import jax
+    import jax.numpy as jnp
+
+    def fwd_bwd(*xs):
+        y, vjp = jax.vjp(fn, *xs)
+        return vjp(jnp.ones_like(y))
+    g = jax.jit(fwd_bwd if train else fn)
+    return lambda: jax.block_until_ready(g(*args))
 
 
 def torch_module(module, x, dtype, train):

@@ -51,8 +51,9 @@ def fc_initializer(std: float | None = None, glorot: bool = False, he: bool = Fa
     """An (in, out) FC kernel initializer: N(0, std^2), Glorot uniform on
     [-sqrt(6 / (in + out)), +sqrt(6 / (in + out))] (flax's xavier_uniform), or (he) He
     normal N(0, 2 / in), drawn in blocks of at most FC_INIT_BLOCK_ROWS rows. Same
-    distribution; but fc6's 103M values no longer need the RNG's full-size temporaries at once (they put init's peak memory at ~4x the
-    kernel, above a whole inference run's)."""
+    distribution; but fc6's 103M values no longer need the RNG's full-size temporaries
+    at once (they put init's peak memory at ~4x the kernel, above a whole inference
+    run's)."""
     def init(key, shape, dtype=jnp.float32):
         rows, cols = shape
         if glorot:

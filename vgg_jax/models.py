@@ -133,17 +133,24 @@ def conv_plan(arch: str, image_size: int | tuple[int, int], *, width: float = 1.
               pool_ceil: bool = False) -> dict[str, str]:
     """{conv layer: the implementation it runs with} for this input size, mode and
     compute dtype (`pool_ceil`: the model's ceil-mode pools, which round odd sizes up)."""
+    return {layer.name: conv.resolve_conv_impl(impl, backend, train=train, hw=hw, channels=cin,
+                                               kernel=layer.kernel, dtype=dtype)
+            for layer, hw, cin, _ in conv_inputs(arch, image_size, width=width,
+                                                 in_channels=in_channels, pool_ceil=pool_ceil)}
+
+
+def conv_inputs(arch: str, image_size: int | tuple[int, int], *, width: float = 1.0,
+                in_channels: int = 3, pool_ceil: bool = False):
+    """[(conv Layer, its input map's (h, w), input channels, output channels)] in order."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
-    plan, channels = {}, in_channels
+    convs, channels = [], in_channels
     for layer in layer_table(arch):
         if layer.kind == "conv":
-            plan[layer.name] = conv.resolve_conv_impl(impl, backend, train=train, hw=(h, w),
-                                                      channels=channels, kernel=layer.kernel,
-                                                      dtype=dtype)
-            channels = scaled(layer.channels, width)
+            convs.append((layer, (h, w), channels, scaled(layer.channels, width)))
+            channels = convs[-1][3]
         elif layer.kind == "pool":
             h, w = ((h + 1) // 2, (w + 1) // 2) if pool_ceil else (h // 2, w // 2)
-    return plan
+    return convs
 
 
 def describe_plan(plan: dict[str, str]) -> str:
