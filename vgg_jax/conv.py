@@ -3,11 +3,10 @@
 On GPU/TPU every conv is XLA's own (cuDNN, the TPU's conv unit). XLA:CPU's convs are
 slow, the backward especially, so on CPU `conv_impl='auto'` picks per layer among
 XLA's conv (through YNNPACK for inference), im2col (the k*k shifted views stacked on the
-channel axis, one matmul) and Winograd F(2x2, 3x3) / F(4x4, 3x3) (with a written-out
-backward and over chunks of the batch, for memory). Each equals lax.conv_general_dilated
-to float rounding (tests/test_conv_impl.py); bench/RESULTS.md has the measurements
-behind the thresholds. The Winograd convs support reverse-mode autodiff (jax.grad,
-jax.vjp) but not forward-mode (jax.jvp): use conv_impl='xla' for that.
+channel axis, one matmul) and Winograd F(2x2, 3x3) / F(4x4, 3x3) (a JAX primitive with
+written-out transposes, so jvp, grad and vmap all apply; run over parts of the batch, for
+memory and cache). Each equals lax.conv_general_dilated to float rounding
+(tests/test_conv_impl.py); bench/RESULTS.md has the measurements behind the thresholds.
 `models.conv_plan` lists the choice per layer of a network.
 """
 from __future__ import annotations
