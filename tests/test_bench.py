@@ -20,8 +20,8 @@ def test_benchmark_smoke_mode_prints_both_frameworks():
         assert row["torch_row"] == "torch eager"
         torch = r["rows"][0 if row["mode"] == "train" else 4]
         assert abs(row["vs_torch"] - row["img_per_s"] / torch["img_per_s"]) < 1e-9
-    # the vgg_jax rows say which conv algorithm each layer ran (conv1_1's 3 channels: im2col)
-    assert "im2col conv1_1" in r["rows"][1]["conv_impl"]
+    # the vgg_jax rows say which conv algorithm each layer ran (conv1_1's 3 channels: XLA's)
+    assert "xla conv1_1" in r["rows"][1]["conv_impl"]
     # the plain jax.jit(model.apply) gets YNNPACK convs from vgg_jax's import-time default
     assert "ynn_fusion_type" in r["rows"][-1]["xla_flags"]
 
@@ -139,7 +139,7 @@ def test_bf16_and_profile_benchmarks_smoke_in_process(capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     a_convs, _ = bf16.layers("vgg11", 32, 1 / 16)  # the smoke runs VGG-11 (config A)
     assert [row["layer"] for row in r["rows"]] == [label for label, _, _ in a_convs] + ["fc6-fc8"]
-    assert r["rows"][0]["bf16_auto_plan"] == "im2col"  # 3 input channels
+    assert r["rows"][0]["bf16_auto_plan"] == "xla"  # 3 input channels
     for row in r["rows"]:
         assert all(ms > 0 for ms in row["ms"].values()), row
         best = min(row["ms"]["jax bf16 auto"], row["ms"]["jax bf16 xla"])

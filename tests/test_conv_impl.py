@@ -208,11 +208,11 @@ def test_winograd_matrices_are_the_minimal_filtering_algorithm():
 
 def test_auto_resolves_per_backend():
     cpu = functools.partial(conv.resolve_conv_impl, "auto", "cpu")
-    assert cpu(train=True, hw=(224, 224), channels=3) == "im2col"
+    assert cpu(train=True, hw=(224, 224), channels=3) == "xla"  # conv1_1
     assert cpu(train=True, hw=(224, 224), channels=64) == "winograd"
     assert cpu(train=True, hw=(32, 32), channels=64) == "winograd"
     assert cpu(train=True, hw=(16, 16), channels=32) == "winograd"
-    assert cpu(train=True, hw=(16, 16), channels=8) == "im2col"
+    assert cpu(train=True, hw=(16, 16), channels=8) == "xla"
     assert cpu(train=True, hw=(56, 56), channels=256) == "winograd4"
     assert cpu(train=True, hw=(14, 14), channels=512) == "winograd"  # 14: not whole 4x4 tiles
     assert cpu(train=True, hw=(56, 56), channels=256, dtype=jnp.bfloat16) == "winograd"
@@ -224,7 +224,7 @@ def test_auto_resolves_per_backend():
     assert cpu(train=False, hw=(14, 14), channels=64) == "xla"
     assert cpu(train=False, hw=(2, 2), channels=64) == "im2col"
     plan = models.conv_plan("vgg16", 32, train=True, backend="cpu")
-    assert models.describe_plan(plan) == ("im2col conv1_1, winograd conv1_2-conv3_1, winograd4 "
+    assert models.describe_plan(plan) == ("xla conv1_1, winograd conv1_2-conv3_1, winograd4 "
                                           "conv3_2-conv3_3, winograd conv4_1-conv4_3, im2col "
                                           "conv5_1-conv5_3")
     plan = models.conv_plan("vgg16", 224, backend="cpu")
@@ -282,14 +282,14 @@ def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
 
 
 def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
-    """'auto' mixes implementations by layer (A at width 1/2, 64x64: im2col for conv1_1
-    and conv2_1's 32 inputs, F(2x2) from 64, F(4x4) at conv4_2's 8x8 map with 256 inputs,
-    F(2x2) on conv5's 4x4 maps in training; YNNPACK + F(2x2) in eval): logits and the
-    gradients of every parameter equal the all-'xla' model's."""
+    """'auto' mixes implementations by layer (A at width 1/2, 64x64: XLA's conv for
+    conv1_1, F(2x2) from conv2_1's 32 inputs, F(4x4) at conv4_2's 8x8 map with 256
+    inputs, F(2x2) on conv5's 4x4 maps in training; YNNPACK + F(2x2) in eval): logits and
+    the gradients of every parameter equal the all-'xla' model's."""
     m = models.create_model("A", num_classes=5, width=1 / 2, fc_widths=(8, 8), dropout_rate=0.0)
     plan = models.conv_plan("A", 64, width=1 / 2, train=True, backend="cpu")
     assert (plan["conv1_1"], plan["conv2_1"], plan["conv4_2"], plan["conv5_1"]) == (
-        "im2col", "winograd", "winograd4", "winograd")
+        "xla", "winograd", "winograd4", "winograd")
     v = models.init_variables(m, jax.random.key(0), 64)
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     auto = conv.jit_eval(lambda v, x: m.apply(v, x))(v, x)
@@ -314,8 +314,10 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
 
 def test_auto_follows_the_platform_compiled_for_not_the_default_backend():
     """'auto' is resolved when lowering for a platform: the same jitted training forward
-    lowered for CPU has no convolution op (im2col / Winograd matmuls), lowered for CUDA
-    (possible without a GPU) it has XLA's conv for each of A's 8 conv layers."""
+    lowered for CPU has XLA's conv only for the layers the CPU plan gives it (A at width
+    1/16: conv1_1-conv3_1, under 16 input channels; the others are im2col or Winograd
+    matmuls), lowered for CUDA (possible without a GPU) it has XLA's conv for each of
+    A's 8 conv layers."""
     m = models.create_model("A", width=1 / 16, fc_widths=(16, 16), num_classes=10)
     v = models.init_variables(m, jax.random.PRNGKey(0), 32)
     x = jnp.zeros((2, 32, 32, 3))
@@ -323,5 +325,8 @@ def test_auto_follows_the_platform_compiled_for_not_the_default_backend():
     traced = f.trace(v, x)
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
     cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert cpu.count("stablehlo.convolution") == 0
+    plan = models.conv_plan("A", 32, width=1 / 16, train=True, backend="cpu")
+    assert [name for name, impl in plan.items() if impl == "xla"] == [
+        "conv1_1", "conv2_1", "conv3_1"]
+    assert cpu.count("stablehlo.convolution") == 3
     assert cuda.count("stablehlo.convolution") == 8

@@ -4,7 +4,8 @@ inference mode, per conv algorithm, equal to the model with XLA's own conv. In f
 so that the comparison is of the algebra, not of rounding (in float32 a ReLU gate or a
 max-pool tie that rounding flips moves a few values by much more than the rounding).
 The net is VGG-11 (config A) at width 1/8 (8-64 channels), 8-wide fc layers, 32x32
-inputs: 'auto' then runs im2col and Winograd in training, YNNPACK in inference."""
+inputs: 'auto' then runs XLA's conv (conv1_1, conv2_1), im2col and Winograd in training,
+YNNPACK in inference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from vgg_jax import models
 
-# 'auto' in training runs im2col and F(2x2); F(4x4) on its own; inference: YNNPACK convs.
+# 'auto' in training runs XLA's conv, im2col and F(2x2); F(4x4) on its own; inference: YNNPACK convs.
 # F(4x4) shares F(2x2)'s primitive rules (jvp, transpose, batching; only the tile size
 # differs), so it takes the two compositions that between them apply every rule: each
 # transform above costs a compile of every layer's F(4x4) kernels (~90 s for all nine).

@@ -39,9 +39,11 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 #   maps with >= 64 input channels (conv1_2 at 32x32, b128: 178 ms; im2col 262, XLA's
 #   conv 240; at 224, b16: 1129 vs im2col 1671), and for the narrow nets' 16-32 input
 #   channels (d2l's VGG-11/4 at 64x64, b128, 2026-11-29: 32x32 16->32 99 ms vs im2col
-#   124, 16x16 32->64 51 vs 61; conv1_1's 1 or 3 channels stay im2col), except F(4x4) on 8x8-56x56 maps with
-#   >= 256 channels (28x28x512, b16: 205 vs 239); im2col on 2x2 maps and for conv1_1's
-#   3 input channels (one matmul with K = 27).
+#   124, 16x16 32->64 51 vs 61), except F(4x4) on 8x8-56x56 maps with >= 256 channels
+#   (28x28x512, b16: 205 vs 239); im2col on 2x2 maps. Below 16 input channels (conv1_1)
+#   XLA's conv: the kernel gradient alone (what a first layer needs; 2026-11-29) of
+#   224x224 3->64 b16 took 396 ms against im2col's 962 (with the input gradient too:
+#   717 vs 1230), 32x32 3->64 b128 69 vs 140, d2l's 64x64 1->16 b128 94 vs 108.
 # - inference: YNNPACK's conv for < 256 channels and for large maps (224x224x64: 104 ms
 #   vs F(2x2) 225, b8); with >= 256 channels F(2x2) on maps up to 56x56 (VGG-16 at 224,
 #   b8: 14.0 img/s vs 11.2 with YNNPACK there). F(4x4) was as fast end to end but its
@@ -69,8 +71,9 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
     - CPU, training: 'winograd4' (F(4x4, 3x3)) for 3x3 kernels with >=
       WINOGRAD4_MIN_CHANNELS inputs on maps whose sides are multiples of 4 within
       WINOGRAD4_SIDES, else 'winograd' (F(2x2, 3x3)) from WINOGRAD_MIN_CHANNELS input
-      channels, 'im2col' below (XLA:CPU's own conv backward, the filter gradient
-      especially, is several times slower than these matmuls).
+      channels (XLA:CPU's own conv backward, the filter gradient especially, is several
+      times slower than these matmuls there), 'xla' below (conv1_1's 1-3 channels: its
+      filter gradient, all a first layer needs, is 1.2-2.4x faster than im2col's).
     - CPU, inference: 'winograd' for 3x3 kernels with >= EVAL_WINOGRAD_MIN_CHANNELS inputs
       on maps of at most EVAL_WINOGRAD_MAX_SIDE per side, else 'xla', which runs through
       YNNPACK (`set_default_xla_flags`).
@@ -92,7 +95,7 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
             low = dtype is not None and jnp.dtype(dtype).itemsize < 4
             return "winograd" if low else "winograd4"
         few = channels is not None and channels < WINOGRAD_MIN_CHANNELS
-        return "im2col" if few else "winograd"
+        return "xla" if few else "winograd"
     fits = hw is not None and max(hw) <= EVAL_WINOGRAD_MAX_SIDE
     if kernel == 3 and fits and channels is not None and channels >= EVAL_WINOGRAD_MIN_CHANNELS:
         return "winograd"
