@@ -176,3 +176,21 @@ def test_compile_time_benchmark_reports_the_step_and_every_layer(capsys):
     assert len([c for c in convs if " xla " in c[44:]]) == 7  # 8 convs, two alike at 2x2
     assert sum(line.startswith("max_pool") for line in layers) == 5
     assert re.search(r"with conv 'auto' [\d.]+, with conv 'xla' [\d.]+", out)
+
+
+def test_winograd_parts_benchmark_smoke_in_process(capsys):
+    """bench/winograd_parts.py on tiny layers: each budget's parts (chunks x bands) and
+    the mark on the library's own budget; conv1_1's algorithms with 'auto's choice. The
+    budgets the script sets for its runs are the library's again afterwards."""
+    from vgg_jax import winograd
+    before = winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES
+    _bench_module("winograd_parts").main(["--smoke", "--json"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES) == before
+    narrow, wide = r["parts"]
+    # 8x8x8 b4 at 0.001 MB (1 KB < one 2 KB image): 4 chunks in bands of 4 rows
+    assert narrow["parts"] == {"0.001": "4x2", "8.0": "1x1"} and narrow["library_mb"] == 0.25
+    assert wide["parts"] == {"0.001": "2x2", "8.0": "1x1"} and wide["library_mb"] == 8
+    assert all(ms > 0 for row in r["parts"] for ms in row["ms"].values())
+    [first] = r["first"]
+    assert first["auto"] == "xla" and len(first["ms"]) == 6

@@ -1,0 +1,138 @@
+"""How large a part of the batch a Winograd conv should run over, and which algorithm
+conv1_1 should train with, on this CPU: the measurements behind `winograd.chunk_budget`
+and the few-channel rule of `conv.resolve_conv_impl`.
+
+    python bench/winograd_parts.py [--budgets 0.25,1,8] [--rounds 3] [--json] [--smoke]
+
+Table 1, per layer (VGG-16 at 32x32 b128 and 224x224 b16, d2l's VGG-11/4 at 64x64 b128,
+and two wide F(4x4) layers): forward + both gradients of `conv.conv2d` + ReLU under
+`jax.jit(jax.grad)`, ms (best of --rounds, rounds interleaved), with every layer's part
+budget set to each of --budgets MB of input map (`winograd.CHUNK_BYTES` and
+`NARROW_CHUNK_BYTES` both), and the parts (chunks x bands of rows) that budget gives.
+The column marked * is what the library uses for that layer.
+Table 2, conv1_1's few input channels: the kernel gradient alone (all a first layer
+needs) and with the input gradient, per algorithm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgg_jax import conv, winograd
+
+# (name, side, Cin, Cout, batch, tile)
+LAYERS = [("vgg16-32 conv1_2", 32, 64, 64, 128, 2), ("vgg16-32 conv2_1", 16, 64, 128, 128, 2),
+          ("vgg16-32 conv2_2", 16, 128, 128, 128, 2), ("vgg16-224 conv1_2", 224, 64, 64, 16, 2),
+          ("vgg16-224 conv2_1", 112, 64, 128, 16, 2), ("vgg16-224 conv2_2", 112, 128, 128, 16, 2),
+          ("d2l-64 conv2_1", 32, 16, 32, 128, 2), ("d2l-64 conv3_1", 16, 32, 64, 128, 2),
+          ("d2l-64 conv3_2", 16, 64, 64, 128, 2), ("d2l-64 conv5_1", 8, 128, 128, 128, 2),
+          ("vgg16-32 conv3_2 (wide)", 8, 256, 256, 128, 4),
+          ("vgg16-224 conv4_2 (wide)", 28, 512, 512, 16, 4)]
+FIRST = [("vgg16-32 conv1_1", 32, 3, 64, 128), ("vgg16-224 conv1_1", 224, 3, 64, 16),
+         ("d2l-64 conv1_1", 64, 1, 16, 128)]
+SMOKE_LAYERS = [("tiny narrow", 8, 8, 8, 4, 2), ("tiny wide", 8, 256, 256, 2, 4)]
+SMOKE_FIRST = [("tiny conv1_1", 8, 3, 8, 4)]
+
+
+def arrays(side, cin, cout, batch):
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.normal(size=(batch, side, side, cin)), jnp.float32)
+    k = jnp.asarray(r.normal(size=(3, 3, cin, cout)) * 0.05, jnp.float32)
+    return x, k
+
+
+def grad_fn(impl, argnums):
+    loss = lambda x, k: jnp.sum(jax.nn.relu(conv.conv2d(x, k, impl)) ** 2)
+    return jax.jit(jax.grad(loss, argnums=argnums))
+
+
+def best_ms(fns, args, rounds):
+    """{key: best ms} over `rounds` interleaved calls of each compiled fn."""
+    times = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, f in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[key].append(time.perf_counter() - t)
+    return {key: 1e3 * min(v) for key, v in times.items()}
+
+
+def parts(shape, channels, tile):
+    chunks = winograd.batch_chunks(shape, channels)
+    rows = winograd.band_rows(shape, channels, tile, chunks)
+    return f"{chunks}x{-(-shape[1] // rows)}"
+
+
+def part_table(layers, budgets, rounds):
+    saved = winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES
+    rows = []
+    for name, side, cin, cout, batch, tile in layers:
+        x, k = arrays(side, cin, cout, batch)
+        used = winograd.chunk_budget(max(cin, cout))
+        impl = {2: "winograd", 4: "winograd4"}[tile]
+        fns, split = {}, {}
+        for b in budgets:
+            winograd.CHUNK_BYTES = winograd.NARROW_CHUNK_BYTES = int(b * 2**20)
+            split[b] = parts(x.shape, max(cin, cout), tile)
+            fns[b] = grad_fn(impl, (0, 1))
+            jax.block_until_ready(fns[b](x, k))  # compiled with this budget
+            winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES = saved
+        ms = best_ms(fns, (x, k), rounds)
+        rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch} F({tile})",
+                         library_mb=used / 2**20,
+                         ms={str(b): round(ms[b], 1) for b in budgets},
+                         parts={str(b): split[b] for b in budgets}))
+    return rows
+
+
+def first_table(layers, rounds):
+    rows = []
+    for name, side, cin, cout, batch in layers:
+        x, k = arrays(side, cin, cout, batch)
+        fns = {(impl, grads): grad_fn(impl, (1,) if grads == "dk" else (0, 1))
+               for grads in ("dk", "dx+dk") for impl in ("im2col", "winograd", "xla")}
+        for f in fns.values():
+            jax.block_until_ready(f(x, k))
+        ms = best_ms(fns, (x, k), rounds)
+        plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
+        rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
+                         ms={f"{i} {g}": round(v, 1) for (i, g), v in ms.items()}))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budgets", help="MB of input map per part (default 0.25,1,8; with "
+                    "--smoke 0.001,8: bands of rows, then whole batches)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny layers, one round (CI)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    budgets = [float(b) for b in (a.budgets or ("0.001,8" if a.smoke else "0.25,1,8")).split(",")]
+    rounds = 1 if a.smoke else a.rounds
+    parts_rows = part_table(SMOKE_LAYERS if a.smoke else LAYERS, budgets, rounds)
+    first_rows = first_table(SMOKE_FIRST if a.smoke else FIRST, rounds)
+    if a.json:
+        print(json.dumps(dict(parts=parts_rows, first=first_rows)))
+        return
+    head = " | ".join(f"{b:g} MB" for b in budgets)
+    print(f"| layer | shape | {head} |\n|---|---|" + "---|" * len(budgets))
+    for r in parts_rows:
+        cells = [f"{r['ms'][str(b)]:.1f} ({r['parts'][str(b)]})"
+                 + ("*" if abs(b - r["library_mb"]) < 1e-9 else "") for b in budgets]
+        print(f"| {r['layer']} | {r['shape']} | " + " | ".join(cells) + " |")
+    keys = list(first_rows[0]["ms"])
+    print(f"\n| layer | shape | auto | " + " | ".join(keys) + " |\n|---|---|---|"
+          + "---|" * len(keys))
+    for r in first_rows:
+        print(f"| {r['layer']} | {r['shape']} | {r['auto']} | "
+              + " | ".join(f"{r['ms'][k]:.1f}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
