@@ -127,7 +127,7 @@ def main(argv=None):
                  + ("*" if abs(b - r["library_mb"]) < 1e-9 else "") for b in budgets]
         print(f"| {r['layer']} | {r['shape']} | " + " | ".join(cells) + " |")
     keys = list(first_rows[0]["ms"])
-    print(f"\n| layer | shape | auto | " + " | ".join(keys) + " |\n|---|---|---|"
+    print("\n| layer | shape | auto | " + " | ".join(keys) + " |\n|---|---|---|"
           + "---|" * len(keys))
     for r in first_rows:
         print(f"| {r['layer']} | {r['shape']} | {r['auto']} | "
