@@ -1,5 +1,5 @@
-"""How large a part of the batch a Winograd conv should run over, and which algorithm
-conv1_1 should train with, on this CPU: the measurements behind `winograd.chunk_budget`
+"""How large a chunk of the batch a Winograd conv should run over, and which algorithm
+conv1_1 should train with, on this CPU: the measurements behind `winograd.CHUNK_BYTES`
 and the few-channel rule of `conv.resolve_conv_impl`.
 
     python bench/winograd_parts.py [--budgets 0.25,1,8] [--rounds 3] [--json] [--smoke]
@@ -7,9 +7,8 @@ and the few-channel rule of `conv.resolve_conv_impl`.
 Table 1, per layer (VGG-16 at 32x32 b128 and 224x224 b16, d2l's VGG-11/4 at 64x64 b128,
 and two wide F(4x4) layers): forward + both gradients of `conv.conv2d` + ReLU under
 `jax.jit(jax.grad)`, ms (best of --rounds, rounds interleaved), with every layer's part
-budget set to each of --budgets MB of input map (`winograd.CHUNK_BYTES` and
-`NARROW_CHUNK_BYTES` both), and the parts (chunks x bands of rows) that budget gives.
-The column marked * is what the library uses for that layer.
+budget set to each of --budgets MB of input map (`winograd.CHUNK_BYTES`), and the
+number of chunks that budget gives. The column marked * is the library's budget.
 Table 2, conv1_1's few input channels: the kernel gradient alone (all a first layer
 needs) and with the input gradient, per algorithm.
 """
@@ -62,29 +61,24 @@ def best_ms(fns, args, rounds):
     return {key: 1e3 * min(v) for key, v in times.items()}
 
 
-def parts(shape, channels, tile):
-    chunks = winograd.batch_chunks(shape, channels)
-    rows = winograd.band_rows(shape, channels, tile, chunks)
-    return f"{chunks}x{-(-shape[1] // rows)}"
 
 
 def part_table(layers, budgets, rounds):
-    saved = winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES
+    saved = winograd.CHUNK_BYTES
     rows = []
     for name, side, cin, cout, batch, tile in layers:
         x, k = arrays(side, cin, cout, batch)
-        used = winograd.chunk_budget(max(cin, cout))
         impl = {2: "winograd", 4: "winograd4"}[tile]
         fns, split = {}, {}
         for b in budgets:
-            winograd.CHUNK_BYTES = winograd.NARROW_CHUNK_BYTES = int(b * 2**20)
-            split[b] = parts(x.shape, max(cin, cout), tile)
+            winograd.CHUNK_BYTES = int(b * 2**20)
+            split[b] = winograd.batch_chunks(x.shape, max(cin, cout))
             fns[b] = grad_fn(impl, (0, 1))
             jax.block_until_ready(fns[b](x, k))  # compiled with this budget
-            winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES = saved
+            winograd.CHUNK_BYTES = saved
         ms = best_ms(fns, (x, k), rounds)
         rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch} F({tile})",
-                         library_mb=used / 2**20,
+                         library_mb=saved / 2**20,
                          ms={str(b): round(ms[b], 1) for b in budgets},
                          parts={str(b): split[b] for b in budgets}))
     return rows
@@ -107,8 +101,8 @@ def first_table(layers, rounds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budgets", help="MB of input map per part (default 0.25,1,8; with "
-                    "--smoke 0.001,8: bands of rows, then whole batches)")
+    ap.add_argument("--budgets", help="MB of input map per chunk (default 0.25,1,8; with "
+                    "--smoke 0.001,8: one image a chunk, then the whole batch)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny layers, one round (CI)")
     ap.add_argument("--json", action="store_true")

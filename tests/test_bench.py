@@ -179,18 +179,18 @@ def test_compile_time_benchmark_reports_the_step_and_every_layer(capsys):
 
 
 def test_winograd_parts_benchmark_smoke_in_process(capsys):
-    """bench/winograd_parts.py on tiny layers: each budget's parts (chunks x bands) and
-    the mark on the library's own budget; conv1_1's algorithms with 'auto's choice. The
-    budgets the script sets for its runs are the library's again afterwards."""
+    """bench/winograd_parts.py on tiny layers: each budget's chunks and the library's
+    budget; conv1_1's algorithms with 'auto's choice. The budget the script sets for its
+    runs is the library's again afterwards."""
     from vgg_jax import winograd
-    before = winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES
+    before = winograd.CHUNK_BYTES
     _bench_module("winograd_parts").main(["--smoke", "--json"])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (winograd.CHUNK_BYTES, winograd.NARROW_CHUNK_BYTES) == before
+    assert winograd.CHUNK_BYTES == before
     narrow, wide = r["parts"]
-    # 8x8x8 b4 at 0.001 MB (1 KB < one 2 KB image): 4 chunks in bands of 4 rows
-    assert narrow["parts"] == {"0.001": "4x2", "8.0": "1x1"} and narrow["library_mb"] == 0.25
-    assert wide["parts"] == {"0.001": "2x2", "8.0": "1x1"} and wide["library_mb"] == 8
+    # 0.001 MB is less than one image (8x8x8: 2 KB): a chunk each; 8 MB: the whole batch
+    assert narrow["parts"] == {"0.001": 4, "8.0": 1} and wide["parts"] == {"0.001": 2, "8.0": 1}
+    assert narrow["library_mb"] == wide["library_mb"] == 8
     assert all(ms > 0 for row in r["parts"] for ms in row["ms"].values())
     [first] = r["first"]
     assert first["auto"] == "xla" and len(first["ms"]) == 6

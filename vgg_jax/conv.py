@@ -4,8 +4,8 @@ On GPU/TPU every conv is XLA's own (cuDNN, the TPU's conv unit). XLA:CPU's convs
 slow, the backward especially, so on CPU `conv_impl='auto'` picks per layer among
 XLA's conv (through YNNPACK for inference), im2col (the k*k shifted views stacked on the
 channel axis, one matmul) and Winograd F(2x2, 3x3) / F(4x4, 3x3) (a JAX primitive with
-written-out transposes, so jvp, grad and vmap all apply; run over parts of the batch, for
-memory and cache). Each equals lax.conv_general_dilated to float rounding
+written-out transposes, so jvp, grad and vmap all apply; run over chunks of the batch,
+for memory). Each equals lax.conv_general_dilated to float rounding
 (tests/test_conv_impl.py); bench/RESULTS.md has the measurements behind the thresholds.
 `models.conv_plan` lists the choice per layer of a network.
 """
@@ -40,15 +40,17 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 #   conv 240; at 224, b16: 1129 vs im2col 1671), and for the narrow nets' 16-32 input
 #   channels (d2l's VGG-11/4 at 64x64, b128, 2026-11-29: 32x32 16->32 99 ms vs im2col
 #   124, 16x16 32->64 51 vs 61), except F(4x4) on 8x8-56x56 maps with >= 256 channels
-#   (28x28x512, b16: 205 vs 239); im2col on 2x2 maps. Below 16 input channels (conv1_1)
-#   XLA's conv: the kernel gradient alone (what a first layer needs; 2026-11-29) of
-#   224x224 3->64 b16 took 396 ms against im2col's 962 (with the input gradient too:
-#   717 vs 1230), 32x32 3->64 b128 69 vs 140, d2l's 64x64 1->16 b128 94 vs 108.
+#   (28x28x512, b16: 205 vs 239); im2col on 2x2 maps. From 3 to 15 input channels
+#   (conv1_1 of RGB images) XLA's conv: the kernel gradient alone (what a first layer
+#   needs; bench/winograd_parts.py, 2026-11-29, idle) of 224x224 3->64 b16 took 409 ms
+#   against im2col's 657, 32x32 3->64 b128 74 vs 84; for one channel (d2l's grayscale
+#   64x64 1->16 b128) im2col's 89 beat XLA's 112.
 # - inference: YNNPACK's conv for < 256 channels and for large maps (224x224x64: 104 ms
 #   vs F(2x2) 225, b8); with >= 256 channels F(2x2) on maps up to 56x56 (VGG-16 at 224,
 #   b8: 14.0 img/s vs 11.2 with YNNPACK there). F(4x4) was as fast end to end but its
 #   temporaries raised the peak memory by ~270 MB (1.72 vs 1.43 GB).
 WINOGRAD_MIN_CHANNELS = 16
+XLA_MIN_CHANNELS = 3  # training, below WINOGRAD_MIN_CHANNELS: XLA's conv from here, im2col below
 WINOGRAD4_MIN_CHANNELS = 256
 WINOGRAD4_SIDES = (8, 56)  # F(4x4) on maps whose sides are multiples of 4 in this range
 EVAL_WINOGRAD_MIN_CHANNELS = 256  # inference: F(2x2) from these input channels ...
@@ -72,8 +74,9 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
       WINOGRAD4_MIN_CHANNELS inputs on maps whose sides are multiples of 4 within
       WINOGRAD4_SIDES, else 'winograd' (F(2x2, 3x3)) from WINOGRAD_MIN_CHANNELS input
       channels (XLA:CPU's own conv backward, the filter gradient especially, is several
-      times slower than these matmuls there), 'xla' below (conv1_1's 1-3 channels: its
-      filter gradient, all a first layer needs, is 1.2-2.4x faster than im2col's).
+      times slower than these matmuls there), 'xla' from XLA_MIN_CHANNELS (conv1_1's 3
+      channels: its filter gradient, all a first layer needs, is faster than im2col's),
+      'im2col' below (a grayscale conv1_1).
     - CPU, inference: 'winograd' for 3x3 kernels with >= EVAL_WINOGRAD_MIN_CHANNELS inputs
       on maps of at most EVAL_WINOGRAD_MAX_SIDE per side, else 'xla', which runs through
       YNNPACK (`set_default_xla_flags`).
@@ -94,8 +97,9 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
         if _fits_winograd4(hw, channels):
             low = dtype is not None and jnp.dtype(dtype).itemsize < 4
             return "winograd" if low else "winograd4"
-        few = channels is not None and channels < WINOGRAD_MIN_CHANNELS
-        return "xla" if few else "winograd"
+        if channels is not None and channels < WINOGRAD_MIN_CHANNELS:
+            return "im2col" if channels < XLA_MIN_CHANNELS else "xla"
+        return "winograd"
     fits = hw is not None and max(hw) <= EVAL_WINOGRAD_MAX_SIDE
     if kernel == 3 and fits and channels is not None and channels >= EVAL_WINOGRAD_MIN_CHANNELS:
         return "winograd"

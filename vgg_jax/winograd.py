@@ -1,6 +1,6 @@
 """Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray 2016) for VGG's 3x3 convs on
-CPU: the transforms, the parts of the batch a conv runs over, and `winograd_conv3x3`, a
-bilinear JAX primitive (so jvp, grad, vmap and their compositions all apply). `vgg_jax.conv` decides per layer
+CPU: the transforms, the batch chunking, and `winograd_conv3x3`, a bilinear JAX primitive
+(so jvp, grad, vmap and their compositions all apply). `vgg_jax.conv` decides per layer
 when to use it (`resolve_conv_impl`)."""
 from __future__ import annotations
 
@@ -61,42 +61,19 @@ def _window_taps(a, tile: int, axis: int):
     return taps
 
 
-def _band_taps(a, tile: int, axis: int):
-    """The tile+2 taps of the Winograd windows along `axis` of a band of rows that holds
-    its tile*R rows and one halo row either side (zero beyond the map): window t covers
-    band rows tile*t ... tile*t + tile + 1, so tap i is row i % tile of block t of the
-    band from row i - i % tile on (the band padded to whole blocks past its last window).
-    Slices of a reshape, like `_window_taps`."""
-    blocks = (a.shape[axis] - 2) // tile
-    if tile > 2:
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (0, tile - 2)
-        a = jnp.pad(a, pad)
-    taps = []
-    for i in range(tile + 2):
-        start = i - i % tile
-        s = jax.lax.slice_in_dim(a, start, start + blocks * tile, axis=axis)
-        s = s.reshape(*a.shape[:axis], blocks, tile, *a.shape[axis + 1:])
-        taps.append(jax.lax.index_in_dim(s, i % tile, axis + 1, keepdims=False))
-    return taps
-
-
 def _input_tiles(x, tile: int, columns_first: bool = False):
-    """B^T d B for every (tile+2)^2 window of a band x (n, tile*R + 2, w, c): its rows
-    with one halo row above and below (`_over_chunks`), stride `tile`, zero beyond the
-    map's columns (padded at the end to whole tiles): (tile+2)^2 arrays (n, R, tw, c),
-    index p*(tile+2)+q. `columns_first` transforms along the columns first: the same
-    tiles from different ops, so that XLA does not merge the backward's recomputation
-    with the forward's tiles (which would keep those alive until the backward)."""
+    """B^T d B for every (tile+2)^2 window of x (stride `tile`, zero beyond the map, x
+    padded at the end to whole tiles): (tile+2)^2 arrays (n, th, tw, c), index p*(tile+2)+q.
+    `columns_first` transforms along the columns first: the same tiles from different
+    ops, so that XLA does not merge the backward's recomputation with the forward's
+    tiles (which would keep those alive until the backward)."""
     bt = WINOGRAD[tile][0]
-    n, h, w, c = x.shape
-    tw = -(-w // tile)
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, tile * tw - w), (0, 0))).reshape(n, h, tw, tile, c)
+    x = _tiled(x, tile)
     if columns_first:
-        cols = _combine(bt, _window_taps(x, tile, 2))  # (n, h, tw, c) each
-        d = [_combine(bt, _band_taps(col, tile, 1)) for col in cols]  # d[q][p]
+        cols = _combine(bt, _window_taps(x, tile, 3))  # (n, th, tile, tw, c) each
+        d = [_combine(bt, _window_taps(col, tile, 1)) for col in cols]  # d[q][p]
         return [d[q][p] for p in range(tile + 2) for q in range(tile + 2)]
-    rows = _combine(bt, _band_taps(x, tile, 1))  # (n, R, tw, tile, c) each
+    rows = _combine(bt, _window_taps(x, tile, 1))  # (n, th, tw, tile, c) each
     return [v for r in rows for v in _combine(bt, _window_taps(r, tile, 2))]
 
 
@@ -128,11 +105,10 @@ def _tiled(y, tile: int):
 
 
 def _conv_tiles(x, u, tile: int, mt, ct):
-    """The conv of a band x (rows plus a halo row each side) with the kernel whose tiles
-    are u: input tiles, one matmul per tile position (tiles x Cin) . (Cin x Cout), output
-    transform A^T m A; the band's rows of the output."""
+    """The conv of x with the kernel whose tiles are u: input tiles, one matmul per tile
+    position (tiles x Cin) . (Cin x Cout), output transform A^T m A."""
     at = WINOGRAD[tile][2]
-    n, _, w, cin = x.shape
+    n, h, w, cin = x.shape
     d = _input_tiles(x.astype(ct), tile)
     th, tw = d[0].shape[1:3]
     m = [jnp.dot(dv.reshape(-1, cin).astype(mt), uv.astype(mt),
@@ -142,7 +118,7 @@ def _conv_tiles(x, u, tile: int, mt, ct):
     cols = [_combine(at, m[q::a]) for q in range(a)]  # cols[q][i]: A^T over p
     y = [_combine(at, [cols[q][i] for q in range(a)]) for i in range(tile)]  # y[i][j]
     y = jnp.stack([jnp.stack(yi, axis=3) for yi in y], axis=2)  # (n, th, i, tw, j, cout)
-    return y.reshape(n, tile * th, tile * tw, -1)[:, :, :w].astype(x.dtype)
+    return y.reshape(n, tile * th, tile * tw, -1)[:, :h, :w].astype(x.dtype)
 
 
 def _kernel_grad_tiles(x, dy, tile: int, mt, ct):
@@ -160,130 +136,66 @@ def _kernel_grad_tiles(x, dy, tile: int, mt, ct):
             for dv, mv in zip(d, dm)]  # (cin, cout) each
 
 
-# Each conv runs over parts of the batch (chunks of images, and bands of rows where one
-# image is too large) whose input map is at most this many bytes (float32, counting the
-# larger of Cin and Cout): the transformed tiles and products of a part (4-8x its map for
-# F(2x2)) are the conv's temporaries. Layers of up to NARROW_CHANNELS channels take parts
-# of NARROW_CHUNK_BYTES, whose tiles and products (~1-2 MB) stay in the cores' L2 cache
-# between the transforms and the matmuls: forward + both gradients 20-45% faster than
-# with 8 MB parts (32x32 64->64 b128: 299 ms against 430-517; d2l's 16x16 64->64: 85
-# against 148; 224x224 64->64 b8, bands of 4 rows: 1124 against 1760; bench/RESULTS.md,
-# 2026-11-29). Wider layers keep CHUNK_BYTES: their kernel tiles (1-16 MB) do not fit in
-# L2 either way, and each part reads all of them, so small parts lose (56x56 256->256
-# b16: 1785 ms with 0.2 MB parts, 1226 with 3.2 MB). At 224x224, batch 16, conv1_2's tiles
-# were ~1.6 GB unchunked.
+# Each conv runs over chunks of the batch whose input map is at most this many bytes
+# (float32): the transformed tiles of a chunk (2.25-4x its map, per tile set) are the
+# conv's temporaries, so they stay a few tens of MB at any batch and image size (at
+# 224x224, batch 16, conv1_2's tiles were ~1.6 GB unchunked). VGG-16's training step at
+# 32x32 b128 took 0.90 s with 4 MB chunks, 0.78 with 8 MB, 0.81 with 32 MB, 0.80 unchunked
+# (measured with lax.map over the chunks, before the fori_loop below).
 CHUNK_BYTES = 8 << 20
-NARROW_CHUNK_BYTES = 256 << 10
-NARROW_CHANNELS = 128
-
-
-def chunk_budget(channels: int) -> int:
-    """The bytes of input map a part of a conv with `channels` (the larger of Cin and
-    Cout) may hold."""
-    return NARROW_CHUNK_BYTES if channels <= NARROW_CHANNELS else CHUNK_BYTES
 
 
 def batch_chunks(shape, channels: int, devices: int = 1) -> int:
     """How many equal chunks winograd_conv3x3 splits a batch of maps `shape` (n, h, w, c)
-    into: the fewest whose whole chunk holds at most `chunk_budget(channels)` bytes
-    (`channels` = the larger of Cin and Cout), wherever its images live. With `devices`
-    that divide the batch, the chunks also divide every device's share (a data-parallel
-    batch keeps each device's images in every chunk, so no chunk moves images between
-    devices), and when no such chunk fits, each chunk takes one image per device. The
-    budget counts the whole chunk, not a device's part, so an array on one device of a
-    many-device host gets chunks of the budget too (a data-parallel batch gets smaller
-    ones per device)."""
+    into: the fewest whose whole chunk holds at most CHUNK_BYTES (`channels` = the larger
+    of Cin and Cout), wherever its images live. With `devices` that divide the batch, the
+    chunks also divide every device's share (a data-parallel batch keeps each device's
+    images in every chunk, so no chunk moves images between devices), and when no such
+    chunk fits, each chunk takes one image per device. The budget counts the whole chunk,
+    not a device's part, so an array on one device of a many-device host gets chunks of
+    CHUNK_BYTES too (a data-parallel batch gets smaller ones per device)."""
     n, h, w = shape[:3]
     share = n // devices if n % devices == 0 else n
     per_image = h * w * channels * 4
     return next((k for k in range(1, share + 1)
-                 if share % k == 0 and n // k * per_image <= chunk_budget(channels)), share)
+                 if share % k == 0 and n // k * per_image <= CHUNK_BYTES), share)
 
 
-def band_rows(shape, channels: int, tile: int, chunks: int) -> int:
-    """How many rows of each image a chunk of `shape`'s batch takes per loop step: all of
-    them (padded to whole tiles) when the chunk fits the budget, else the largest band
-    of whole tile rows that divides the tiled map and fits (at least one tile row): VGG's
-    first layers at 224x224 (12.25 MB an image at conv1_2) run in bands of a few rows."""
-    n, h, w = shape[:3]
-    blocks = -(-h // tile)
-    per_row = n // chunks * w * channels * 4
-    if h * per_row <= chunk_budget(channels):
-        return tile * blocks
-    return tile * next((r for r in range(blocks, 0, -1)
-                        if blocks % r == 0 and r * tile * per_row <= chunk_budget(channels)), 1)
-
-
-def _over_chunks(f, carry, xs, halos, tile: int, channels: int, out_channels: int | None,
-                 dtype):
-    """f(carry, *part) -> (carry, y) over the parts of the arrays xs (n, h, w, *): equal
-    chunks of the batch (`batch_chunks`), each in bands of rows (`band_rows`), so that a
-    part is at most CHUNK_BYTES at any batch and map size. Array j's part has its band's
-    rows plus halos[j] zero-padded rows above and below (the rows its 3x3 windows read);
-    f's y is the band's rows, and the y's come back as one (n, h, w, out_channels) array
-    (out_channels None: f returns no y, only the carry comes back). Chunk i holds the i-th
-    run of consecutive images of every device's share of the batch: with the batch
-    sharded over devices (data parallel), each device keeps its own images of every chunk
-    and the loop needs no resharding. A fori_loop that writes each y into the output in place: lax.map/scan start their
-    outputs from a zero broadcast that XLA shares between same-shaped loops and keeps
-    alive from the forward to the backward, copying it into each loop (~0.6 GB in
-    VGG-16's step at 224x224, batch 16). This output starts as `0 * xs[0][0,0,0,0]`
-    instead, a value no other loop has."""
+def _over_chunks(f, carry, xs, chunks: int, out_channels: int | None, dtype):
+    """f(carry, *chunk) -> (carry, y) over `chunks` equal parts of the batch of the arrays
+    xs, returning the carry and the y's as one batch (out_channels None: f returns no y,
+    only the carry comes back). Chunk i holds images i, i + chunks,
+    i + 2 chunks, ...: with the batch sharded over devices (data parallel), each device
+    keeps its own images of every chunk and the loop needs no resharding. A fori_loop that
+    writes each y into the output in place: lax.map/scan start their outputs from a zero
+    broadcast that XLA shares between same-shaped loops and keeps alive from the forward to
+    the backward, copying it into each loop (~0.6 GB in VGG-16's step at 224x224, batch
+    16). This output starts as `0 * xs[0][0,0,0,0]` instead, a value no other loop has."""
+    if chunks == 1:
+        return f(carry, *xs)
     n, h, w = xs[0].shape[:3]
-    devices = jax.device_count()
-    chunks = batch_chunks(xs[0].shape, channels, devices)
-    rows = band_rows(xs[0].shape, channels, tile, chunks)
-    bands = -(-h // rows)
-    span = bands * rows
-    groups = devices if n % (devices * chunks) == 0 else 1  # one per device's share
-    each = n // (groups * chunks)  # a chunk's images from each group, contiguous
-
-    def padded(a, halo):
-        return jnp.pad(a, ((0, 0), (halo, span - h + halo)) + ((0, 0),) * (a.ndim - 2))
-
-    if bands > 1:  # padded once: a pad inside the loop is a copy of the chunk per band
-        xs = [padded(a, halo) for a, halo in zip(xs, halos)]
-
-    def part(arrays, i):
-        out = []
-        for a, halo in zip(arrays, halos):
-            if i is not None:  # inside the loop: this step's chunk
-                a = jax.lax.dynamic_index_in_dim(a, i // bands, 1, keepdims=False)
-                a = a.reshape(groups * each, *a.shape[2:])
-            if bands > 1:
-                a = jax.lax.dynamic_slice_in_dim(a, i % bands * rows, rows + 2 * halo, axis=1)
-            else:
-                a = padded(a, halo)
-            out.append(a)
-        return out
-
-    if chunks * bands == 1:
-        carry, y = f(carry, *part(xs, None))
-        return carry, (None if y is None else y[:, :h])
-    xs = [a.reshape(groups, chunks, each, *a.shape[1:]) for a in xs]
+    xs = [a.reshape(n // chunks, chunks, *a.shape[1:]) for a in xs]
+    chunk = lambda i: (jax.lax.dynamic_index_in_dim(a, i, 1, keepdims=False) for a in xs)
     if out_channels is None:
-        return jax.lax.fori_loop(0, chunks * bands, lambda i, c: f(c, *part(xs, i))[0],
-                                 carry), None
+        return jax.lax.fori_loop(0, chunks, lambda i, c: f(c, *chunk(i))[0], carry), None
 
     def body(i, state):
         carry, out = state
-        carry, y = f(carry, *part(xs, i))
-        y = y.reshape(groups, 1, each, *y.shape[1:])
-        start = (0, i // bands, 0, i % bands * rows, 0, 0)
-        return carry, jax.lax.dynamic_update_slice(out, y, start)
+        carry, y = f(carry, *chunk(i))
+        return carry, jax.lax.dynamic_update_index_in_dim(out, y, i, 1)
 
-    out = jnp.broadcast_to((xs[0][0, 0, 0, 0, 0, 0] * 0).astype(dtype),
-                           (groups, chunks, each, span, w, out_channels))
-    carry, out = jax.lax.fori_loop(0, chunks * bands, body, (carry, out))
-    return carry, out.reshape(n, span, w, out_channels)[:, :h]
+    out = jnp.broadcast_to((xs[0][0, 0, 0, 0, 0] * 0).astype(dtype),
+                           (n // chunks, chunks, h, w, out_channels))
+    carry, out = jax.lax.fori_loop(0, chunks, body, (carry, out))
+    return carry, out.reshape(n, h, w, out_channels)
 
 
 def winograd_conv3x3(x, kernel, tile: int = 2):
     """'same' 3x3 conv, stride 1, NHWC x HWIO, by Winograd's F(tile x tile, 3x3)
     (WINOGRAD): input B^T d B on (tile+2)^2 windows with stride `tile`, kernel G g G^T,
     output A^T m A; the (tile+2)^2 products are matmuls (tiles x Cin) . (Cin x Cout).
-    Equals lax.conv to float rounding (tests/test_conv_impl.py); runs over parts of the
-    batch (`batch_chunks`, `band_rows`), so its transformed tiles stay small temporaries.
+    Equals lax.conv to float rounding (tests/test_conv_impl.py); runs over chunks of the
+    batch (`batch_chunks`), so its transformed tiles stay small temporaries.
 
     A JAX primitive (`winograd_p`), bilinear in (x, kernel) like lax.conv, so every
     transformation applies: the JVP is two Winograd convs; reverse mode transposes them
@@ -296,15 +208,19 @@ def winograd_conv3x3(x, kernel, tile: int = 2):
     return winograd_p.bind(x, kernel, tile=tile)
 
 
+def _chunks(x_shape, kernel_shape) -> int:
+    return batch_chunks(x_shape, max(kernel_shape[2:]), jax.device_count())
+
+
 def _winograd(x, kernel, tile):
     mt, ct = _dtypes(x.dtype, tile)
     u = _kernel_tiles(kernel, tile, ct)
     return _over_chunks(lambda _, xc: (None, _conv_tiles(xc, u, tile, mt, ct)), None, [x],
-                        [1], tile, max(kernel.shape[2:]), kernel.shape[3], x.dtype)[1]
+                        _chunks(x.shape, kernel.shape), kernel.shape[3], x.dtype)[1]
 
 
 def _kernel_grad(x, dy, tile, kernel_shape, kernel_dtype):
-    """d(sum dy * conv(x, k)) / dk: per part of the batch, d_pq^T . dm_pq in the Winograd
+    """d(sum dy * conv(x, k)) / dk: per chunk of the batch, d_pq^T . dm_pq in the Winograd
     domain (input tiles recomputed from x), then G's transpose back to 3x3."""
     mt, ct = _dtypes(x.dtype, tile)
     dy = dy.astype(x.dtype)
@@ -318,8 +234,7 @@ def _kernel_grad(x, dy, tile, kernel_shape, kernel_dtype):
         return [a + b for a, b in zip(du, _kernel_grad_tiles(xc, dyc, tile, mt, ct))], None
 
     zeros = [jnp.zeros(kernel_shape[2:], ct)] * (tile + 2) ** 2
-    du = _over_chunks(chunk, zeros, [x, dy], [1, 0], tile, max(kernel_shape[2:]), None,
-                      x.dtype)[0]
+    du = _over_chunks(chunk, zeros, [x, dy], _chunks(x.shape, kernel_shape), None, x.dtype)[0]
     # transpose of u_pq = sum_ab G[p,a] G[q,b] k_ab
     g, a = WINOGRAD[tile][1], tile + 2
     dk = [_combine(_t(g), [du[p * a + q] for q in range(a)]) for p in range(a)]  # [p][b]
