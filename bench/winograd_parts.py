@@ -6,8 +6,8 @@ and the few-channel rule of `conv.resolve_conv_impl`.
 
 Table 1, per layer (VGG-16 at 32x32 b128 and 224x224 b16, d2l's VGG-11/4 at 64x64 b128,
 and two wide F(4x4) layers): forward + both gradients of `conv.conv2d` + ReLU under
-`jax.jit(jax.grad)`, ms (best of --rounds, rounds interleaved), with every layer's part
-budget set to each of --budgets MB of input map (`winograd.CHUNK_BYTES`), and the
+`jax.jit(jax.grad)`, ms (best of --rounds, rounds interleaved), with the chunk budget
+set to each of --budgets MB of input map (`winograd.CHUNK_BYTES`), and the
 number of chunks that budget gives. The column marked * is the library's budget.
 Table 2, conv1_1's few input channels: the kernel gradient alone (all a first layer
 needs) and with the input gradient, per algorithm.
@@ -59,8 +59,6 @@ def best_ms(fns, args, rounds):
             jax.block_until_ready(f(*args))
             times[key].append(time.perf_counter() - t)
     return {key: 1e3 * min(v) for key, v in times.items()}
-
-
 
 
 def part_table(layers, budgets, rounds):

@@ -13,7 +13,8 @@ import pytest
 
 from vgg_jax import models
 
-# 'auto' in training runs XLA's conv, im2col and F(2x2); F(4x4) on its own; inference: YNNPACK convs.
+# 'auto' in training runs XLA's conv, im2col and F(2x2); F(4x4) on its own; inference:
+# YNNPACK convs.
 # F(4x4) shares F(2x2)'s primitive rules (jvp, transpose, batching; only the tile size
 # differs), so it takes the two compositions that between them apply every rule: each
 # transform above costs a compile of every layer's F(4x4) kernels (~90 s for all nine).
