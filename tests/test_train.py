@@ -18,7 +18,8 @@ from vgg_jax import metric_log, models, optim, train, weights
 TINY = ["--config.model.width=0.0625", "--config.model.fc_widths=(16, 16)",
         "--config.optim.batch_size=32", "--config.train.progress_bar=False",
         "--config.optim.warmup_epochs=0", "--config.optim.schedule=constant",
-        "--config.train.log_every_steps=4"]
+        "--config.train.log_every_steps=4",
+        "--config.model.conv_impl=xla"]  # compiles faster than Winograd (test_pods.py)
 
 
 def run_train(workdir, *flags, wait=True, **kw):
