@@ -5,9 +5,11 @@ same seeds for every configuration, beside the paper's ImageNet numbers.
     python bench/depth_fashion_mnist.py [--archs A,A-LRN,B,C,D,E] [--seeds 0,1] [--idx-dir DIR]
     python bench/depth_fashion_mnist.py --archs A,E --seeds 0 --limit 256   # a smoke run
     python bench/depth_fashion_mnist.py --init he --out runs/depth_he  # He fan-in everywhere
+    python bench/depth_fashion_mnist.py --set train.num_epochs=6 --set train.dtype=bfloat16
 
 `--init` draws every configuration's weights with another of models' init schemes
-(the same one for all six, so the recipe stays one recipe).
+(the same one for all six, so the recipe stays one recipe); `--set KEY=VALUE` overrides
+any other config value, for every run alike (train.py's `--config.KEY=VALUE`).
 
 Each run is `train.py --config configs/fashion_mnist_depth.py:ARCH --config.seed=SEED` on
 TFDS fashion_mnist prepared offline from the IDX files (`vgg-jax prepare fashion_mnist
@@ -42,6 +44,7 @@ def run(a, arch: str, seed: int, data_dir: str) -> dict:
         flags.append(f"--config.train.num_epochs={a.epochs}")
     if a.limit:  # the smoke run: a few steps, one evaluation at the end
         flags.append(f"--config.train.max_steps={a.limit // 128}")
+    flags += [f"--config.{kv}" for kv in a.set]
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}",
                     "--config", os.path.join(ROOT, "configs", f"fashion_mnist_depth.py:{arch}"),
                     *flags], check=True, cwd=ROOT)
@@ -65,6 +68,8 @@ def main():
     ap.add_argument("--idx-dir", default=DEBIAN)
     ap.add_argument("--out", default=os.path.join("runs", "depth"))
     ap.add_argument("--limit", type=int, default=0, help="train on about N images only")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run, e.g. train.num_epochs=6")
     a = ap.parse_args()
     if not os.path.isfile(os.path.join(a.idx_dir, "train-images-idx3-ubyte.gz")):
         sys.exit(f"depth_fashion_mnist.py: error: no Fashion-MNIST IDX files in {a.idx_dir} "

@@ -84,11 +84,15 @@ def test_depth_table_smoke_trains_each_configuration_once(tmp_path):
     from test_idx import write_fashion
     write_fashion(str(tmp_path / "idx"), train=256, test=32)
     cmd = [sys.executable, "bench/depth_fashion_mnist.py", "--archs", "A,C", "--seeds", "3",
-           "--limit", "256", "--idx-dir", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]
+           "--limit", "256", "--idx-dir", str(tmp_path / "idx"), "--out", str(tmp_path / "out"),
+           # XLA's conv compiles faster than Winograd's layers; --set reaches train.py
+           "--set", "model.conv_impl=xla"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(l) for l in open(tmp_path / "out" / "depth.jsonl")]
     assert [(r["arch"], r["seed"], r["steps"]) for r in rows] == [("A", 3, 2), ("C", 3, 2)]
+    config = json.loads((tmp_path / "out" / "C_seed3" / "config.json").read_text())
+    assert config["model"]["conv_impl"] == "xla" and config["model"]["arch"] == "C"
     for r in rows:
         assert abs(r["top1_err"] * 32 - round(r["top1_err"] * 32)) < 1e-6, r
     metrics = tmp_path / "out" / "A_seed3" / "metrics.jsonl"
