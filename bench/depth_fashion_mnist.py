@@ -71,6 +71,9 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run, e.g. train.num_epochs=6")
     a = ap.parse_args()
+    for kv in a.set:
+        if "=" not in kv or kv.startswith("="):
+            ap.error(f"--set {kv}: expected KEY=VALUE, e.g. --set train.num_epochs=6")
     if not os.path.isfile(os.path.join(a.idx_dir, "train-images-idx3-ubyte.gz")):
         sys.exit(f"depth_fashion_mnist.py: error: no Fashion-MNIST IDX files in {a.idx_dir} "
                  f"(apt-get install dataset-fashion-mnist, or --idx-dir DIR)")

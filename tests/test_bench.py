@@ -104,6 +104,16 @@ def test_depth_table_smoke_trains_each_configuration_once(tmp_path):
     assert table[-2].split()[:2] == ["A", "11"] and table[-1].split()[:2] == ["C", "16"]
 
 
+def test_depth_table_refuses_a_set_without_a_value_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "bench/depth_fashion_mnist.py", "--set",
+                          "model.conv_impl", "--out", str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "error: --set model.conv_impl: expected KEY=VALUE, e.g. --set train.num_epochs=6")
+    assert not (tmp_path / "out").exists()  # refused before any run
+
+
 def _bench_module(name):
     import importlib.util
     import os

@@ -93,7 +93,8 @@ SHARDED_CHUNKS = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from vgg_jax import conv, mesh, winograd
-winograd.CHUNK_BYTES = 16 * 6 * 6 * 8 * 4  # 16 images (2 a device) per chunk: 32 images -> 2 chunks
+# 16 images (2 a device) per chunk: 32 images -> 2 chunks
+winograd.CHUNK_BYTES = 16 * 6 * 6 * 8 * 4
 m = mesh.data_mesh()[0]
 r = np.random.default_rng(0)
 x = jax.device_put(r.normal(size=(32, 6, 6, 3)).astype(np.float32), NamedSharding(m, P("data")))
