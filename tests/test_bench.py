@@ -156,10 +156,14 @@ def test_bf16_and_profile_benchmarks_smoke_in_process(capsys):
     assert r["rows"][0]["bf16_auto_plan"] == "xla"  # 3 input channels
     for row in r["rows"]:
         assert all(ms > 0 for ms in row["ms"].values()), row
+        # every case reports its first call's seconds (vgg_jax: trace + compile + one run)
+        assert set(row["first_s"]) == set(row["ms"]) and min(row["first_s"].values()) > 0, row
         best = min(row["ms"]["jax bf16 auto"], row["ms"]["jax bf16 xla"])
         assert abs(row["ratio"] - row["ms"]["torch autocast"] / best) < 1e-9
     assert abs(r["total_ms"]["torch f32"]
                - sum(row["ms"]["torch f32"] * row["times"] for row in r["rows"])) < 1e-6
+    assert abs(r["total_first_s"]["jax f32"]
+               - sum(row["first_s"]["jax f32"] for row in r["rows"])) < 1e-9
     _bench_module("profile_step").main(["--smoke", "--json"])
     p = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert p["wall_ms"] > 0 and p["ops"] and not any(k.startswith("while") for k in p["ops"])
