@@ -135,6 +135,22 @@ def test_commands_start_quietly():
     assert out.returncode == 0 and out.stderr == "ours\n"  # our output is not filtered
 
 
+def test_tensorflow_loads_without_keras_and_keras_still_loads_whole_afterwards():
+    """vgg_jax's TensorFlow import skips TF's eager load of Keras (and Keras' of
+    scikit-learn): none of them is in sys.modules after the input pipeline's import; then
+    `import keras` and `tf.keras` work as without vgg_jax."""
+    script = ("import sys, vgg_jax.input_pipeline, tensorflow as tf\n"
+              "print(sorted(m for m in ('keras', 'sklearn') if m in sys.modules))\n"
+              "import keras\n"
+              "print(keras.__version__.split('.')[0], tf.keras.layers.Dense is keras.layers.Dense,"
+              " keras.layers.Dense(3)(tf.ones((2, 4))).shape)\n"
+              "print([int(v) for v in tf.data.Dataset.range(3).map(lambda x: 2 * x)])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["[]", "3 True (2, 3)", "[0, 2, 4]"], out.stdout
+
+
 def test_the_compile_cache_is_created_and_reused(tmp_path):
     cache = tmp_path / "cache"
     script = ("import jax, jax.numpy as jnp; from vgg_jax import runtime, models\n"

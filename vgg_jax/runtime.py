@@ -7,6 +7,13 @@ modules that import TensorFlow do it inside `tensorflow_banners_filtered()`, whi
 exactly those lines from stderr and passes every other line through. `quiet_tensorflow()`
 also sets TF_CPP_MIN_LOG_LEVEL=1 (INFO off later on) unless the user set it.
 
+Quick: TF 2.21's `import tensorflow` also imports Keras 3 whenever it is installed (TF
+depends on it; it loads `keras.src.optimizers` eagerly, for SavedModels that name Keras
+optimizers), and Keras imports scikit-learn for its wrappers: ~2.9 s of the ~6 s import
+on a 2-core CPU, for nothing vgg_jax uses (tf.data, tf.image, TFDS). The same context
+defers that load (`KerasDeferred`): TensorFlow imports without it, and `import keras` or
+`tf.keras` later load Keras as usual (bench/RESULTS.md, 2026-11-30).
+
 Compile cache: the first run of a command compiles its steps (~35 s for the VGG-16 CPU
 training step); JAX can keep the compiled programs on disk and reuse them when nothing
 changed. The commands (`train.py`, `vgg-jax`) turn it on in config.train.compile_cache's
@@ -19,6 +26,8 @@ process.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import re
@@ -40,20 +49,50 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
+class KerasDeferred(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """While on sys.meta_path: `keras` (not yet imported) is found where it is installed
+    (so TensorFlow's look-up of its folder works) but refuses to load, with the
+    ImportError that TensorFlow's eager load of `keras.src.optimizers` passes over.
+    Nothing of Keras is left in sys.modules, so once this is removed Keras imports whole."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        for finder in sys.meta_path:
+            found = (finder.find_spec(name, path, target)
+                     if finder is not self and hasattr(finder, "find_spec") else None)
+            if found is not None:
+                return importlib.machinery.ModuleSpec(name, self, origin=found.origin,
+                                                      is_package=True)
+        return None
+
+    def create_module(self, spec):
+        raise ImportError("keras is not loaded while TensorFlow imports (vgg_jax.runtime)")
+
+    def exec_module(self, module):  # not reached: create_module refuses
+        raise ImportError("keras is not loaded while TensorFlow imports (vgg_jax.runtime)")
+
+
 @contextlib.contextmanager
 def tensorflow_banners_filtered():
-    """Run the body (an `import tensorflow`) with file descriptor 2 captured; afterwards
+    """Run the body (an `import tensorflow`) with file descriptor 2 captured and Keras'
+    eager load deferred (`KerasDeferred`, when Keras is not imported yet); afterwards
     write back every captured line except TensorFlow's start-up banners (BANNERS)."""
     if "tensorflow" in sys.modules:  # loaded already: its banners are behind us
         yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
+    deferred = None if "keras" in sys.modules else KerasDeferred()
     with tempfile.TemporaryFile(mode="w+b") as capture:
         os.dup2(capture.fileno(), 2)
+        if deferred is not None:
+            sys.meta_path.insert(0, deferred)
         try:
             yield
         finally:
+            if deferred is not None:
+                sys.meta_path.remove(deferred)
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
