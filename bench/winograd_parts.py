@@ -7,10 +7,11 @@ and the few-channel rule of `conv.resolve_conv_impl`.
 Table 1, per layer (VGG-16 at 32x32 b128 and 224x224 b16, d2l's VGG-11/4 at 64x64 b128,
 and two wide F(4x4) layers): forward + both gradients of `conv.conv2d` + ReLU under
 `jax.jit(jax.grad)`, ms (best of --rounds, rounds interleaved), with the chunk budget
-set to each of --budgets MB of input map (`winograd.CHUNK_BYTES`), and the
-number of chunks that budget gives. The column marked * is the library's budget.
+set to each of --budgets MB of input map (`winograd.CHUNK_BYTES`), and in brackets the
+number of chunks that budget gives and the first call's seconds (tracing, XLA's compile
+and one run). The column marked * is the library's budget.
 Table 2, conv1_1's few input channels: the kernel gradient alone (all a first layer
-needs) and with the input gradient, per algorithm.
+needs) and with the input gradient, per algorithm, ms (first call's seconds).
 """
 from __future__ import annotations
 
@@ -67,19 +68,27 @@ def part_table(layers, budgets, rounds):
     for name, side, cin, cout, batch, tile in layers:
         x, k = arrays(side, cin, cout, batch)
         impl = {2: "winograd", 4: "winograd4"}[tile]
-        fns, split = {}, {}
+        fns, split, first = {}, {}, {}
         for b in budgets:
             winograd.CHUNK_BYTES = int(b * 2**20)
             split[b] = winograd.batch_chunks(x.shape, max(cin, cout))
             fns[b] = grad_fn(impl, (0, 1))
-            jax.block_until_ready(fns[b](x, k))  # compiled with this budget
+            first[b] = first_call_s(fns[b], (x, k))  # compiled with this budget
             winograd.CHUNK_BYTES = saved
         ms = best_ms(fns, (x, k), rounds)
         rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch} F({tile})",
                          library_mb=saved / 2**20,
                          ms={str(b): round(ms[b], 1) for b in budgets},
-                         parts={str(b): split[b] for b in budgets}))
+                         chunks={str(b): split[b] for b in budgets},
+                         compile_s={str(b): round(first[b], 2) for b in budgets}))
     return rows
+
+
+def first_call_s(f, args) -> float:
+    """Seconds of f's first call: tracing, XLA's compile and one run."""
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    return time.perf_counter() - t
 
 
 def first_table(layers, rounds):
@@ -88,12 +97,12 @@ def first_table(layers, rounds):
         x, k = arrays(side, cin, cout, batch)
         fns = {(impl, grads): grad_fn(impl, (1,) if grads == "dk" else (0, 1))
                for grads in ("dk", "dx+dk") for impl in ("im2col", "winograd", "xla")}
-        for f in fns.values():
-            jax.block_until_ready(f(x, k))
+        first = {key: first_call_s(f, (x, k)) for key, f in fns.items()}
         ms = best_ms(fns, (x, k), rounds)
         plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
         rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
-                         ms={f"{i} {g}": round(v, 1) for (i, g), v in ms.items()}))
+                         ms={f"{i} {g}": round(v, 1) for (i, g), v in ms.items()},
+                         compile_s={f"{i} {g}": round(v, 2) for (i, g), v in first.items()}))
     return rows
 
 
@@ -115,7 +124,7 @@ def main(argv=None):
     head = " | ".join(f"{b:g} MB" for b in budgets)
     print(f"| layer | shape | {head} |\n|---|---|" + "---|" * len(budgets))
     for r in parts_rows:
-        cells = [f"{r['ms'][str(b)]:.1f} ({r['parts'][str(b)]})"
+        cells = [f"{r['ms'][str(b)]:.1f} ({r['chunks'][str(b)]}; {r['compile_s'][str(b)]:.1f} s)"
                  + ("*" if abs(b - r["library_mb"]) < 1e-9 else "") for b in budgets]
         print(f"| {r['layer']} | {r['shape']} | " + " | ".join(cells) + " |")
     keys = list(first_rows[0]["ms"])
@@ -123,7 +132,7 @@ def main(argv=None):
           + "---|" * len(keys))
     for r in first_rows:
         print(f"| {r['layer']} | {r['shape']} | {r['auto']} | "
-              + " | ".join(f"{r['ms'][k]:.1f}" for k in keys) + " |")
+              + " | ".join(f"{r['ms'][k]:.1f} ({r['compile_s'][k]:.1f} s)" for k in keys) + " |")
 
 
 if __name__ == "__main__":

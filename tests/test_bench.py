@@ -207,8 +207,11 @@ def test_winograd_parts_benchmark_smoke_in_process(capsys):
     assert winograd.CHUNK_BYTES == before
     narrow, wide = r["parts"]
     # 0.001 MB is less than one image (8x8x8: 2 KB): a chunk each; 8 MB: the whole batch
-    assert narrow["parts"] == {"0.001": 4, "8.0": 1} and wide["parts"] == {"0.001": 2, "8.0": 1}
+    assert narrow["chunks"] == {"0.001": 4, "8.0": 1} and wide["chunks"] == {"0.001": 2, "8.0": 1}
     assert narrow["library_mb"] == wide["library_mb"] == 8
     assert all(ms > 0 for row in r["parts"] for ms in row["ms"].values())
+    # every timing comes with its first call's seconds (trace, compile, one run)
+    assert all(row["compile_s"].keys() == row["ms"].keys() and min(row["compile_s"].values()) > 0
+               for row in r["parts"] + r["first"])
     [first] = r["first"]
     assert first["auto"] == "xla" and len(first["ms"]) == 6
