@@ -80,7 +80,7 @@ def part_table(layers, budgets, rounds):
                          library_mb=saved / 2**20,
                          ms={str(b): round(ms[b], 1) for b in budgets},
                          chunks={str(b): split[b] for b in budgets},
-                         compile_s={str(b): round(first[b], 2) for b in budgets}))
+                         first_s={str(b): round(first[b], 2) for b in budgets}))
     return rows
 
 
@@ -102,7 +102,7 @@ def first_table(layers, rounds):
         plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
         rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
                          ms={f"{i} {g}": round(v, 1) for (i, g), v in ms.items()},
-                         compile_s={f"{i} {g}": round(v, 2) for (i, g), v in first.items()}))
+                         first_s={f"{i} {g}": round(v, 2) for (i, g), v in first.items()}))
     return rows
 
 
@@ -124,7 +124,7 @@ def main(argv=None):
     head = " | ".join(f"{b:g} MB" for b in budgets)
     print(f"| layer | shape | {head} |\n|---|---|" + "---|" * len(budgets))
     for r in parts_rows:
-        cells = [f"{r['ms'][str(b)]:.1f} ({r['chunks'][str(b)]}; {r['compile_s'][str(b)]:.1f} s)"
+        cells = [f"{r['ms'][str(b)]:.1f} ({r['chunks'][str(b)]}; {r['first_s'][str(b)]:.1f} s)"
                  + ("*" if abs(b - r["library_mb"]) < 1e-9 else "") for b in budgets]
         print(f"| {r['layer']} | {r['shape']} | " + " | ".join(cells) + " |")
     keys = list(first_rows[0]["ms"])
@@ -132,7 +132,7 @@ def main(argv=None):
           + "---|" * len(keys))
     for r in first_rows:
         print(f"| {r['layer']} | {r['shape']} | {r['auto']} | "
-              + " | ".join(f"{r['ms'][k]:.1f} ({r['compile_s'][k]:.1f} s)" for k in keys) + " |")
+              + " | ".join(f"{r['ms'][k]:.1f} ({r['first_s'][k]:.1f} s)" for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -56,20 +56,12 @@ class KerasDeferred(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     Nothing of Keras is left in sys.modules, so once this is removed Keras imports whole."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "keras":
-            return None
-        for finder in sys.meta_path:
-            found = (finder.find_spec(name, path, target)
-                     if finder is not self and hasattr(finder, "find_spec") else None)
-            if found is not None:
-                return importlib.machinery.ModuleSpec(name, self, origin=found.origin,
-                                                      is_package=True)
-        return None
+        found = (importlib.machinery.PathFinder.find_spec(name, path, target)
+                 if name == "keras" else None)
+        return found and importlib.machinery.ModuleSpec(name, self, origin=found.origin,
+                                                        is_package=True)
 
-    def create_module(self, spec):
-        raise ImportError("keras is not loaded while TensorFlow imports (vgg_jax.runtime)")
-
-    def exec_module(self, module):  # not reached: create_module refuses
+    def exec_module(self, module):  # importlib then takes `keras` out of sys.modules again
         raise ImportError("keras is not loaded while TensorFlow imports (vgg_jax.runtime)")
 
 
