@@ -117,8 +117,23 @@ def _conv_tiles(x, u, tile: int, mt, ct):
     a = tile + 2
     cols = [_combine(at, m[q::a]) for q in range(a)]  # cols[q][i]: A^T over p
     y = [_combine(at, [cols[q][i] for q in range(a)]) for i in range(tile)]  # y[i][j]
-    y = jnp.stack([jnp.stack(yi, axis=3) for yi in y], axis=2)  # (n, th, i, tw, j, cout)
-    return y.reshape(n, tile * th, tile * tw, -1)[:, :h, :w].astype(x.dtype)
+    return _untile([v for yi in y for v in yi], tile)[:, :h, :w].astype(x.dtype)
+
+
+def _untile(y, tile: int):
+    """The output map (n, tile*th, tile*tw, c) from its tile*tile output tiles y[i*tile+j]
+    (n, th, tw, c) each. F(2x2)'s four are stacked next to the channels (one loop that
+    picks among them per element). For F(4x4)'s sixteen that loop ran 3-4x slower than
+    stacking them on a new leading axis and transposing (a stack of whole arrays, then a
+    copy of channel rows): a 56x56x256 layer's forward + both gradients at batch 16 took
+    986 ms before, 500 after (bench/RESULTS.md, 2026-11-30)."""
+    n, th, tw, c = y[0].shape
+    if tile == 2:
+        y = jnp.stack([jnp.stack(y[i * tile:(i + 1) * tile], axis=3) for i in range(tile)],
+                      axis=2)  # (n, th, i, tw, j, c)
+    else:
+        y = jnp.stack(y).reshape(tile, tile, n, th, tw, c).transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(n, tile * th, tile * tw, c)
 
 
 def _kernel_grad_tiles(x, dy, tile: int, mt, ct):
