@@ -1,8 +1,10 @@
-"""How large a chunk of the batch a Winograd conv should run over, and which algorithm
-conv1_1 should train with, on this CPU: the measurements behind `winograd.CHUNK_BYTES`
-and the few-channel rule of `conv.resolve_conv_impl`.
+"""How large a chunk of the batch a Winograd conv should run over, which algorithm
+conv1_1 should train with, and which Winograd tile each layer should take, on this CPU:
+the measurements behind `winograd.CHUNK_BYTES`, the few-channel rule of
+`conv.resolve_conv_impl` and its F(4x4) rule (`conv.WINOGRAD4_MIN_CHANNELS`, `_SIDES`).
 
     python bench/winograd_parts.py [--budgets 0.25,1,8] [--rounds 3] [--json] [--smoke]
+                                   [--tables parts,first,tiles]
 
 Table 1, per layer (VGG-16 at 32x32 b128 and 224x224 b16, d2l's VGG-11/4 at 64x64 b128,
 and two wide F(4x4) layers): forward + both gradients of `conv.conv2d` + ReLU under
@@ -12,6 +14,9 @@ number of chunks that budget gives and the first call's seconds (tracing, XLA's 
 and one run). The column marked * is the library's budget.
 Table 2, conv1_1's few input channels: the kernel gradient alone (all a first layer
 needs) and with the input gradient, per algorithm, ms (first call's seconds).
+Table 3, the tile: forward + both gradients + ReLU of every distinct Winograd layer of
+VGG-16 at 32x32 b128 and 224 b16 and of d2l's VGG-11/4 at 64x64 b128, with F(2x2) and
+with F(4x4), ms (first call's seconds), and what 'auto' picks for the layer.
 """
 from __future__ import annotations
 
@@ -37,6 +42,20 @@ FIRST = [("vgg16-32 conv1_1", 32, 3, 64, 128), ("vgg16-224 conv1_1", 224, 3, 64,
          ("d2l-64 conv1_1", 64, 1, 16, 128)]
 SMOKE_LAYERS = [("tiny narrow", 8, 8, 8, 4, 2), ("tiny wide", 8, 256, 256, 2, 4)]
 SMOKE_FIRST = [("tiny conv1_1", 8, 3, 8, 4)]
+# (name, side, Cin, Cout, batch)
+TILES = [("vgg16-32 conv1_2", 32, 64, 64, 128), ("vgg16-32 conv2_1", 16, 64, 128, 128),
+         ("vgg16-32 conv2_2", 16, 128, 128, 128), ("vgg16-32 conv3_1", 8, 128, 256, 128),
+         ("vgg16-32 conv3_2", 8, 256, 256, 128), ("vgg16-32 conv4_1", 4, 256, 512, 128),
+         ("vgg16-32 conv4_2", 4, 512, 512, 128), ("vgg16-224 conv1_2", 224, 64, 64, 16),
+         ("vgg16-224 conv2_1", 112, 64, 128, 16), ("vgg16-224 conv2_2", 112, 128, 128, 16),
+         ("vgg16-224 conv3_1", 56, 128, 256, 16), ("vgg16-224 conv3_2", 56, 256, 256, 16),
+         ("vgg16-224 conv4_1", 28, 256, 512, 16), ("vgg16-224 conv4_2", 28, 512, 512, 16),
+         ("vgg16-224 conv5_1", 14, 512, 512, 16), ("d2l-64 conv2_1", 32, 16, 32, 128),
+         ("d2l-64 conv3_1", 16, 32, 64, 128), ("d2l-64 conv3_2", 16, 64, 64, 128),
+         ("d2l-64 conv4_1", 8, 64, 128, 128), ("d2l-64 conv4_2", 8, 128, 128, 128),
+         ("d2l-64 conv5_1", 4, 128, 128, 128)]
+SMOKE_TILES = [("tiny", 8, 16, 16, 2)]
+TABLES = ("parts", "first", "tiles")
 
 
 def arrays(side, cin, cout, batch):
@@ -106,6 +125,20 @@ def first_table(layers, rounds):
     return rows
 
 
+def tile_table(layers, rounds):
+    rows = []
+    for name, side, cin, cout, batch in layers:
+        x, k = arrays(side, cin, cout, batch)
+        fns = {impl: grad_fn(impl, (0, 1)) for impl in ("winograd", "winograd4")}
+        first = {impl: first_call_s(f, (x, k)) for impl, f in fns.items()}
+        ms = best_ms(fns, (x, k), rounds)
+        plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
+        rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
+                         ms={i: round(v, 1) for i, v in ms.items()},
+                         first_s={i: round(v, 2) for i, v in first.items()}))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", help="MB of input map per chunk (default 0.25,1,8; with "
@@ -113,26 +146,59 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny layers, one round (CI)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tables", default=",".join(TABLES), help="which of parts,first,tiles")
     a = ap.parse_args(argv)
+    tables = a.tables.split(",")
+    if set(tables) - set(TABLES):
+        ap.error(f"--tables: {', '.join(sorted(set(tables) - set(TABLES)))} is none of "
+                 f"{', '.join(TABLES)}")
     budgets = [float(b) for b in (a.budgets or ("0.001,8" if a.smoke else "0.25,1,8")).split(",")]
     rounds = 1 if a.smoke else a.rounds
-    parts_rows = part_table(SMOKE_LAYERS if a.smoke else LAYERS, budgets, rounds)
-    first_rows = first_table(SMOKE_FIRST if a.smoke else FIRST, rounds)
+    out = {}
+    if "parts" in tables:
+        out["parts"] = part_table(SMOKE_LAYERS if a.smoke else LAYERS, budgets, rounds)
+    if "first" in tables:
+        out["first"] = first_table(SMOKE_FIRST if a.smoke else FIRST, rounds)
+    if "tiles" in tables:
+        out["tiles"] = tile_table(SMOKE_TILES if a.smoke else TILES, rounds)
     if a.json:
-        print(json.dumps(dict(parts=parts_rows, first=first_rows)))
+        print(json.dumps(out))
         return
+    if "parts" in out:
+        print_parts(out["parts"], budgets)
+    if "first" in out:
+        print_first(out["first"])
+    if "tiles" in out:
+        print_tiles(out["tiles"])
+
+
+def print_parts(parts_rows, budgets):
     head = " | ".join(f"{b:g} MB" for b in budgets)
     print(f"| layer | shape | {head} |\n|---|---|" + "---|" * len(budgets))
     for r in parts_rows:
         cells = [f"{r['ms'][str(b)]:.1f} ({r['chunks'][str(b)]}; {r['first_s'][str(b)]:.1f} s)"
                  + ("*" if abs(b - r["library_mb"]) < 1e-9 else "") for b in budgets]
         print(f"| {r['layer']} | {r['shape']} | " + " | ".join(cells) + " |")
+
+
+def print_first(first_rows):
     keys = list(first_rows[0]["ms"])
     print("\n| layer | shape | auto | " + " | ".join(keys) + " |\n|---|---|---|"
           + "---|" * len(keys))
     for r in first_rows:
         print(f"| {r['layer']} | {r['shape']} | {r['auto']} | "
               + " | ".join(f"{r['ms'][k]:.1f} ({r['first_s'][k]:.1f} s)" for k in keys) + " |")
+
+
+
+def print_tiles(tile_rows):
+    print("\n| layer | shape | auto | F(2x2) ms (first s) | F(4x4) ms (first s) | "
+          "F(4x4) / F(2x2) |\n|---|---|---|---|---|---|")
+    for r in tile_rows:
+        ms, first = r["ms"], r["first_s"]
+        print(f"| {r['layer']} | {r['shape']} | {r['auto']} | {ms['winograd']:.1f} "
+              f"({first['winograd']:.1f}) | {ms['winograd4']:.1f} ({first['winograd4']:.1f}) "
+              f"| {ms['winograd4'] / ms['winograd']:.2f}x |")
 
 
 if __name__ == "__main__":

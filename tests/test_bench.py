@@ -198,9 +198,9 @@ def test_compile_time_benchmark_reports_the_step_and_every_layer(capsys):
 
 def test_winograd_parts_benchmark_smoke_in_process(capsys):
     """bench/winograd_parts.py on tiny layers: each budget's chunks and the library's
-    budget; conv1_1's algorithms with 'auto's choice. The budget the script sets for its
-    runs is the library's again afterwards."""
-    from vgg_jax import winograd
+    budget; conv1_1's algorithms with 'auto's choice; both tiles of one layer. The budget
+    the script sets for its runs is the library's again afterwards."""
+    from vgg_jax import conv, winograd
     before = winograd.CHUNK_BYTES
     _bench_module("winograd_parts").main(["--smoke", "--json"])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -215,3 +215,8 @@ def test_winograd_parts_benchmark_smoke_in_process(capsys):
                for row in r["parts"] + r["first"])
     [first] = r["first"]
     assert first["auto"] == "xla" and len(first["ms"]) == 6
+    # the tile table: both tiles timed on the same layer, beside what 'auto' picks for it
+    [tiles] = r["tiles"]
+    assert tiles["ms"].keys() == tiles["first_s"].keys() == {"winograd", "winograd4"}
+    assert tiles["auto"] == conv.resolve_conv_impl("auto", "cpu", train=True, hw=(8, 8),
+                                                   channels=16)

@@ -40,7 +40,11 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 #   conv 240; at 224, b16: 1129 vs im2col 1671), and for the narrow nets' 16-32 input
 #   channels (d2l's VGG-11/4 at 64x64, b128, 2026-11-29: 32x32 16->32 99 ms vs im2col
 #   124, 16x16 32->64 51 vs 61), except F(4x4) on 8x8-56x56 maps with >= 256 channels
-#   (28x28x512, b16: 205 vs 239); im2col on 2x2 maps. From 3 to 15 input channels
+#   (56x56x256, b16: 585 vs 728 ms, 2026-11-30). F(4x4) is also 1-29% faster on every
+#   map of 8-224 pixels a side (multiples of 4) from 16 channels, but costs 2-3x F(2x2)'s
+#   compile per layer: taken there, VGG-16's 32x32 step gained 3-10% for a first call
+#   56-73% longer, its 224 step nothing measurable for 26% (bench/winograd_parts.py
+#   --tables tiles; RESULTS 2026-11-30). im2col on 2x2 maps. From 3 to 15 input channels
 #   (conv1_1 of RGB images) XLA's conv: the kernel gradient alone (what a first layer
 #   needs; bench/winograd_parts.py, 2026-11-29, idle) of 224x224 3->64 b16 took 409 ms
 #   against im2col's 657, 32x32 3->64 b128 74 vs 84; for one channel (d2l's grayscale
