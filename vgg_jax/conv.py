@@ -43,7 +43,7 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 #   (56x56x256, b16: 585 vs 728 ms, 2026-11-30). F(4x4) is also 1-29% faster on every
 #   map of 8-224 pixels a side (multiples of 4) from 16 channels, but costs 2-3x F(2x2)'s
 #   compile per layer: taken there, VGG-16's 32x32 step gained 3-10% for a first call
-#   56-73% longer, its 224 step nothing measurable for 26% (bench/winograd_parts.py
+#   56-73% longer, its 224 step nothing measurable for 24% (bench/winograd_parts.py
 #   --tables tiles; RESULTS 2026-11-30). im2col on 2x2 maps. From 3 to 15 input channels
 #   (conv1_1 of RGB images) XLA's conv: the kernel gradient alone (what a first layer
 #   needs; bench/winograd_parts.py, 2026-11-29, idle) of 224x224 3->64 b16 took 409 ms
