@@ -110,33 +110,30 @@ def first_call_s(f, args) -> float:
     return time.perf_counter() - t
 
 
+def layer_row(name, side, cin, cout, batch, fns, rounds):
+    """One row of tables 2 and 3: each of `fns` (name -> jitted gradient function of one
+    layer) on that layer's arrays, ms (best of `rounds`) and first call's seconds, with
+    what 'auto' trains the layer with."""
+    x, k = arrays(side, cin, cout, batch)
+    first = {key: first_call_s(f, (x, k)) for key, f in fns.items()}
+    ms = best_ms(fns, (x, k), rounds)
+    plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
+    return dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
+                ms={key: round(v, 1) for key, v in ms.items()},
+                first_s={key: round(v, 2) for key, v in first.items()})
+
+
 def first_table(layers, rounds):
-    rows = []
-    for name, side, cin, cout, batch in layers:
-        x, k = arrays(side, cin, cout, batch)
-        fns = {(impl, grads): grad_fn(impl, (1,) if grads == "dk" else (0, 1))
-               for grads in ("dk", "dx+dk") for impl in ("im2col", "winograd", "xla")}
-        first = {key: first_call_s(f, (x, k)) for key, f in fns.items()}
-        ms = best_ms(fns, (x, k), rounds)
-        plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
-        rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
-                         ms={f"{i} {g}": round(v, 1) for (i, g), v in ms.items()},
-                         first_s={f"{i} {g}": round(v, 2) for (i, g), v in first.items()}))
-    return rows
+    def fns():
+        return {f"{impl} {grads}": grad_fn(impl, (1,) if grads == "dk" else (0, 1))
+                for grads in ("dk", "dx+dk") for impl in ("im2col", "winograd", "xla")}
+    return [layer_row(*layer, fns(), rounds) for layer in layers]
 
 
 def tile_table(layers, rounds):
-    rows = []
-    for name, side, cin, cout, batch in layers:
-        x, k = arrays(side, cin, cout, batch)
-        fns = {impl: grad_fn(impl, (0, 1)) for impl in ("winograd", "winograd4")}
-        first = {impl: first_call_s(f, (x, k)) for impl, f in fns.items()}
-        ms = best_ms(fns, (x, k), rounds)
-        plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
-        rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
-                         ms={i: round(v, 1) for i, v in ms.items()},
-                         first_s={i: round(v, 2) for i, v in first.items()}))
-    return rows
+    def fns():
+        return {impl: grad_fn(impl, (0, 1)) for impl in ("winograd", "winograd4")}
+    return [layer_row(*layer, fns(), rounds) for layer in layers]
 
 
 def main(argv=None):
@@ -188,7 +185,6 @@ def print_first(first_rows):
     for r in first_rows:
         print(f"| {r['layer']} | {r['shape']} | {r['auto']} | "
               + " | ".join(f"{r['ms'][k]:.1f} ({r['first_s'][k]:.1f} s)" for k in keys) + " |")
-
 
 
 def print_tiles(tile_rows):
