@@ -199,8 +199,7 @@ def main(argv=None):
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); ms, best of {a.repeats}")
     firsts = ("jax f32", "jax bf16 auto", "torch f32", "torch autocast")
     print(f"{'layer':<22} {'x':>2} {'bf16 auto':>10} " + " ".join(f"{k:>14}" for k in names)
-          + f" {'autocast/jax bf16':>18}  first call s: "
-          + " / ".join(("jax f32", "jax bf16", "torch f32", "autocast")))
+          + f" {'autocast/jax bf16':>18}  first call s: " + " / ".join(firsts))
     for r in rows:
         print(f"{r['layer']:<22} {r['times']:>2} {r['bf16_auto_plan']:>10} "
               + " ".join(f"{r['ms'][k]:14.1f}" for k in names)
