@@ -5,6 +5,7 @@ _runtime.quiet_tensorflow()  # before anything loads TensorFlow
 from vgg_jax import conv as _conv  # noqa: E402
 
 _conv.set_default_xla_flags()  # CPU: YNNPACK eval convs, classic fusion emitters
+_runtime.trim_heap_after_compiles()  # the compiler's freed memory back to the system
 from vgg_jax.models import (VGG, abstract_variables, all_arch_names, count_params,
                             create_model, extract, init_variables, layer_names, resolve_arch)
 

@@ -20,12 +20,20 @@ changed. The commands (`train.py`, `vgg-jax`) turn it on in config.train.compile
 folder when the config sets one, else COMPILE_CACHE_ENV's, else ~/.cache/vgg_jax/jax
 (XDG_CACHE_HOME respected); 'off' (in either) leaves it off.
 
+Memory: XLA:CPU's compiler (LLVM) frees its working memory when a compile ends, and glibc
+keeps the freed pages in the process (~220 MB after VGG-16's 32x32 training step, ~390 MB
+at 224): they count in the process's peak for the rest of the run. vgg_jax's import
+installs `trim_heap_after_compiles()`, which hands them back to the system (glibc's
+malloc_trim) after every compile of a second or more (bench/RESULTS.md, 2026-11-30).
+
 Preemption: `Preemption` turns SIGTERM into a flag the training loop shares with every
 process.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib.abc
 import importlib.machinery
 import logging
@@ -108,6 +116,34 @@ def absl_warnings_off():
         yield
     finally:
         absl.setLevel(level)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's
+TRIM_MIN_COMPILE_S = 1.0  # malloc_trim takes ~25 ms: not after every small op's compile
+_trim = {"installed": False, "libc": None, "trims": 0}
+
+
+def _trim_after(event: str, seconds: float, **_) -> None:
+    if event == BACKEND_COMPILE_EVENT and seconds >= TRIM_MIN_COMPILE_S:
+        _trim["libc"].malloc_trim(0)
+        _trim["trims"] += 1
+
+
+def trim_heap_after_compiles() -> bool:
+    """After every XLA compile of >= TRIM_MIN_COMPILE_S seconds, return the heap's free pages
+    to the system (glibc's malloc_trim(0)); see the module doc. A jax.monitoring listener,
+    installed once; on a C library without malloc_trim (musl, macOS) nothing is installed.
+    Returns whether it is installed."""
+    if not _trim["installed"]:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None or not hasattr(libc, "malloc_trim"):
+            return False
+        import jax.monitoring
+        _trim["libc"] = libc
+        jax.monitoring.register_event_duration_secs_listener(_trim_after)
+        _trim["installed"] = True
+    return True
 
 
 def default_cache_dir() -> str:
