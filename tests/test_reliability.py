@@ -1,5 +1,6 @@
 """Trustworthy runs (issue 15): a corrupted checkpoint, two runs on one workdir, config
-mistakes, image-folder splits, a quiet start, the compile cache, kills at random moments.
+mistakes, image-folder splits, a quiet start, the compile cache, the heap after a
+compile, kills at random moments.
 Runs are tiny (width 1/16 VGG-11-BN, 32x32 digits) and happen in subprocesses, as a user
 starts them."""
 import json
@@ -149,6 +150,25 @@ def test_tensorflow_loads_without_keras_and_keras_still_loads_whole_afterwards()
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines() == ["[]", "3 True (2, 3)", "[0, 2, 4]"], out.stdout
+
+
+def test_the_heap_is_trimmed_after_each_long_compile_and_only_then(monkeypatch):
+    """vgg_jax's import installs the malloc_trim listener (glibc here); JAX's own compile
+    event reaches it (a renamed event would leave it silent), and it trims only after a
+    compile of TRIM_MIN_COMPILE_S or more."""
+    import jax
+    import numpy as np
+    from vgg_jax import runtime
+    calls = []
+    fake_libc = type("Libc", (), {"malloc_trim": lambda self, pad: calls.append(pad)})()
+    assert runtime.trim_heap_after_compiles() and runtime._trim["installed"]
+    monkeypatch.setitem(runtime._trim, "libc", fake_libc)
+    runtime._trim_after(runtime.BACKEND_COMPILE_EVENT, runtime.TRIM_MIN_COMPILE_S - 0.01)
+    runtime._trim_after("/jax/some/other_event", 60.0)
+    assert calls == []
+    monkeypatch.setattr(runtime, "TRIM_MIN_COMPILE_S", 0.0)
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))  # a new function: a real backend compile
+    assert calls and set(calls) == {0}
 
 
 def test_the_compile_cache_is_created_and_reused(tmp_path):
