@@ -144,6 +144,8 @@ def test_default_xla_flags_add_each_cpu_option_the_user_has_not_set(monkeypatch)
     flags = os.environ["XLA_FLAGS"]
     assert flags.startswith("--xla_force_host_platform_device_count=2 ")
     assert "--xla_cpu_use_fusion_emitters=false" in flags and "INDIVIDUAL_CONVOLUTION" in flags
+    assert ("--xla_backend_extra_options=xla_cpu_disable_loop_unrolling,"
+            "xla_cpu_disable_slp_vectorizer") in flags
     assert not conv.set_default_xla_flags()  # all set now: unchanged
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
     assert conv.set_default_xla_flags()  # the user's value stays, the other option is added

@@ -29,8 +29,15 @@ CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 # XLA:CPU's newer (MLIR) fusion emitters, on by default in jaxlib 0.10, took ~1 GB of
 # memory to compile VGG-16's training step (32x32, b128), more than the step itself
 # used, and the step ran ~8% slower with them than with the classic emitters
-# (bench/RESULTS.md, 2026-11-28). A process-wide option only (XLA_FLAGS).
-CPU_PROCESS_OPTIONS = {**CPU_EVAL_OPTIONS, "xla_cpu_use_fusion_emitters": "false"}
+# (bench/RESULTS.md, 2026-11-28). LLVM's loop unrolling and SLP vectorizer, which XLA:CPU
+# runs on every kernel, cost a quarter of the training step's compile (VGG-16 224 b16:
+# 46-48 -> 34-36 s; an F(4x4) layer's forward + gradients 6.2-7.2 -> 4.1-4.2 s) and buy
+# no speed (the step, inference at 224 the same within the spread; an F(2x2) layer at
+# 32x32 b128 302-323 -> 238-245 ms; RESULTS, 2026-11-30). Process-wide options only
+# (XLA_FLAGS).
+CPU_PROCESS_OPTIONS = {**CPU_EVAL_OPTIONS, "xla_cpu_use_fusion_emitters": "false",
+                       "xla_backend_extra_options":
+                       "xla_cpu_disable_loop_unrolling,xla_cpu_disable_slp_vectorizer"}
 MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 # Winograd (WINOGRAD) replaces a 3x3 conv's 9 multiplies per output by 2.25 (F(2x2)) or
 # 4 (F(4x4)) times fewer, at the cost of transforms per pixel and channel. Per-layer
@@ -117,7 +124,8 @@ def set_default_xla_flags() -> bool:
     """Make the idiomatic path the fast one: vgg_jax's import adds CPU_PROCESS_OPTIONS to
     XLA_FLAGS, so `jax.jit(model.apply)` runs eval-mode convs through YNNPACK on CPU
     without `jit_eval`, and a training step compiles with the classic fusion emitters
-    (faster Winograd transforms, ~1 GB less compile memory for VGG-16). Each option only
+    (faster Winograd transforms, ~1 GB less compile memory for VGG-16) and without LLVM's
+    loop unrolling and SLP vectorizer (a quarter less compile time). Each option only
     when the user has set no value for it, none when $VGG_JAX_KEEP_XLA_FLAGS is set. XLA
     reads XLA_FLAGS when JAX starts its CPU backend (the first computation), so importing
     vgg_jax after running JAX code leaves them off (`jit_eval` still sets the YNNPACK one
