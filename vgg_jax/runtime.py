@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import importlib.abc
 import importlib.machinery
 import logging
@@ -120,13 +119,12 @@ def absl_warnings_off():
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's
 TRIM_MIN_COMPILE_S = 1.0  # malloc_trim takes ~25 ms: not after every small op's compile
-_trim = {"installed": False, "libc": None, "trims": 0}
+_trim = {"installed": False, "libc": None}
 
 
 def _trim_after(event: str, seconds: float, **_) -> None:
     if event == BACKEND_COMPILE_EVENT and seconds >= TRIM_MIN_COMPILE_S:
         _trim["libc"].malloc_trim(0)
-        _trim["trims"] += 1
 
 
 def trim_heap_after_compiles() -> bool:
@@ -135,9 +133,8 @@ def trim_heap_after_compiles() -> bool:
     installed once; on a C library without malloc_trim (musl, macOS) nothing is installed.
     Returns whether it is installed."""
     if not _trim["installed"]:
-        name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(name) if name else None
-        if libc is None or not hasattr(libc, "malloc_trim"):
+        libc = ctypes.CDLL(None)  # the process's own symbols: the C library's among them
+        if not hasattr(libc, "malloc_trim"):
             return False
         import jax.monitoring
         _trim["libc"] = libc
