@@ -161,7 +161,7 @@ def test_the_heap_is_trimmed_after_each_long_compile_and_only_then(monkeypatch):
     from vgg_jax import runtime
     calls = []
     fake_libc = type("Libc", (), {"malloc_trim": lambda self, pad: calls.append(pad)})()
-    assert runtime.trim_heap_after_compiles() and runtime._trim["installed"]
+    assert runtime.trim_heap_after_compiles() and runtime._trim["libc"] is not None
     monkeypatch.setitem(runtime._trim, "libc", fake_libc)
     runtime._trim_after(runtime.BACKEND_COMPILE_EVENT, runtime.TRIM_MIN_COMPILE_S - 0.01)
     runtime._trim_after("/jax/some/other_event", 60.0)

@@ -119,7 +119,7 @@ def absl_warnings_off():
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's
 TRIM_MIN_COMPILE_S = 1.0  # malloc_trim takes ~25 ms: not after every small op's compile
-_trim = {"installed": False, "libc": None}
+_trim = {"libc": None}  # the C library, once the listener is installed
 
 
 def _trim_after(event: str, seconds: float, **_) -> None:
@@ -132,14 +132,13 @@ def trim_heap_after_compiles() -> bool:
     to the system (glibc's malloc_trim(0)); see the module doc. A jax.monitoring listener,
     installed once; on a C library without malloc_trim (musl, macOS) nothing is installed.
     Returns whether it is installed."""
-    if not _trim["installed"]:
+    if _trim["libc"] is None:
         libc = ctypes.CDLL(None)  # the process's own symbols: the C library's among them
         if not hasattr(libc, "malloc_trim"):
             return False
         import jax.monitoring
         _trim["libc"] = libc
         jax.monitoring.register_event_duration_secs_listener(_trim_after)
-        _trim["installed"] = True
     return True
 
 
