@@ -31,7 +31,7 @@ CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 # used, and the step ran ~8% slower with them than with the classic emitters
 # (bench/RESULTS.md, 2026-11-28). LLVM's loop unrolling and SLP vectorizer, which XLA:CPU
 # runs on every kernel, cost a quarter of the training step's compile (VGG-16 224 b16:
-# 46-48 -> 34-36 s; an F(4x4) layer's forward + gradients 6.2-7.2 -> 4.1-4.2 s) and buy
+# 46-52 -> 34-40 s; an F(4x4) layer's forward + gradients 6.2-7.2 -> 4.1-4.2 s) and buy
 # no speed (the step, inference at 224 the same within the spread; an F(2x2) layer at
 # 32x32 b128 302-323 -> 238-245 ms; RESULTS, 2026-11-30). Process-wide options only
 # (XLA_FLAGS).
