@@ -127,7 +127,11 @@ def main(argv=None):
     import numpy as np
 
     import vgg_jax
+    from jax.experimental.compilation_cache import compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    # JAX decides once per process whether the cache is used: when something in this
+    # process already compiled with it on, the setting alone would be ignored
+    compilation_cache.reset_cache()
     rng = jax.random.PRNGKey(0)
     x = np.random.default_rng(0).normal(size=(a.batch, a.image_size, a.image_size, 3)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 1000, a.batch).astype(np.int32)
