@@ -33,11 +33,15 @@ CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 # runs on every kernel, cost a quarter of the training step's compile (VGG-16 224 b16:
 # 46-52 -> 34-40 s; an F(4x4) layer's forward + gradients 6.2-7.2 -> 4.1-4.2 s) and buy
 # no speed (the step, inference at 224 the same within the spread; an F(2x2) layer at
-# 32x32 b128 302-323 -> 238-245 ms; RESULTS, 2026-11-30). Process-wide options only
-# (XLA_FLAGS).
+# 32x32 b128 302-323 -> 238-245 ms; RESULTS, 2026-11-30). XLA:CPU's scheduler that
+# orders a program for concurrent thunks kept more temporaries alive at once: VGG-16's
+# step without it needs 1,469 instead of 1,776 MiB of them at 224 b16 (1,104 vs 1,278
+# undonated; 307 vs 387 at 32x32 b128), the process peaks 180-300 MB lower, at the same
+# speed (RESULTS, 2026-11-30). Process-wide options only (XLA_FLAGS).
 CPU_PROCESS_OPTIONS = {**CPU_EVAL_OPTIONS, "xla_cpu_use_fusion_emitters": "false",
                        "xla_backend_extra_options":
-                       "xla_cpu_disable_loop_unrolling,xla_cpu_disable_slp_vectorizer"}
+                       "xla_cpu_disable_loop_unrolling,xla_cpu_disable_slp_vectorizer",
+                       "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 # Winograd (WINOGRAD) replaces a 3x3 conv's 9 multiplies per output by 2.25 (F(2x2)) or
 # 4 (F(4x4)) times fewer, at the cost of transforms per pixel and channel. Per-layer
@@ -125,7 +129,8 @@ def set_default_xla_flags() -> bool:
     XLA_FLAGS, so `jax.jit(model.apply)` runs eval-mode convs through YNNPACK on CPU
     without `jit_eval`, and a training step compiles with the classic fusion emitters
     (faster Winograd transforms, ~1 GB less compile memory for VGG-16) and without LLVM's
-    loop unrolling and SLP vectorizer (a quarter less compile time). Each option only
+    loop unrolling and SLP vectorizer (a quarter less compile time) and with the
+    memory-minimizing scheduler (fewer temporaries alive at once). Each option only
     when the user has set no value for it, none when $VGG_JAX_KEEP_XLA_FLAGS is set. XLA
     reads XLA_FLAGS when JAX starts its CPU backend (the first computation), so importing
     vgg_jax after running JAX code leaves them off (`jit_eval` still sets the YNNPACK one
