@@ -22,7 +22,7 @@ from vgg_jax.datasets import digits
 from vgg_jax.errors import UserError
 from vgg_jax.weights import Net
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow_datasets as tfds
 
 sys.path.insert(0, ROOT)

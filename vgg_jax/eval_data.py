@@ -18,7 +18,7 @@ from vgg_jax import mesh, preprocess, runtime
 from vgg_jax.errors import UserError
 from vgg_jax.input_pipeline import Source, make_source
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow as tf
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from vgg_jax import preprocess, runtime
 from vgg_jax.errors import NotFound, UserError
 from vgg_jax.prepared import tfds_builder
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow as tf
     import tensorflow_datasets as tfds
 

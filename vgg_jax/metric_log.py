@@ -20,7 +20,7 @@ import jax
 
 from vgg_jax import runtime
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow as tf
     from tensorflow.core.framework import summary_pb2
     from tensorflow.core.util import event_pb2

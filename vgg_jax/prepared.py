@@ -10,7 +10,7 @@ import os
 from vgg_jax import runtime
 from vgg_jax.errors import NotFound, UserError
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow_datasets as tfds
 
 log = logging.getLogger(__name__)

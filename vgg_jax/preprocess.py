@@ -9,7 +9,7 @@ from __future__ import annotations
 from vgg_jax import choices, runtime
 from vgg_jax.errors import UserError, check_choice
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow as tf
 
 # Sec. 2.1: the mean RGB of the ImageNet training set, on 0..255 pixels.

@@ -3,7 +3,7 @@
 Quiet: loading TensorFlow (the input pipeline's engine here) prints start-up banners from
 C++ before any logging is set up (oneDNN, CPU features, absl's "before
 absl::InitializeLog" warning), which no environment variable silences in TF 2.21. The
-modules that import TensorFlow do it inside `tensorflow_banners_filtered()`, which drops
+modules that import TensorFlow do it inside `tensorflow_import()`, which drops
 exactly those lines from stderr and passes every other line through. `quiet_tensorflow()`
 also sets TF_CPP_MIN_LOG_LEVEL=1 (INFO off later on) unless the user set it.
 
@@ -73,7 +73,7 @@ class KerasDeferred(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 @contextlib.contextmanager
-def tensorflow_banners_filtered():
+def tensorflow_import():
     """Run the body (an `import tensorflow`) with file descriptor 2 captured and Keras'
     eager load deferred (`KerasDeferred`, when Keras is not imported yet); afterwards
     write back every captured line except TensorFlow's start-up banners (BANNERS)."""

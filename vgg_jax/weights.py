@@ -28,7 +28,7 @@ from vgg_jax import (checkpoint, classes, conv, mesh, models, pixels, preprocess
                      views)
 from vgg_jax.errors import NotFound, UserError
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow as tf
 
 log = logging.getLogger(__name__)

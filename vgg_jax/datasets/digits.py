@@ -8,7 +8,7 @@ import numpy as np
 
 from vgg_jax import runtime
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32

@@ -19,7 +19,7 @@ import numpy as np
 from vgg_jax import runtime
 from vgg_jax.errors import NotFound, UserError
 
-with runtime.tensorflow_banners_filtered():
+with runtime.tensorflow_import():
     import tensorflow_datasets as tfds
     from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
