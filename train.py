@@ -12,7 +12,10 @@ import sys
 
 from vgg_jax import runtime  # noqa: I001 (first: quiets TensorFlow before anything loads it)
 
+# This script owns its process: TensorFlow's log level and the XLA:CPU options are set
+# here, before JAX starts a backend (importing vgg_jax alone sets neither).
 runtime.quiet_tensorflow()
+runtime.configure_cpu()
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -52,7 +55,8 @@ def main(argv):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds chatter
     logging.getLogger("vgg_jax").setLevel(logging.INFO)
-    from vgg_jax import train
+    with runtime.tensorflow_import():  # quiet, and without Keras (vgg_jax.runtime)
+        from vgg_jax import train
     from vgg_jax.errors import UserError
     try:
         config = flags.FLAGS.config

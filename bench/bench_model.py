@@ -17,7 +17,9 @@ Like with like, the way users run each side:
 - PyTorch: eager with channels_last (its best ordinary CPU setting) and, as its own row,
   torch.compile (inductor; needs the C++ compiler, which this machine has). SGD with
   momentum and weight decay; no_grad + eval for inference; autocast for bfloat16.
-- vgg_jax through its public API: `jax.jit(lambda v, x: model.apply(v, x, train=False))`
+- vgg_jax through its public API, after `vgg_jax.configure_cpu()` (the process-wide XLA:CPU
+  options the commands set; rows ending in "no opt-in" run without it, as a program that
+  only imports vgg_jax does): `jax.jit(lambda v, x: model.apply(v, x, train=False))`
   for inference (plus `conv.jit_eval`, the wrapper the CLIs use, as its own row); for
   training a plain `jax.value_and_grad` + optax SGD step jitted with donated state, the
   same step without donation (`jax.jit(step)`, what most research code writes first),
@@ -54,9 +56,11 @@ def _choices():
 
 
 CHOICES = _choices()
+NO_OPT_IN = ", no opt-in"  # a jax row without `vgg_jax.configure_cpu()` (the process's XLA)
 ROWS = {"train": ("torch eager", "torch.compile", "jax grad+optax", "jax grad+optax undonated",
-                   "jax train.py step"),
-        "infer": ("torch eager", "torch.compile", "jax jit(model.apply)", "jax conv.jit_eval")}
+                   "jax train.py step", "jax grad+optax" + NO_OPT_IN),
+        "infer": ("torch eager", "torch.compile", "jax jit(model.apply)", "jax conv.jit_eval",
+                  "jax jit(model.apply)" + NO_OPT_IN)}
 
 
 def peak_mb() -> float:
@@ -99,6 +103,10 @@ def run_jax(a, row: str) -> dict:
     import optax
     import vgg_jax
     from vgg_jax import conv, models
+    if row.endswith(NO_OPT_IN):  # the library as imported, XLA as the user's process has it
+        row = row[:-len(NO_OPT_IN)]
+    else:  # what the commands do first: the process-wide XLA:CPU options, the heap trim
+        vgg_jax.configure_cpu()
     model = vgg_jax.create_model(a.arch, num_classes=1000, width=a.width, fc_widths=(a.fc, a.fc),
                                  dtype=jnp.dtype(a.dtype), conv_impl=a.conv_impl,
                                  classifier_pool=classifier_pool(a))
@@ -265,7 +273,8 @@ def parse(argv=None):
         a.arch, a.image_size, a.batch, a.steps, a.width, a.fc = "vgg11", 32, 4, 2, 1 / 16, 32
         a.repeats = 1
         a.rows = a.rows or ("torch eager,jax grad+optax,jax grad+optax undonated,"
-                            "jax train.py step,jax jit(model.apply)")
+                            "jax train.py step,jax jit(model.apply),"
+                            "jax jit(model.apply)" + NO_OPT_IN)
     return a
 
 

@@ -10,6 +10,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The commands the tests start share one persistent compile cache, away from ~/.cache.
 os.environ.setdefault("VGG_JAX_COMPILE_CACHE",
                       os.path.join(tempfile.gettempdir(), "vgg_jax_test_compile_cache"))
+# The suite's own process runs the library in-process as the commands do: with the
+# XLA:CPU options `vgg-jax` and train.py set (the import alone sets none; test_runtime.py
+# checks that in fresh processes with a clean environment).
+import vgg_jax  # noqa: E402
+
+vgg_jax.configure_cpu()
 
 
 def load_config(name="default", arg=None):

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,14 +7,16 @@ from conftest import ROOT
 
 
 def test_benchmark_smoke_mode_prints_both_frameworks():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's fresh shell
     out = subprocess.run([sys.executable, "bench/bench_model.py", "--smoke", "--json"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert [(row["mode"], row["row"]) for row in r["rows"]] == [
         ("train", "torch eager"), ("train", "jax grad+optax"),
         ("train", "jax grad+optax undonated"), ("train", "jax train.py step"),
-        ("infer", "torch eager"), ("infer", "jax jit(model.apply)")]
+        ("infer", "torch eager"), ("infer", "jax jit(model.apply)"),
+        ("infer", "jax jit(model.apply), no opt-in")]
     for row in r["rows"]:  # speed, its first step's compile time and memory, each measured
         assert row["img_per_s"] > 0 and row["compile_s"] > 0 and row["peak_mb"] > 100, row
         # ratios against the faster torch row of its mode (here only eager runs)
@@ -22,8 +25,10 @@ def test_benchmark_smoke_mode_prints_both_frameworks():
         assert abs(row["vs_torch"] - row["img_per_s"] / torch["img_per_s"]) < 1e-9
     # the vgg_jax rows say which conv algorithm each layer ran (conv1_1's 3 channels: XLA's)
     assert "xla conv1_1" in r["rows"][1]["conv_impl"]
-    # the plain jax.jit(model.apply) gets YNNPACK convs from vgg_jax's import-time default
-    assert "ynn_fusion_type" in r["rows"][-1]["xla_flags"]
+    # the plain jax.jit(model.apply) gets YNNPACK convs from `vgg_jax.configure_cpu()`, and
+    # without that call XLA_FLAGS stays as the process had it
+    assert "ynn_fusion_type" in r["rows"][-2]["xla_flags"]
+    assert r["rows"][-1]["xla_flags"] == ""
 
 
 def test_input_benchmark_smoke_mode_times_the_real_pipeline():

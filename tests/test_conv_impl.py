@@ -158,6 +158,8 @@ def test_default_xla_flags_add_each_cpu_option_the_user_has_not_set(monkeypatch)
 
 
 STEP_TEMPORARIES = """
+import vgg_jax
+vgg_jax.configure_cpu()  # what the commands call first; the import alone sets nothing
 import jax, jax.numpy as jnp, optax
 from vgg_jax import models
 model = models.create_model("vgg11", num_classes=10, width=1 / 8, fc_widths=(64, 64),
@@ -181,7 +183,7 @@ print(compiled.memory_analysis().temp_size_in_bytes)
 
 def test_the_training_step_compiles_with_the_memory_minimizing_scheduler():
     """A training step (VGG-11 at width 1/8, small for the test, 32x32 batch 16) keeps
-    fewer temporaries alive with vgg_jax's XLA_FLAGS than with XLA:CPU's concurrency-
+    fewer temporaries alive with `vgg_jax.configure_cpu()`'s XLA_FLAGS than with XLA:CPU's concurrency-
     optimized scheduler, which a user's own XLA_FLAGS value still chooses (a compile
     option per jit does not reach the scheduler in jaxlib 0.10.2)."""
     def temporaries(xla_flags):

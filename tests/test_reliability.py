@@ -153,9 +153,9 @@ def test_tensorflow_loads_without_keras_and_keras_still_loads_whole_afterwards()
 
 
 def test_the_heap_is_trimmed_after_each_long_compile_and_only_then(monkeypatch):
-    """vgg_jax's import installs the malloc_trim listener (glibc here); JAX's own compile
-    event reaches it (a renamed event would leave it silent), and it trims only after a
-    compile of TRIM_MIN_COMPILE_S or more."""
+    """`vgg_jax.configure_cpu()` installs the malloc_trim listener (glibc here); JAX's own
+    compile event reaches it (a renamed event would leave it silent), and it trims only
+    after a compile of TRIM_MIN_COMPILE_S or more."""
     import jax
     import numpy as np
     from vgg_jax import runtime

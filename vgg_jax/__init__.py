@@ -1,17 +1,18 @@
-"""vgg_jax: the VGG ConvNets (Simonyan & Zisserman, 2014) in JAX/Flax."""
-from vgg_jax import runtime as _runtime
+"""vgg_jax: the VGG ConvNets (Simonyan & Zisserman, 2014) in JAX/Flax.
 
-_runtime.quiet_tensorflow()  # before anything loads TensorFlow
-from vgg_jax import conv as _conv  # noqa: E402
-
-_conv.set_default_xla_flags()  # CPU: YNNPACK eval convs, classic fusion emitters
-_runtime.trim_heap_after_compiles()  # the compiler's freed memory back to the system
+Importing vgg_jax (or any of its modules) changes nothing in the process: no environment
+variables, import hooks, exception hooks, file descriptors or JAX listeners. The
+process-wide XLA:CPU choices the commands run with are one explicit call,
+`vgg_jax.configure_cpu()` (see vgg_jax.runtime), which `vgg-jax` and `train.py` make.
+"""
 from vgg_jax.models import (VGG, abstract_variables, all_arch_names, count_params,
                             create_model, extract, init_variables, layer_names, resolve_arch)
+from vgg_jax.runtime import configure_cpu
 
 __version__ = "0.1.0"
-__all__ = ["VGG", "abstract_variables", "all_arch_names", "count_params", "create_model",
-           "extract", "init_variables", "layer_names", "pretrained", "resolve_arch"]
+__all__ = ["VGG", "abstract_variables", "all_arch_names", "configure_cpu", "count_params",
+           "create_model", "extract", "init_variables", "layer_names", "pretrained",
+           "resolve_arch"]
 
 
 def __getattr__(name):

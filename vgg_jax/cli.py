@@ -258,9 +258,14 @@ def main(argv=None) -> int:
     args = vars(parser.parse_args(argv))
     command, target = args.pop("command"), args.pop("run")
     module, function = target.split(":")
+    # the command owns its process: its process-wide settings are made here, not on import
+    runtime.quiet_tensorflow()
+    runtime.configure_cpu()
     try:
         runtime.enable_compile_cache()
-        getattr(importlib.import_module(module), function)(**args)
+        with runtime.tensorflow_import():  # quiet, and without Keras (runtime's doc)
+            run = getattr(importlib.import_module(module), function)
+        run(**args)
     except UserError as e:
         print(f"vgg-jax {command}: error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,10 @@ CPU_EVAL_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 # orders a program for concurrent thunks kept more temporaries alive at once: VGG-16's
 # step without it needs 1,469 instead of 1,776 MiB of them at 224 b16 (1,104 vs 1,278
 # undonated; 307 vs 387 at 32x32 b128), the process peaks 180-300 MB lower, at the same
-# speed (RESULTS, 2026-11-30). Process-wide options only (XLA_FLAGS).
+# speed (RESULTS, 2026-11-30). The YNNPACK list and the emitters are also per-computation
+# options (CPU_TRAIN_OPTIONS, the library's own jits); the LLVM switches and the scheduler
+# XLA takes only process-wide (XLA_FLAGS), so they are `runtime.configure_cpu()`'s alone.
+CPU_TRAIN_OPTIONS = {**CPU_EVAL_OPTIONS, "xla_cpu_use_fusion_emitters": False}
 CPU_PROCESS_OPTIONS = {**CPU_EVAL_OPTIONS, "xla_cpu_use_fusion_emitters": "false",
                        "xla_backend_extra_options":
                        "xla_cpu_disable_loop_unrolling,xla_cpu_disable_slp_vectorizer",
@@ -125,16 +128,16 @@ KEEP_XLA_FLAGS = "VGG_JAX_KEEP_XLA_FLAGS"
 
 
 def set_default_xla_flags() -> bool:
-    """Make the idiomatic path the fast one: vgg_jax's import adds CPU_PROCESS_OPTIONS to
-    XLA_FLAGS, so `jax.jit(model.apply)` runs eval-mode convs through YNNPACK on CPU
+    """Make the idiomatic path the fast one (`runtime.configure_cpu`, an opt-in): add
+    CPU_PROCESS_OPTIONS to XLA_FLAGS, so `jax.jit(model.apply)` runs eval-mode convs through YNNPACK on CPU
     without `jit_eval`, and a training step compiles with the classic fusion emitters
     (faster Winograd transforms, ~1 GB less compile memory for VGG-16) and without LLVM's
     loop unrolling and SLP vectorizer (a quarter less compile time) and with the
     memory-minimizing scheduler (fewer temporaries alive at once). Each option only
     when the user has set no value for it, none when $VGG_JAX_KEEP_XLA_FLAGS is set. XLA
-    reads XLA_FLAGS when JAX starts its CPU backend (the first computation), so importing
-    vgg_jax after running JAX code leaves them off (`jit_eval` still sets the YNNPACK one
-    per jit). They are XLA:CPU's only: GPU/TPU ignore them. Returns whether XLA_FLAGS
+    reads XLA_FLAGS when JAX starts its CPU backend (the first computation), so calling
+    this after running JAX code leaves them off (`jit_eval` and the training step still
+    set the per-computation ones). They are XLA:CPU's only: GPU/TPU ignore them. Returns whether XLA_FLAGS
     was changed."""
     flags = os.environ.get("XLA_FLAGS", "")
     extra = [f"--{k}={v}" for k, v in CPU_PROCESS_OPTIONS.items() if k not in flags]
@@ -147,6 +150,12 @@ def set_default_xla_flags() -> bool:
 def eval_compiler_options(backend: str | None = None) -> dict | None:
     """XLA compiler options for inference-mode jits: YNNPACK convs on CPU, none elsewhere."""
     return dict(CPU_EVAL_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
+
+
+def train_compiler_options(backend: str | None = None) -> dict | None:
+    """XLA compiler options for training-step jits: YNNPACK's dots and convs and the classic
+    fusion emitters on CPU (CPU_TRAIN_OPTIONS), none elsewhere."""
+    return dict(CPU_TRAIN_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
 
 
 # Variable initialisation is random-number generation (threefry) and little else; with the

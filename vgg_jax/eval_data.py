@@ -13,13 +13,12 @@ import math
 
 import jax
 import numpy as np
+import tensorflow as tf
 
-from vgg_jax import mesh, preprocess, runtime
+from vgg_jax import mesh, preprocess
 from vgg_jax.errors import UserError
 from vgg_jax.input_pipeline import Source, make_source
 
-with runtime.tensorflow_import():
-    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 

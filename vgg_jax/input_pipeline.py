@@ -18,14 +18,13 @@ import os
 import re
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from vgg_jax import preprocess, runtime
+from vgg_jax import preprocess
 from vgg_jax.errors import NotFound, UserError
 from vgg_jax.prepared import tfds_builder
 
-with runtime.tensorflow_import():
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 log = logging.getLogger(__name__)

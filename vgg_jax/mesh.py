@@ -67,9 +67,11 @@ class DataParallel:
         from vgg_jax import conv
         self.mesh, self.data, self.replicated = data_mesh(devices)
         if train_step is not None:
+            platform = self.mesh.devices.flat[0].platform
             self.train_step = jax.jit(train_step, in_shardings=(self.replicated, self.data),
                                       out_shardings=(self.replicated, self.replicated),
-                                      donate_argnums=(0,))
+                                      donate_argnums=(0,),
+                                      compiler_options=conv.train_compiler_options(platform))
         if eval_step is not None:
             self.eval_step = conv.jit_eval(eval_step, in_shardings=(self.replicated, self.data),
                                            out_shardings=self.replicated)

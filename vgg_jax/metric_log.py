@@ -18,12 +18,9 @@ import time
 
 import jax
 
-from vgg_jax import runtime
-
-with runtime.tensorflow_import():
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
-    from tensorflow.core.util import event_pb2
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+from tensorflow.core.util import event_pb2
 
 
 _FILES = itertools.count()  # this process's event files

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import tensorflow_datasets as tfds
 
 from vgg_jax import runtime
 from vgg_jax.errors import NotFound, UserError
 
-with runtime.tensorflow_import():
-    import tensorflow_datasets as tfds
 
 log = logging.getLogger(__name__)
 BUNDLED = ("vgg_digits",)  # prepared on first use: they need no download

@@ -5,12 +5,11 @@ Every random op is stateless and takes an explicit seed, so a batch is a pure fu
 run gives the batches the interrupted one would have.
 """
 from __future__ import annotations
+import tensorflow as tf
 
-from vgg_jax import choices, runtime
+from vgg_jax import choices
 from vgg_jax.errors import UserError, check_choice
 
-with runtime.tensorflow_import():
-    import tensorflow as tf
 
 # Sec. 2.1: the mean RGB of the ImageNet training set, on 0..255 pixels.
 IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)

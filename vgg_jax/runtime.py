@@ -1,30 +1,40 @@
-"""How a vgg_jax command starts: quietly, and with JAX's persistent compilation cache.
+"""How a vgg_jax command starts: quietly, with JAX's persistent compilation cache and,
+by one explicit call, the XLA:CPU options the project measured.
+
+None of this happens on `import vgg_jax`: a library must leave its user's process as it
+found it. The entry points (`vgg-jax`, `train.py`), which own their process, call what
+they want; a user's program may call the same.
 
 Quiet: loading TensorFlow (the input pipeline's engine here) prints start-up banners from
 C++ before any logging is set up (oneDNN, CPU features, absl's "before
 absl::InitializeLog" warning), which no environment variable silences in TF 2.21. The
-modules that import TensorFlow do it inside `tensorflow_import()`, which drops
-exactly those lines from stderr and passes every other line through. `quiet_tensorflow()`
-also sets TF_CPP_MIN_LOG_LEVEL=1 (INFO off later on) unless the user set it.
+entry points import the modules that load TensorFlow inside `tensorflow_import()`, which
+drops exactly those lines from stderr and passes every other line through.
+`quiet_tensorflow()` sets TF_CPP_MIN_LOG_LEVEL=1 (INFO off later on) unless it is set.
 
 Quick: TF 2.21's `import tensorflow` also imports Keras 3 whenever it is installed (TF
 depends on it; it loads `keras.src.optimizers` eagerly, for SavedModels that name Keras
 optimizers), and Keras imports scikit-learn for its wrappers: ~2.9 s of the ~6 s import
 on a 2-core CPU, for nothing vgg_jax uses (tf.data, tf.image, TFDS). The same context
 defers that load (`KerasDeferred`): TensorFlow imports without it, and `import keras` or
-`tf.keras` later load Keras as usual (bench/RESULTS.md, 2026-11-30).
+`tf.keras` later load Keras as usual (bench/RESULTS.md, 2026-11-30). The library's own
+modules import TensorFlow plainly; only the entry points use the context.
+
+CPU options (`configure_cpu()`): four XLA:CPU options in XLA_FLAGS (conv.CPU_PROCESS_OPTIONS:
+YNNPACK convs, the classic fusion emitters, LLVM without loop unrolling and SLP
+vectorizer, the memory-minimizing scheduler) and a listener that hands the memory XLA's
+compiler frees back to the system (glibc's malloc_trim) after every compile of a second
+or more: XLA:CPU's compiler (LLVM) frees its working memory when a compile ends, and
+glibc keeps the freed pages in the process (~220 MB after VGG-16's 32x32 training step,
+~390 MB at 224). The options the library's own jits need take effect per computation
+without it (conv.train_compiler_options, eval_compiler_options); the scheduler and the
+LLVM switches XLA takes only process-wide (bench/RESULTS.md).
 
 Compile cache: the first run of a command compiles its steps (~35 s for the VGG-16 CPU
 training step); JAX can keep the compiled programs on disk and reuse them when nothing
 changed. The commands (`train.py`, `vgg-jax`) turn it on in config.train.compile_cache's
 folder when the config sets one, else COMPILE_CACHE_ENV's, else ~/.cache/vgg_jax/jax
 (XDG_CACHE_HOME respected); 'off' (in either) leaves it off.
-
-Memory: XLA:CPU's compiler (LLVM) frees its working memory when a compile ends, and glibc
-keeps the freed pages in the process (~220 MB after VGG-16's 32x32 training step, ~390 MB
-at 224): they count in the process's peak for the rest of the run. vgg_jax's import
-installs `trim_heap_after_compiles()`, which hands them back to the system (glibc's
-malloc_trim) after every compile of a second or more (bench/RESULTS.md, 2026-11-30).
 
 Preemption: `Preemption` turns SIGTERM into a flag the training loop shares with every
 process.
@@ -130,8 +140,8 @@ def _trim_after(event: str, seconds: float, **_) -> None:
 def trim_heap_after_compiles() -> bool:
     """After every XLA compile of >= TRIM_MIN_COMPILE_S seconds, return the heap's free pages
     to the system (glibc's malloc_trim(0)); see the module doc. A jax.monitoring listener,
-    installed once; on a C library without malloc_trim (musl, macOS) nothing is installed.
-    Returns whether it is installed."""
+    installed once (by `configure_cpu`); on a C library without malloc_trim (musl, macOS)
+    nothing is installed. Returns whether it is installed."""
     if _trim["libc"] is None:
         libc = ctypes.CDLL(None)  # the process's own symbols: the C library's among them
         if not hasattr(libc, "malloc_trim"):
@@ -140,6 +150,25 @@ def trim_heap_after_compiles() -> bool:
         _trim["libc"] = libc
         jax.monitoring.register_event_duration_secs_listener(_trim_after)
     return True
+
+
+def configure_cpu() -> bool:
+    """The process-wide XLA:CPU choices the vgg-jax commands run with (an opt-in; nothing
+    calls it on import). It changes the process:
+    - XLA_FLAGS gains conv.CPU_PROCESS_OPTIONS, each unless already set there (and none
+      with $VGG_JAX_KEEP_XLA_FLAGS): YNNPACK convs and dots, so a plain
+      `jax.jit(model.apply)` gets the fast CPU inference convs; the classic fusion
+      emitters (a VGG training step compiles with ~1 GB less memory, runs ~8% faster);
+      LLVM without loop unrolling and SLP vectorizer (a quarter of the compile time);
+      XLA:CPU's memory-minimizing scheduler (17-21% fewer temporaries). XLA reads them
+      when JAX starts its CPU backend: call this before any JAX computation.
+    - a jax.monitoring listener returns the compiler's freed memory to the system after
+      every compile of a second or more (`trim_heap_after_compiles`).
+    GPUs and TPUs ignore both. Returns whether XLA_FLAGS changed."""
+    from vgg_jax import conv
+    changed = conv.set_default_xla_flags()
+    trim_heap_after_compiles()
+    return changed
 
 
 def default_cache_dir() -> str:

@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 
-from vgg_jax import (checkpoint, classes, conv, mesh, models, pixels, preprocess, runtime,
+from vgg_jax import (checkpoint, classes, conv, mesh, models, pixels, preprocess,
                      views)
 from vgg_jax.errors import NotFound, UserError
 
-with runtime.tensorflow_import():
-    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 MODEL_FIELDS_FROM_INIT = ("arch", "width", "fc_widths", "classifier_pool")

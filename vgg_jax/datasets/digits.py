@@ -5,11 +5,7 @@ that the README's training command and the test suite use. Images are upsampled 
 RGB (the smallest input five 2x2 pools allow) and split once, stratified, with a fixed seed.
 """
 import numpy as np
-
-from vgg_jax import runtime
-
-with runtime.tensorflow_import():
-    import tensorflow_datasets as tfds
+import tensorflow_datasets as tfds
 
 IMAGE_SIZE = 32
 TEST_SIZE = 360  # 1,437 train / 360 test, stratified by class

@@ -15,13 +15,10 @@ import gzip
 import os
 
 import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
-from vgg_jax import runtime
 from vgg_jax.errors import NotFound, UserError
-
-with runtime.tensorflow_import():
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x00000803 (uint8, 3 dims), 0x00000801
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
