@@ -12,7 +12,7 @@ from conftest import ROOT
 from vgg_jax import choices, cli, errors
 
 MODULES = sorted(glob.glob(os.path.join(ROOT, "vgg_jax", "*.py")))
-USES_A_TRAINED_NET = ("predict", "evaluate", "embed", "saliency", "plots", "convert")
+USES_A_TRAINED_NET = ("predict", "evaluate", "embed", "saliency", "plots", "convert_cmd")
 
 
 def imports_of(path):

@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import subprocess
 import threading
 
 import h5py
@@ -198,3 +199,61 @@ def test_unknown_names_list_the_published_ones(capsys):
     assert all(name in err for name in published.PUBLISHED)
     with pytest.raises(UserError, match="no published weights named 'keras:vgg11'"):
         weights.read_meta("keras:vgg11")
+
+
+def vgg_jax_command(*args, cache, timeout=600):
+    """The installed `vgg-jax` entry point in a fresh process, offline: the weights URL
+    points at a closed port, so anything not in `cache` would fail to download."""
+    env = dict(os.environ, **{published.CACHE_ENV: str(cache),
+                              published.URL_ENV: "http://127.0.0.1:9/"})
+    return subprocess.run(["vgg-jax", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_command_that_reads_a_net_takes_every_kind_of_name_in_a_fresh_process(
+        mirror, tmp_path):
+    """Names resolve in the process that reads them (no registry an import must fill):
+    torchvision:NAME, a bare torchvision name and keras:NAME, from a cache filled here."""
+    vgg_jax.pretrained(TV)
+    weights.read_meta(KERAS)
+    mirror["server"].stop()
+    cache = mirror["cache"].parent
+    photo, = write_image_folder(tmp_path / "photos", classes=("a",), per_class=1,
+                                size=(230, 250))
+    for split in ("train", "val"):
+        write_image_folder(tmp_path / "folder" / split, classes=("n01440764", "n01443537"),
+                           per_class=2, size=(230, 240), seed=1)
+    folder = tmp_path / "folder"
+    runs = {
+        "predict": ("predict", "--weights", TV, photo, "--top", "2"),
+        "features keras": ("features", "--weights", KERAS, "--layer", "conv5_4", photo,
+                           "--out", tmp_path / "f.npy"),
+        "evaluate": ("evaluate", "--weights", TV, "--data", folder, "--split", "val",
+                     "--json"),
+        "embed keras": ("embed", "--weights", KERAS, "--data", folder, "--split", "val",
+                        "--layer", "conv5_4", "--out", tmp_path / "e.npz"),
+        "transfer": ("transfer", "--weights", "vgg16", "--data", folder, "--train-split",
+                     "train", "--test-split", "val", "--scales", "224", "--json"),
+        "activations": ("activations", "--weights", KERAS, photo, "--layer", "conv1_1",
+                        "--out", tmp_path / "a.png"),
+        "saliency": ("saliency", "--weights", TV, photo, "--out", tmp_path / "s.png"),
+        "convert": ("convert", "--from", "vgg16", "--to-torch", tmp_path / "back.safetensors"),
+    }
+    for what, args in runs.items():
+        r = vgg_jax_command(*args, cache=cache)
+        assert r.returncode == 0, (what, r.stderr[-3000:])
+    assert np.load(tmp_path / "f.npy").shape[-1] == 32  # conv5_4 of the 1/16-wide VGG-19
+    from safetensors.numpy import load_file
+    np.testing.assert_array_equal(load_file(tmp_path / "back.safetensors")["classifier.6.bias"],
+                                  np.asarray(mirror["sd"]["classifier.6.bias"]))
+
+
+def test_a_name_not_in_the_cache_offline_is_one_line_naming_the_file_and_the_folder(tmp_path):
+    r = vgg_jax_command("predict", "--weights", "torchvision:vgg11", "photo.jpg",
+                        cache=tmp_path / "cache")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line, = r.stderr.strip().splitlines()
+    downloads = tmp_path / "cache" / "weights" / "downloads"
+    assert line.startswith("vgg-jax predict: error: cannot download http://127.0.0.1:9/"
+                           "vgg11-8a719046.pth"), line
+    assert f"place vgg11-8a719046.pth in {downloads} by hand" in line

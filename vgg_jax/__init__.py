@@ -20,6 +20,6 @@ def __getattr__(name):
     with TensorFlow's image ops beside them, and importing TensorFlow takes ~4 s that
     building, initialising and running a model does not need."""
     if name == "pretrained":
-        from vgg_jax.published import pretrained
+        from vgg_jax.weights import pretrained
         return pretrained
     raise AttributeError(f"module 'vgg_jax' has no attribute {name!r}")

@@ -87,7 +87,7 @@ def _convert(sub):
     p.add_argument("--preprocessing", default=None, choices=choices.NORMALIZATIONS,
                    help="pixel convention the weights expect (default: caffe for Keras "
                    "files, torchvision otherwise)")
-    p.set_defaults(run="vgg_jax.convert:main")
+    p.set_defaults(run="vgg_jax.convert_cmd:main")
 
 
 def _predict(sub):

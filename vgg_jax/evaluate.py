@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from vgg_jax import eval_data, input_pipeline, mesh, views
+from vgg_jax import eval_data, input_pipeline, mesh, preprocess, views
 from vgg_jax.errors import UserError
 from vgg_jax.weights import Net
 
@@ -88,9 +88,8 @@ def format_result(r: dict) -> str:
 
 
 def default_scales(d) -> list[int]:
-    """The test scale when none is given: the crop size for the 'small' recipe, else Q
-    (data.eval_scale)."""
-    return [d.image_size if d.recipe == "small" else d.eval_scale]
+    """The test scale when none is given (preprocess.test_scale)."""
+    return [preprocess.test_scale(d)]
 
 
 def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "test",

@@ -5,6 +5,10 @@ Every random op is stateless and takes an explicit seed, so a batch is a pure fu
 run gives the batches the interrupted one would have.
 """
 from __future__ import annotations
+
+import io
+
+import numpy as np
 import tensorflow as tf
 
 from vgg_jax import choices
@@ -174,15 +178,47 @@ def train_example(image_bytes, seed, d):
     return image, alpha
 
 
+def test_scale(d) -> int:
+    """Q when none is given: the crop size for the 'small' recipe (trained on images resized
+    to it), else data.eval_scale (Sec. 3.2)."""
+    return int(d.image_size if d.recipe == "small" else d.eval_scale)
+
+
+def pil_rescaled(image_bytes, s: int, channels: int) -> np.ndarray:
+    """Decode and rescale (smallest side S) with Pillow, as torchvision's eval transform does:
+    PIL's decoder, `Resize(S)`'s size (the long side int(S * long / short)), PIL's
+    antialiased bilinear filter, uint8 out. For weights trained on those pixels."""
+    from PIL import Image
+    if isinstance(image_bytes, np.ndarray):  # tf.numpy_function's 0-d object array
+        image_bytes = image_bytes.item()
+    with Image.open(io.BytesIO(bytes(image_bytes))) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        w, h = im.size
+        short, long = (w, h) if w <= h else (h, w)
+        size = (s, int(s * long / short)) if w <= h else (int(s * long / short), s)
+        out = np.asarray(im.resize(size, Image.BILINEAR))
+    return out.reshape(out.shape[0], out.shape[1], channels)
+
+
+def rescale_for(image_bytes, d, s):
+    """The image rescaled so its smallest side is S, resampled the way the weights were fed:
+    Pillow for torchvision's convention (`d.resampling == 'pil'`), else TensorFlow's
+    antialiased bilinear (rounded to uint8 by the caller)."""
+    if d.get("resampling", "tf") == "pil":
+        image = tf.numpy_function(lambda b, q: pil_rescaled(b, int(q), d.channels),
+                                  [image_bytes, tf.cast(s, tf.int32)], tf.uint8)
+        image.set_shape((None, None, d.channels))
+        return image
+    return rescale(decode(image_bytes, d.channels), s)
+
+
 def eval_example(image_bytes, d, *, scale: int | None = None, crop: bool = True) -> tf.Tensor:
-    """Sec. 3.2 as uint8 pixels: rescale so the smallest side is Q, then a centre crop
-    (torchvision style) or, with crop=False, the whole image (dense evaluation). The
+    """Sec. 3.2 as uint8 pixels, the one test-time view of an image: rescale so the smallest
+    side is Q (`scale`, default test_scale(d)), then torchvision's centre crop of
+    data.image_size, or with crop=False the whole image (dense evaluation). evaluate,
+    predict, embed and training-time validation all take their centre crop here. The
     normalisation runs on the device (`pixels.Pixels`)."""
-    image = decode(image_bytes, d.channels)
-    if d.recipe == "small" and scale is None:
-        image = resize_to(image, d.image_size)
-    else:
-        image = rescale(image, scale or d.eval_scale)
-        if crop:
-            image = center_crop(image, d.image_size)
+    image = rescale_for(image_bytes, d, scale or test_scale(d))
+    if crop:
+        image = center_crop(image, d.image_size)
     return to_uint8(image)

@@ -1,6 +1,6 @@
-"""Published VGG weights by name: `vgg_jax.pretrained("vgg16")` -> (model, variables, meta), and
-`torchvision:vgg16` / `keras:vgg19` wherever a weights directory is accepted
-(`--weights`, `train.init_from`).
+"""Published VGG weights by name: `torchvision:vgg16` / `keras:vgg19` (and a bare torchvision
+name, `vgg16`) wherever a weights directory is accepted (`--weights`, `train.init_from`,
+`vgg_jax.pretrained("vgg16")` -> (model, variables, meta)); `weights.resolve` asks here.
 
 The first use downloads the published file (progress bar), verifies its hash (torchvision:
 the SHA-256 prefix in the file name, as torch.hub checks; Keras: the MD5 that
@@ -24,7 +24,7 @@ import shutil
 import urllib.error
 import urllib.request
 
-from vgg_jax import weights
+from vgg_jax import convert, importers, store
 from vgg_jax.errors import UserError
 
 CACHE_ENV = "VGG_JAX_CACHE"      # the cache folder (its weights/ holds the converted weights)
@@ -97,10 +97,14 @@ def lookup(name: str) -> Published:
 
 
 def is_name(value: str) -> bool:
-    """Whether a --weights / init_from value names published weights (`source:name`)
-    rather than a path: a path that exists is always a path."""
-    return (isinstance(value, str) and value.split(":", 1)[0] in SOURCES and ":" in value
-            and not os.path.exists(value))
+    """Whether a --weights / init_from value names published weights (`source:name`, or a
+    bare torchvision name such as `vgg16`) rather than a path: a path that exists is
+    always a path."""
+    if not isinstance(value, str) or os.path.exists(value):
+        return False
+    if ":" in value:
+        return value.split(":", 1)[0] in SOURCES
+    return f"torchvision:{value}" in PUBLISHED
 
 
 def use_cache(directory: str | None) -> None:
@@ -138,16 +142,8 @@ def weights_dir(name: str, progress: bool = True) -> str:
     return out
 
 
-def pretrained(name: str, progress: bool = True):
-    """(model, variables, meta) of published weights, e.g. pretrained('vgg16'),
-    pretrained('keras:vgg19'). meta['published'] records the source, URL, hash and the
-    publisher's accuracy; meta['class_names'] the 1,000 ImageNet classes."""
-    variables, meta = weights.load_weights(weights_dir(name, progress))
-    return weights.model_from_meta(meta), variables, meta
-
-
 def _complete(out: str) -> bool:
-    return os.path.isfile(os.path.join(out, "meta.json"))
+    return store.has_meta(out)
 
 
 @contextlib.contextmanager
@@ -218,7 +214,6 @@ def _download(p: Published, path: str, progress: bool) -> None:
 
 def _convert(p: Published, path: str, out: str) -> None:
     """Convert into a temporary directory beside `out`, then rename it into place."""
-    from vgg_jax import convert, importers
     if p.name.startswith("torchvision:"):
         sd = convert.load_state_dict(path)
         kw = convert.infer_model_kwargs(sd, p.arch)
@@ -230,16 +225,13 @@ def _convert(p: Published, path: str, out: str) -> None:
                              **{p.algorithm: _digest(p, path)}, top1=p.top1, top5=p.top5)
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    weights.save_weights(tmp, variables, meta)
+    store.save_weights(tmp, variables, meta)
     try:
         os.rename(tmp, out)
     except OSError:  # another host's conversion got there first: same weights
         shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(out):
             raise
-
-
-weights.NAME_RESOLVERS.append((is_name, weights_dir))
 
 
 def main(*, names: list[str]) -> None:

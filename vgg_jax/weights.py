@@ -1,11 +1,10 @@
 """A trained net, on disk and in memory: everything that finds, reads, describes or runs
 a set of weights (the trainer only writes them).
 
-On disk, a weights directory is an orbax PyTree of the Flax variables in DIR/variables
-plus DIR/meta.json, which records the architecture, the model options and the
-preprocessing the weights expect (`model_meta`). `vgg-jax convert` and training write
-them; a training workdir (its latest or best checkpoint) is accepted wherever a weights
-directory is. `Net` is a loaded net: its model, variables (replicated on this process's
+A weights reference is a weights directory (vgg_jax.store: DIR/variables + DIR/meta.json,
+`model_meta`), a training workdir (its latest or best checkpoint) or published weights by
+name (vgg_jax.published); `resolve` turns any of them into a directory and `load_weights`
+into variables and meta, for every command and `train.init_from` alike. `Net` is a loaded net: its model, variables (replicated on this process's
 devices), pixel convention and class names, with the forwards that predict, evaluate,
 embed, saliency and the plots use. Initialising a new model from weights (fine-tuning,
 the paper's pre-initialisation of Sec. 3.1) is here too: `adopt_init_from`,
@@ -14,7 +13,6 @@ the paper's pre-initialisation of Sec. 3.1) is here too: `adopt_init_from`,
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 
@@ -22,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow as tf
 
-from vgg_jax import (checkpoint, classes, conv, mesh, models, pixels, preprocess,
-                     views)
+from vgg_jax import (checkpoint, classes, conv, mesh, models, pixels, preprocess, published,
+                     store, views)
 from vgg_jax.errors import NotFound, UserError
 
 
@@ -34,44 +31,31 @@ log = logging.getLogger(__name__)
 MODEL_FIELDS_FROM_INIT = ("arch", "width", "fc_widths", "classifier_pool")
 
 
-# ----------------------------------------------------------------------------- on disk
+# ----------------------------------------------------------------------------- references
 
-def save_weights(directory: str, variables, meta: dict) -> None:
-    """variables ({'params'[, 'batch_stats']}) + meta.json into `directory`."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    variables = jax.tree.map(np.asarray, variables)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, "variables"), variables, force=True)
-    with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+save_weights = store.save_weights  # the on-disk format is store's; kept here for callers
 
 
-# (is_name, directory) pairs: vgg_jax.published registers its names here when the package
-# loads, so that published weights work wherever a directory does (no import cycle)
-NAME_RESOLVERS: list = []
-
-
-def resolve(path: str) -> str:
-    """A weights directory or workdir as given, or the cached directory of published
-    weights named `source:name` (vgg_jax.published), fetched on first use."""
-    for is_name, directory in NAME_RESOLVERS:
-        if is_name(path):
-            return directory(path)
-    return path
+def resolve(ref: str) -> str:
+    """The local directory a weights reference means: a weights directory or training
+    workdir as given, or, for published weights by name (`torchvision:vgg16`,
+    `keras:vgg19`, a bare torchvision name such as `vgg16` where no such path exists), the
+    cached weights directory, fetched, verified and converted on first use
+    (vgg_jax.published). The one place a reference is turned into a directory."""
+    if published.is_name(ref):
+        return published.weights_dir(ref)
+    return ref
 
 
 def read_meta(path: str) -> dict:
     """meta.json of a weights directory or training workdir (or published weights by
     name), without loading weights."""
-    path = resolve(path)
-    f = os.path.join(os.path.abspath(path), "meta.json")
-    if not os.path.isfile(f):
+    path = os.path.abspath(resolve(path))
+    if not store.has_meta(path):
         raise NotFound(
             f"{path} has no meta.json: expected a weights directory (written by `vgg-jax "
             f"convert` or training) or a training workdir")
-    with open(f) as fh:
-        return json.load(fh)
+    return store.read_meta(path)
 
 
 def load_weights(path: str, which: str = "latest"):
@@ -79,12 +63,8 @@ def load_weights(path: str, which: str = "latest"):
     'latest' or 'best' checkpoint of a workdir); `path` may name published weights
     (torchvision:vgg16, keras:vgg19: vgg_jax.published)."""
     path = os.path.abspath(resolve(path))
-    if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isdir(
-            os.path.join(path, "variables")):
-        meta = read_meta(path)
-        with ocp.StandardCheckpointer() as ckptr:
-            variables = ckptr.restore(os.path.join(path, "variables"))
-        return variables, meta
+    if store.is_weights_dir(path):
+        return store.read_variables(path), store.read_meta(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         meta = read_meta(path)
         step, state = checkpoint.restore_params(path, which)
@@ -95,6 +75,14 @@ def load_weights(path: str, which: str = "latest"):
     raise NotFound(
         f"{path} is neither a weights directory (meta.json + variables/, written by "
         f"`vgg-jax convert` or training) nor a training workdir (checkpoints/)")
+
+
+def pretrained(name: str):
+    """(model, variables, meta) of weights by reference: published weights by name
+    (pretrained('vgg16'), pretrained('keras:vgg19'); meta['published'] records the source,
+    URL, hash and the publisher's accuracy), a weights directory or a training workdir."""
+    variables, meta = load_weights(name)
+    return model_from_meta(meta), variables, meta
 
 
 def model_from_meta(meta: dict, **overrides) -> models.VGG:
@@ -133,7 +121,9 @@ def data_config(meta: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         normalization="custom", mean=tuple(p["mean"]), std=tuple(p["std"]), bgr=p["bgr"],
         recipe=p["recipe"], image_size=p["image_size"], eval_scale=p["eval_scale"],
-        s_min=p.get("s_min"), s_max=p.get("s_max"), channels=p["channels"]))
+        s_min=p.get("s_min"), s_max=p.get("s_max"), channels=p["channels"],
+        # weights in torchvision's convention were fed Pillow's decoding and resizing
+        resampling="pil" if p.get("convention") == "torchvision" else "tf"))
 
 
 # ----------------------------------------------------------------------------- init_from
