@@ -31,6 +31,29 @@ def load_config(name="default", arg=None):
     return module.get_config() if arg is None else module.get_config(arg)
 
 
+def import_torchvision():
+    """The real torchvision (0.28.0, the [test] extra). PyPI's wheel is built against CUDA
+    torch: beside the CPU build of torch its C extension (detection ops: nms, roi_align)
+    cannot load, and its import then fails registering fake kernels for those ops. The
+    models, weights enums and transforms the tests use are pure Python: on that failure the
+    import is retried with the fake-kernel registration skipped."""
+    try:
+        import torchvision
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        import torch
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        register_fake = torch.library.register_fake
+        torch.library.register_fake = lambda *args, **kwargs: (lambda f: f)
+        try:
+            import torchvision
+        finally:
+            torch.library.register_fake = register_fake
+    return torchvision
+
+
 def write_image_folder(root, classes=("cat", "dog"), per_class=5, size=(40, 52), seed=0,
                        formats=("jpg", "png")):
     """root/class/*.jpg|png with random pixels; returns the list of paths written."""

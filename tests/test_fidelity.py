@@ -159,3 +159,77 @@ def test_paper_descriptors_are_unit_length_stack_scales_and_skip_broken_images(t
     halves = stacked[:, :16] + stacked[:, 16:]
     cos = np.sum(halves / np.linalg.norm(halves, axis=1, keepdims=True) * avg, axis=1)
     np.testing.assert_allclose(cos, 1.0, atol=1e-5)
+
+
+def test_one_centre_crop_for_evaluate_predict_embed_and_validation(tmp_path):
+    """A non-square image gets the same pixels from the four paths that take a centre crop:
+    predict (Net.pixels), evaluate's 'center' view, embed's and training-time validation's
+    batches; they equal an independent rescale-and-crop (smallest side to Q = 32, the
+    small recipe's crop, antialiased bilinear; torchvision's centre offsets)."""
+    import tensorflow as tf
+    from PIL import Image
+    from vgg_jax import eval_data, evaluate, input_pipeline
+    c = load_config()
+    c.model.update(width=1 / 16, fc_widths=(16, 16))
+    model = train.build_model(c, 1)
+    net = weights.Net(model=model, variables=models.init_variables(model, jax.random.key(0), 32),
+                      meta=weights.model_meta(model, c.data, ["a"]))
+    image = np.random.default_rng(0).integers(0, 256, (40, 57, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "f" / "a")
+    path = str(tmp_path / "f" / "a" / "0.png")
+    Image.fromarray(image).save(path)
+    raw = open(path, "rb").read()
+
+    predict = net.pixels(path)
+    center = views.Rescaler([net], "center", evaluate.default_scales(net.d))(tf.constant(raw))[0]
+    source = input_pipeline.make_source(str(tmp_path / "f"), "")
+    embed_batch = next(eval_data.eval_batches(source, net.d, 1))["image"][0]
+    validation = next(eval_data.eval_batches(source, c.data, 1))["image"][0]
+    # 40x57 -> 32x45 (the long side int(32 * 57 / 40)); offset round((45 - 32) / 2) = 6
+    resized = tf.image.resize(image.astype(np.float32), (32, 45), antialias=True).numpy()
+    expected = np.clip(np.round(resized), 0, 255).astype(np.uint8)[:, 6:38]
+    for got in (predict, np.asarray(center), embed_batch, validation):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_torchvision_weights_see_what_torchvisions_own_transform_feeds_them(tmp_path):
+    """The real torchvision: a VGG-16-BN module (random weights, random BatchNorm
+    statistics), converted; real photos (scikit-learn's) cut to odd sizes; its weights
+    enum's own eval transform against what vgg_jax feeds the converted net."""
+    import torch
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from conftest import import_torchvision
+    from vgg_jax import convert
+    import_torchvision()
+    from torchvision.models import VGG16_BN_Weights, vgg16_bn
+    torch.manual_seed(0)
+    tv = vgg16_bn(weights=None).eval()
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    sd = {k: v.numpy() for k, v in tv.state_dict().items()}
+    kw = convert.infer_model_kwargs(sd, "vgg16_bn")
+    net = weights.Net(model=models.create_model(**kw), variables=convert.from_torch(sd, "vgg16_bn"),
+                      meta=convert.weights_meta(kw, "torchvision"))
+    transform = VGG16_BN_Weights.IMAGENET1K_V1.transforms()
+    china, flower = load_sample_images().images
+    paths = []
+    for i, photo in enumerate((china[:301, :455], flower[13:400, 21:334])):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        Image.fromarray(photo).save(paths[-1], quality=90)
+    for path in paths:
+        want = transform(Image.open(path).convert("RGB")).permute(1, 2, 0).numpy()
+        ours = net.image(path)
+        assert ours.shape == want.shape == (224, 224, 3)
+        assert np.abs(ours - want).max() <= 0.05, np.abs(ours - want).max()
+        with torch.no_grad():
+            want_logits = tv(torch.from_numpy(want).permute(2, 0, 1)[None]).numpy()[0]
+        logits = np.asarray(net.logits(net.pixels(path)[None]))[0]
+        rel = np.abs(logits - want_logits).max() / np.abs(want_logits).max()
+        assert rel <= 1e-4, rel
