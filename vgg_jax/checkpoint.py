@@ -182,7 +182,9 @@ def restore_latest(mngr, abstract_state, config_changes: str = ""):
             try:
                 differ = tree_differences(saved_tree(mngr, step), abstract_state)
                 break
-            except Exception:
+            except MemoryError:
+                raise  # this process's trouble, not the checkpoint's
+            except Exception:  # tensorstore / orbax errors share no type
                 failures[0] += 1
         if differ:
             mngr.close()
@@ -198,6 +200,8 @@ def restore_latest(mngr, abstract_state, config_changes: str = ""):
                 try:
                     result = restore(mngr, step, abstract_state)
                     break
+                except MemoryError:
+                    raise  # this process's trouble, not the checkpoint's: nothing moved
                 except Exception as e:  # tensorstore / orbax errors share no type
                     reason = _reason(e)
                     failures[0] += 1

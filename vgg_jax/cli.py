@@ -143,7 +143,8 @@ def _evaluate(sub):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--protocol", default="center", choices=choices.PROTOCOLS)
     p.add_argument("--scales", type=int_list, default=(),
-                   help="Q or Q1,Q2,... (default: the crop size)")
+                   help="Q or Q1,Q2,... (default: the weights' test scale: the crop size "
+                   "for the small recipe, else their data.eval_scale)")
     p.add_argument("--crop", type=positive, default=None,
                    help="crop size of center / multicrop views (default: the model's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -175,7 +176,8 @@ def _embed(sub):
                    help="center: the centre crop; paper: Appendix B's descriptors (dense "
                    "fc7 over --scales, flip-averaged, L2-normalised)")
     p.add_argument("--scales", type=int_list, default=(),
-                   help="with --protocol paper: Q1,Q2,... (default 256,384,512)")
+                   help="with --protocol paper: Q1,Q2,... (default: from the weights' "
+                   "training scales, as Sec. 3.2 derives Q from S)")
     p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES,
                    help="with --protocol paper: how the scales are combined")
     p.add_argument("--batch-size", type=positive, default=64, help=BATCH_HELP)
@@ -193,7 +195,8 @@ def _transfer(sub):
     p.add_argument("--test-split", default="test")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--scales", type=int_list, default=(),
-                   help="Q1,Q2,... (default 256,384,512, the paper's)")
+                   help="Q1,Q2,... (default: from the weights' training scales, as Sec. "
+                   "3.2 derives Q from S; printed)")
     p.add_argument("--aggregate", default="average", choices=choices.AGGREGATES)
     p.add_argument("--c", type=positive_float, default=1.0, help="the SVM's C")
     p.add_argument("--batch-size", type=positive, default=32, help=BATCH_HELP)

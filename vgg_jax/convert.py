@@ -62,12 +62,16 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
                 raise MissingDependency(f"reading {path} needs torch (pip install "
                                         f"'vgg_jax[torch]'); or convert it to .safetensors / "
                                         f".npz elsewhere") from None
+            import pickle
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle.UnpicklingError for anything but tensors
+            except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors
                 raise UserError(f"refusing to load {path}: it is not a plain tensor state_dict "
                                  f"(torch.load(weights_only=True) said: "
                                  f"{str(e).splitlines()[0]})") from None
+            except (RuntimeError, EOFError, OSError) as e:  # a truncated or foreign file
+                raise UserError(f"cannot read {path} as a torch file (truncated or not "
+                                 f"written by torch.save): {str(e).splitlines()[0]}") from None
     else:
         sd = source
     for wrapper in ("state_dict", "model", "model_state_dict"):

@@ -38,11 +38,15 @@ def _builder(name: str, data_dir: str):
     try:
         with runtime.absl_warnings_off():
             return tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # DatasetNotFoundError and friends
-        nor_folder = f" and no folder {name} exists" if "/" in name else ""
-        raise UserError(f"unknown TFDS dataset {name!r} ({type(e).__name__}){nor_folder}; give "
-                         f"a TFDS name such as vgg_digits, cifar10, voc/2007, imagenet2012, or "
-                         f"an image folder root/class_name/*.jpg") from None
+    except tfds.core.registered.DatasetNotFoundError:
+        what = f"unknown TFDS dataset {name!r}"
+    except ValueError as e:  # TFDS wraps an unknown config of a known dataset this way
+        if "BuilderConfig" not in str(e) or "not found" not in str(e):
+            raise  # a builder that failed for another reason says so itself
+        what = f"unknown config in TFDS dataset {name!r}"
+    nor_folder = f" and no folder {name} exists" if "/" in name else ""
+    raise UserError(f"{what}{nor_folder}; give a TFDS name such as vgg_digits, cifar10, "
+                    f"voc/2007, imagenet2012, or an image folder root/class_name/*.jpg")
 
 
 def manual_dir_for(data_dir: str | None = None) -> str:
