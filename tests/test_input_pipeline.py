@@ -209,6 +209,32 @@ def test_eval_batches_name_every_image_they_skip_and_cover_the_rest_once(tmp_pat
     assert skipped.summary() == dict(skipped=2, skipped_images=skipped.names)
 
 
+def _failing_after_decode(image, *args, **kwargs):  # noqa: ARG001
+    """A stand-in for the geometry after decoding with a bug: it fails at run time."""
+    tf.debugging.assert_less(tf.shape(image)[0], 0, message="a bug after decoding")
+    return image
+
+
+def test_an_error_after_decoding_is_raised_not_counted_as_a_broken_image(tmp_path, config,
+                                                                         monkeypatch):
+    """Only decoding may drop an image: a pipeline bug after it (here in the view or the
+    training geometry) stops the run with its own message, in evaluation and training."""
+    write_image_folder(tmp_path / "imgs", per_class=3, formats=("png",))
+    d = paper_data(config)
+    src = ip.make_source(str(tmp_path / "imgs"), None)
+    monkeypatch.setattr(preprocess, "eval_view", _failing_after_decode)
+    skipped = eval_data.Skipped(src)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a bug after decoding"):
+        list(eval_data.eval_batches(src, d, 3, skipped=skipped))
+    assert skipped.names == []
+    monkeypatch.setattr(preprocess, "train_view",
+                        lambda image, *a: (_failing_after_decode(image), tf.zeros([3])))
+    it = ip.TrainIterator(src, d, 3, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a bug after decoding"):
+        next(it)
+    assert it.skipped == []
+
+
 def test_nested_tfds_names_are_tfds_names_and_paths_are_folders(tmp_path):
     assert not ip.is_folder("voc/2007") and not ip.is_folder("imagenet2012:5.1.0")
     assert not ip.is_folder("cifar10")
@@ -220,7 +246,7 @@ def test_nested_tfds_names_are_tfds_names_and_paths_are_folders(tmp_path):
         assert ip.is_folder("voc/2007")
     finally:
         os.chdir(cwd)
-    with pytest.raises(ValueError, match="unknown TFDS dataset 'nope/2007' .* and no folder "
+    with pytest.raises(ValueError, match="unknown TFDS dataset 'nope/2007' and no folder "
                                          "nope/2007 exists"):
         ip.make_source("nope/2007", "test", str(tmp_path))
 
@@ -248,6 +274,8 @@ def test_imagenet_says_where_the_tars_go(tmp_path):
 def test_unknown_tfds_name_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown TFDS dataset 'no_such_set'"):
         ip.make_source("no_such_set", "train", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown config in TFDS dataset 'mnist/nope'"):
+        ip.make_source("mnist/nope", "train", data_dir=str(tmp_path))
 
 
 def test_fused_jpeg_decode_and_crop_is_a_window_of_the_rescaled_image(tmp_path, config):

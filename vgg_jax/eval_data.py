@@ -69,23 +69,26 @@ def local_count(source: Source, limit: int | None) -> int:
             min(-(-limit // jax.process_count()), source.num_examples))
 
 
-def _positioned(source: Source, fn, n_local: int, seed):
-    """(position, label, fn(image_bytes)) of the first `n_local` images of the shard, in
-    tf.data's parallel map; images that fail to decode are left out (positions say which)."""
+def _positioned(source: Source, decode, view, n_local: int, seed):
+    """(position, label, view(decode(image_bytes))) of the first `n_local` images of the
+    shard, in tf.data's parallel maps; images that fail to decode are left out (positions
+    say which). Only `decode` may fail that way: an error in `view` is raised."""
     ds = source.epoch_dataset(0, seed is not None, seed or 0).take(n_local).enumerate()
-    ds = ds.map(lambda pos, ex: (pos, ex[1], fn(ex[0])), num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(lambda pos, ex: (pos, ex[1], decode(ex[0])), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
-    return ds.ignore_errors(log_warning=False)
+    ds = ds.ignore_errors(log_warning=False)
+    return ds.map(lambda pos, label, image: (pos, label, view(image)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def stream(source: Source, fn, n_local: int, skipped: Skipped):
-    """(position, label, fn(image_bytes)) for the first `n_local` images of this process's
-    shard in order (epoch 0's shuffled order with skipped's `shuffle_seed`), `fn` (tf ops)
-    run in tf.data's parallel map; images that fail to decode are left out and recorded
-    in `skipped`."""
+def stream(source: Source, decode, view, n_local: int, skipped: Skipped):
+    """(position, label, view(decode(image_bytes))) for the first `n_local` images of this
+    process's shard in order (epoch 0's shuffled order with skipped's `shuffle_seed`),
+    both tf ops run in tf.data's parallel maps; images that fail to decode are left out
+    and recorded in `skipped`."""
     expected = 0
-    for pos, label, out in _positioned(source, fn, n_local, skipped.seed).prefetch(4) \
-            .as_numpy_iterator():
+    for pos, label, out in _positioned(source, decode, view, n_local, skipped.seed) \
+            .prefetch(4).as_numpy_iterator():
         expected = skipped.arrived(expected, [pos])
         yield int(pos), label, out
     skipped.gap(expected, n_local)  # the last images of the shard too
@@ -103,7 +106,8 @@ def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None,
     n_max = source.max_shard_examples if limit is None else min(limit, source.max_shard_examples)
     num_batches = math.ceil(n_max / local_batch)
     skipped = Skipped(source) if skipped is None else skipped
-    ds = _positioned(source, lambda raw: preprocess.eval_example(raw, d), n_local, skipped.seed)
+    ds = _positioned(source, lambda raw: preprocess.eval_decode(raw, d),
+                     lambda image: preprocess.eval_view(image, d), n_local, skipped.seed)
     produced, expected = 0, 0  # batched by tf.data; the positions name what was skipped
     for pos, label, image in ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
         expected = skipped.arrived(expected, pos)
@@ -138,11 +142,10 @@ def dataset_stats(dataset, split="train", data_dir=None, max_images=10_000, chan
     are skipped, counted and named."""
     source = make_source(dataset, split, data_dir)
     skipped = Skipped(source, 0 if max_images < source.num_examples else None)
-    pixel_rows = lambda b: tf.reshape(tf.cast(preprocess.decode(b, channels), tf.float64),
-                                      (-1, channels))
+    pixel_rows = lambda image: tf.reshape(tf.cast(image, tf.float64), (-1, channels))
     n, images, total, outer = 0, 0, np.zeros(channels), np.zeros((channels, channels))
-    for _, _, pixels in stream(source, pixel_rows, min(max_images, source.num_examples),
-                               skipped):
+    for _, _, pixels in stream(source, lambda b: preprocess.decode(b, channels), pixel_rows,
+                               min(max_images, source.num_examples), skipped):
         n += len(pixels)
         images += 1
         total += pixels.sum(0)

@@ -327,16 +327,22 @@ class TrainIterator:
     def _epoch(self, epoch: int, offset: int):
         d, seed = self.d, self.seed
 
-        def prep(pos, uid, image_bytes, label):
+        def example_seed(uid):
             # the example's augmentation: one seed per (seed, epoch, example), the example
             # numbered across processes (for a folder: its place in the global order)
-            s = tf.stack([tf.constant(_mix(seed, epoch), tf.int64), uid])
-            image, alpha = preprocess.train_example(image_bytes, s, d)
-            return pos, image, alpha, label
+            return tf.stack([tf.constant(_mix(seed, epoch), tf.int64), uid])
+
+        def read(pos, uid, image_bytes, label):
+            return (pos, uid, *preprocess.train_decode(image_bytes, example_seed(uid), d),
+                    label)
+
+        def view(pos, uid, image, fused, label):
+            return (pos, *preprocess.train_view(image, fused, example_seed(uid), d), label)
 
         ds = self.source.train_dataset(epoch, seed, offset, self.batch)
-        ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.ignore_errors(log_warning=False)  # undecodable images: counted below
+        ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors(log_warning=False)  # undecodable images only: counted below
+        ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def _generate(self):

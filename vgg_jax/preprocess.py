@@ -127,10 +127,9 @@ def resize_to(image, size: int):
     return tf.image.resize(image, (size, size), method="bilinear", antialias=True)
 
 
-def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed,
-                          antialias: bool = False):
-    """Rescale-to-S then random-crop, computed as one crop of the *encoded* JPEG
-    (tf.image.decode_and_crop_jpeg decodes only the window) resized to size x size."""
+def fused_jpeg_window(image_bytes, channels: int, s, size: int, seed):
+    """The window of the *encoded* JPEG that rescale-to-S then a random size x size crop
+    would show, decoded alone (tf.image.decode_and_crop_jpeg), not yet resized."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
     h, w = shape[0], shape[1]
     scale = tf.cast(s, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
@@ -139,34 +138,56 @@ def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed,
     sy, sx = seeds(seed, 2)
     y = tf.random.stateless_uniform([], sy, 0, h - ch + 1, dtype=tf.int32)
     x = tf.random.stateless_uniform([], sx, 0, w - cw + 1, dtype=tf.int32)
-    crop = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, ch, cw]), channels=channels)
-    return tf.image.resize(tf.cast(crop, tf.float32), (size, size), method="bilinear",
+    return tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, ch, cw]), channels=channels)
+
+
+def _window_to_crop(window, size: int, antialias: bool):
+    return tf.image.resize(tf.cast(window, tf.float32), (size, size), method="bilinear",
                            antialias=antialias)
 
 
-def train_example(image_bytes, seed, d):
-    """(uint8 image, alpha (3,)): Sec. 3.1 for recipe 'paper' (rescale to S or
-    S~[Smin,Smax], random crop, flip), or the seeds' small-image recipe 'small' (resize
-    to the model input, pad-and-crop, flip); alpha holds the PCA colour shift's random
-    coefficients (zeros without data.colour_pca). The shift and the mean subtraction run
-    on the device (`pixels.Pixels`). `d` is config.data."""
-    s_scale, s_crop, s_flip, s_pca = seeds(seed, 4)
+def fused_jpeg_scale_crop(image_bytes, channels: int, s, size: int, seed,
+                          antialias: bool = False):
+    """Rescale-to-S then random-crop, computed as one crop of the encoded JPEG resized to
+    size x size."""
+    return _window_to_crop(fused_jpeg_window(image_bytes, channels, s, size, seed), size,
+                           antialias)
+
+
+def train_decode(image_bytes, seed, d):
+    """(uint8 image, fused): the step of Sec. 3.1's preprocessing that reads the file, the one
+    a broken file fails (the pipeline skips and names such files; an error after it is a
+    bug and is raised). The decoded image, or with data.fused_jpeg_crop (recipe 'paper')
+    a JPEG's decoded crop window (`fused` True)."""
+    s_scale, s_crop, _, _ = seeds(seed, 4)
     check_choice("data.recipe", d.recipe, choices.RECIPES)
+    if d.recipe == "paper" and d.fused_jpeg_crop:
+        s = sample_scale(s_scale, d.s_min, d.s_max)
+        return tf.cond(
+            tf.io.is_jpeg(image_bytes),
+            lambda: (fused_jpeg_window(image_bytes, d.channels, s, d.image_size, s_crop),
+                     tf.constant(True)),
+            lambda: (decode(image_bytes, d.channels), tf.constant(False)))
+    return decode(image_bytes, d.channels), tf.constant(False)
+
+
+def train_view(image, fused, seed, d):
+    """(uint8 image, alpha (3,)) of a decoded image (train_decode): Sec. 3.1 for recipe
+    'paper' (rescale to S or S~[Smin,Smax], random crop, flip), or the seeds' small-image
+    recipe 'small' (resize to the model input, pad-and-crop, flip); alpha holds the PCA
+    colour shift's random coefficients (zeros without data.colour_pca). The shift and the
+    mean subtraction run on the device (`pixels.Pixels`). `d` is config.data."""
+    s_scale, s_crop, s_flip, s_pca = seeds(seed, 4)
     if d.recipe == "paper":
         s = sample_scale(s_scale, d.s_min, d.s_max)
         aa = d.get("antialias", False)
+        crop = lambda: random_crop(rescale(image, s, aa), d.image_size, s_crop)
         if d.fused_jpeg_crop:
-            image = tf.cond(
-                tf.io.is_jpeg(image_bytes),
-                lambda: fused_jpeg_scale_crop(image_bytes, d.channels, s, d.image_size, s_crop,
-                                              aa),
-                lambda: random_crop(rescale(decode(image_bytes, d.channels), s, aa),
-                                    d.image_size, s_crop))
+            image = tf.cond(fused, lambda: _window_to_crop(image, d.image_size, aa), crop)
         else:
-            image = random_crop(rescale(decode(image_bytes, d.channels), s, aa), d.image_size,
-                                s_crop)
+            image = crop()
     else:  # 'small'
-        image = resize_to(decode(image_bytes, d.channels), d.image_size)
+        image = resize_to(image, d.image_size)
         image.set_shape((d.image_size, d.image_size, d.channels))
         if d.pad:
             image = pad_and_random_crop(image, d.pad, s_crop)
@@ -178,47 +199,74 @@ def train_example(image_bytes, seed, d):
     return image, alpha
 
 
+def train_example(image_bytes, seed, d):
+    """train_view of train_decode: an encoded image's training example."""
+    return train_view(*train_decode(image_bytes, seed, d), seed, d)
+
+
 def test_scale(d) -> int:
     """Q when none is given: the crop size for the 'small' recipe (trained on images resized
     to it), else data.eval_scale (Sec. 3.2)."""
     return int(d.image_size if d.recipe == "small" else d.eval_scale)
 
 
-def pil_rescaled(image_bytes, s: int, channels: int) -> np.ndarray:
-    """Decode and rescale (smallest side S) with Pillow, as torchvision's eval transform does:
-    PIL's decoder, `Resize(S)`'s size (the long side int(S * long / short)), PIL's
-    antialiased bilinear filter, uint8 out. For weights trained on those pixels."""
+def _pil_decode(image_bytes, channels: int) -> np.ndarray:
     from PIL import Image
     if isinstance(image_bytes, np.ndarray):  # tf.numpy_function's 0-d object array
         image_bytes = image_bytes.item()
     with Image.open(io.BytesIO(bytes(image_bytes))) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        w, h = im.size
-        short, long = (w, h) if w <= h else (h, w)
-        size = (s, int(s * long / short)) if w <= h else (int(s * long / short), s)
-        out = np.asarray(im.resize(size, Image.BILINEAR))
+        out = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     return out.reshape(out.shape[0], out.shape[1], channels)
 
 
-def rescale_for(image_bytes, d, s):
-    """The image rescaled so its smallest side is S, resampled the way the weights were fed:
-    Pillow for torchvision's convention (`d.resampling == 'pil'`), else TensorFlow's
-    antialiased bilinear (rounded to uint8 by the caller)."""
-    if d.get("resampling", "tf") == "pil":
-        image = tf.numpy_function(lambda b, q: pil_rescaled(b, int(q), d.channels),
-                                  [image_bytes, tf.cast(s, tf.int32)], tf.uint8)
+def _pil_rescale(image: np.ndarray, s) -> np.ndarray:
+    """torchvision's `Resize(S)` of a PIL image: the long side int(S * long / short), PIL's
+    antialiased bilinear filter, uint8."""
+    from PIL import Image
+    h, w, c = image.shape
+    s = int(s)
+    long = int(s * max(h, w) / min(h, w))
+    size = (s, long) if w <= h else (long, s)  # PIL's (width, height)
+    out = np.asarray(Image.fromarray(image[..., 0] if c == 1 else image).resize(size,
+                                                                              Image.BILINEAR))
+    return out.reshape(out.shape[0], out.shape[1], c)
+
+
+def _pil(d) -> bool:
+    return d.get("resampling", "tf") == "pil"
+
+
+def eval_decode(image_bytes, d):
+    """Encoded image -> uint8 (H, W, C): the one step of test-time preprocessing a broken
+    file fails (the pipelines skip and name such files; an error after it is a bug and is
+    raised). Pillow's decoder for weights in torchvision's convention (`d.resampling ==
+    'pil'`), as torchvision's transforms get their images, else TensorFlow's."""
+    if _pil(d):
+        image = tf.numpy_function(lambda b: _pil_decode(b, d.channels), [image_bytes], tf.uint8)
         image.set_shape((None, None, d.channels))
         return image
-    return rescale(decode(image_bytes, d.channels), s)
+    return decode(image_bytes, d.channels)
 
 
-def eval_example(image_bytes, d, *, scale: int | None = None, crop: bool = True) -> tf.Tensor:
-    """Sec. 3.2 as uint8 pixels, the one test-time view of an image: rescale so the smallest
-    side is Q (`scale`, default test_scale(d)), then torchvision's centre crop of
+def eval_view(image, d, *, scale: int | None = None, crop: bool = True) -> tf.Tensor:
+    """Sec. 3.2 as uint8 pixels, the one test-time view of a decoded image: rescale so the
+    smallest side is Q (`scale`, default test_scale(d)), then torchvision's centre crop of
     data.image_size, or with crop=False the whole image (dense evaluation). evaluate,
-    predict, embed and training-time validation all take their centre crop here. The
-    normalisation runs on the device (`pixels.Pixels`)."""
-    image = rescale_for(image_bytes, d, scale or test_scale(d))
+    predict, embed and training-time validation all take their centre crop here. Weights in
+    torchvision's convention are resized by Pillow as torchvision does, others by
+    TensorFlow's antialiased bilinear. The normalisation runs on the device
+    (`pixels.Pixels`)."""
+    s = tf.cast(scale or test_scale(d), tf.int32)
+    if _pil(d):
+        image = tf.numpy_function(_pil_rescale, [image, s], tf.uint8)
+        image.set_shape((None, None, d.channels))
+    else:
+        image = rescale(image, s)
     if crop:
         image = center_crop(image, d.image_size)
     return to_uint8(image)
+
+
+def eval_example(image_bytes, d, *, scale: int | None = None, crop: bool = True) -> tf.Tensor:
+    """eval_view of eval_decode: an encoded image's test-time view."""
+    return eval_view(eval_decode(image_bytes, d), d, scale=scale, crop=crop)

@@ -197,15 +197,22 @@ class Rescaler:
             self.config_of.append(configs.index(d))
         self.configs = [nets[self.config_of.index(i)].d for i in range(len(configs))]
 
-    def __call__(self, image_bytes):
+    def decode(self, image_bytes):
+        """The image decoded once per preprocessing config (the step a broken file fails)."""
+        return tuple(preprocess.eval_decode(image_bytes, d) for d in self.configs)
+
+    def views(self, decoded):
         out = []
-        for d in self.configs:
+        for d, image in zip(self.configs, decoded):
             for q in self.scales:
                 if self.center:
-                    out.append(preprocess.eval_example(image_bytes, d, scale=q, crop=True))
+                    out.append(preprocess.eval_view(image, d, scale=q, crop=True))
                 if self.whole:
-                    out.append(preprocess.eval_example(image_bytes, d, scale=q, crop=False))
+                    out.append(preprocess.eval_view(image, d, scale=q, crop=False))
         return tuple(out)
+
+    def __call__(self, image_bytes):
+        return self.views(self.decode(image_bytes))
 
     def split(self, flat, net_index: int) -> list[dict]:
         """Per scale {'center', 'whole'} arrays of `net_index` from __call__'s output."""
@@ -266,7 +273,8 @@ def run_split(plan: Plan, source: input_pipeline.Source, *, forward=posteriors,
         labels, done = {}, []
         batcher.on_done = lambda image, slots: done.append((image, labels.pop(image), slots))
         for pos, label, flat in eval_data.stream(
-                source, plan.rescaler, eval_data.local_count(source, limit), skipped):
+                source, plan.rescaler.decode, plan.rescaler.views,
+                eval_data.local_count(source, limit), skipped):
             labels[pos] = label
             batcher.add(pos, plan.views(flat, pos))
             yield from done
