@@ -1,51 +1,29 @@
-"""torchvision's VGG module layout and state_dict key names, rebuilt here (torchvision has
-no usable CPU wheel on this machine). Mirrors torchvision/models/vgg.py: `make_layers`
-over a config list, `features`, `avgpool` = AdaptiveAvgPool2d((7, 7)), `classifier` =
-Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear. `width` scales channel counts so
-tests can run small models with the exact key layout."""
+"""torchvision's own VGG (its `VGG` class, `make_layers` and `cfgs`, so its module and
+state_dict key layout) for the parity tests. `width` scales the config's channel counts
+and `fc` the classifier's hidden width, so tests can run small models: the classifier's
+three Linear layers are then re-sized in place (same indices 0, 3, 6, same keys); at
+width 1 and fc 4096 the module is exactly `torchvision.models.vggNN[_bn]()`."""
 import torch
 from torch import nn
 
-CFGS = {
-    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"],
-}
+from conftest import import_torchvision
+
+import_torchvision()
+from torchvision.models.vgg import VGG as TorchvisionVGG, cfgs, make_layers  # noqa: E402
+
+LETTERS = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 
 
-def make_layers(cfg, batch_norm=False, width=1.0):
-    layers, in_channels = [], 3
-    for v in cfg:
-        if v == "M":
-            layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
-        else:
-            v = max(1, int(round(v * width)))
-            conv2d = nn.Conv2d(in_channels, v, kernel_size=3, padding=1)
-            if batch_norm:
-                layers += [conv2d, nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-            else:
-                layers += [conv2d, nn.ReLU(inplace=True)]
-            in_channels = v
-    return nn.Sequential(*layers), in_channels
-
-
-class VGG(nn.Module):
-    def __init__(self, name, batch_norm=False, num_classes=1000, width=1.0, fc=4096, dropout=0.5):
-        super().__init__()
-        self.features, c = make_layers(CFGS[name], batch_norm, width)
-        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
-        self.classifier = nn.Sequential(
-            nn.Linear(c * 7 * 7, fc), nn.ReLU(True), nn.Dropout(p=dropout),
-            nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(p=dropout),
-            nn.Linear(fc, num_classes))
-
-    def forward(self, x):
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
+def VGG(name, batch_norm=False, num_classes=1000, width=1.0, fc=4096, dropout=0.5):
+    cfg = [v if v == "M" else max(1, int(round(v * width))) for v in cfgs[LETTERS[name]]]
+    model = TorchvisionVGG(make_layers(cfg, batch_norm=batch_norm), num_classes=num_classes,
+                           dropout=dropout)
+    c = [v for v in cfg if v != "M"][-1]
+    if (c, fc) != (512, 4096):
+        model.classifier[0] = nn.Linear(c * 7 * 7, fc)
+        model.classifier[3] = nn.Linear(fc, fc)
+        model.classifier[6] = nn.Linear(fc, num_classes)
+    return model
 
 
 def randomize(model, seed=0):
