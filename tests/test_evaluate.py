@@ -110,7 +110,10 @@ def test_every_protocol_runs_from_the_cli_and_beats_chance(trained, protocol):
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["images"] == 360  # every example of the split exactly once
-    assert r["top1_err"] < 0.9 * 0.5  # well below chance (0.9 for ten classes)
+    # well below chance (0.9 for ten classes). bench/seed_spread.py, seeds 0-3, AMD EPYC
+    # (AVX-512), 2026-12-07: top-1 error of this 4-epoch net mean 0.132, sd 0.060, max
+    # 0.203 (every protocol the same at Q = 32); 0.45 is 5 sd above the mean.
+    assert r["top1_err"] < 0.9 * 0.5
 
 
 def test_training_time_validation_can_use_a_paper_protocol(tmp_path):

