@@ -29,13 +29,16 @@ def usage_error(message: str):
 
 
 def explain(error: Exception):
-    from vgg_jax import configuration
-    usage_error(configuration.explain_flag_error(sys.argv[1:], error, DEFAULT_CONFIG))
+    with runtime.tensorflow_import():  # it and the default config it may read load TF
+        from vgg_jax import configuration
+        message = configuration.explain_flag_error(sys.argv[1:], error, DEFAULT_CONFIG)
+    usage_error(message)
 
 
 try:  # ml_collections reads the config file and the --config.KEY overrides right here
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training configuration file.",
-                                    lock_config=True)
+    with runtime.tensorflow_import():  # a config that loads TensorFlow: quiet, no Keras
+        config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
+                                        "Training configuration file.", lock_config=True)
 except Exception as e:  # an unknown key (AttributeError), a config file that fails to load
     explain(e)
 flags.DEFINE_string("workdir", os.path.join("workdir", "default"),
@@ -44,7 +47,9 @@ flags.DEFINE_string("workdir", os.path.join("workdir", "default"),
 
 def parse_flags(argv):
     try:
-        return flags.FLAGS(argv)
+        # the config file loads here, and with it TensorFlow (quiet, without Keras)
+        with runtime.tensorflow_import():
+            return flags.FLAGS(argv)
     except Exception as e:  # absl's flags.Error: a value of the wrong type, a missing file
         explain(e)
 

@@ -18,7 +18,7 @@ Like with like, the way users run each side:
   torch.compile (inductor; needs the C++ compiler, which this machine has). SGD with
   momentum and weight decay; no_grad + eval for inference; autocast for bfloat16.
 - vgg_jax through its public API, after `vgg_jax.configure_cpu()` (the process-wide XLA:CPU
-  options the commands set; rows ending in "no opt-in" run without it, as a program that
+  options the commands set; rows ending in "(no opt-in)" run without it, as a program that
   only imports vgg_jax does): `jax.jit(lambda v, x: model.apply(v, x, train=False))`
   for inference (plus `conv.jit_eval`, the wrapper the CLIs use, as its own row); for
   training a plain `jax.value_and_grad` + optax SGD step jitted with donated state, the
@@ -56,7 +56,7 @@ def _choices():
 
 
 CHOICES = _choices()
-NO_OPT_IN = ", no opt-in"  # a jax row without `vgg_jax.configure_cpu()` (the process's XLA)
+NO_OPT_IN = " (no opt-in)"  # a jax row without `vgg_jax.configure_cpu()` (the process's XLA)
 ROWS = {"train": ("torch eager", "torch.compile", "jax grad+optax", "jax grad+optax undonated",
                    "jax train.py step", "jax grad+optax" + NO_OPT_IN),
         "infer": ("torch eager", "torch.compile", "jax jit(model.apply)", "jax conv.jit_eval",

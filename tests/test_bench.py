@@ -16,7 +16,7 @@ def test_benchmark_smoke_mode_prints_both_frameworks():
         ("train", "torch eager"), ("train", "jax grad+optax"),
         ("train", "jax grad+optax undonated"), ("train", "jax train.py step"),
         ("infer", "torch eager"), ("infer", "jax jit(model.apply)"),
-        ("infer", "jax jit(model.apply), no opt-in")]
+        ("infer", "jax jit(model.apply) (no opt-in)")]
     for row in r["rows"]:  # speed, its first step's compile time and memory, each measured
         assert row["img_per_s"] > 0 and row["compile_s"] > 0 and row["peak_mb"] > 100, row
         # ratios against the faster torch row of its mode (here only eager runs)

@@ -130,17 +130,23 @@ def test_commands_start_quietly():
     out = subprocess.run(["vgg-jax", "summary", "vgg11", "--image-size", "32"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stderr == ""
-    out = subprocess.run([sys.executable, "-c", "import vgg_jax.input_pipeline, tensorflow as tf; "
-                          "import sys; print('ours', file=sys.stderr); tf.constant(1)"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stderr == "ours\n"  # our output is not filtered
+    # the entry points' TensorFlow import (runtime.tensorflow_import): quiet, and output
+    # written during it is not filtered
+    script = ("import sys\nfrom vgg_jax import runtime\nwith runtime.tensorflow_import():\n"
+              "    import vgg_jax.input_pipeline, tensorflow as tf\n"
+              "    print('ours', file=sys.stderr)\ntf.constant(1)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stderr == "ours\n"
 
 
 def test_tensorflow_loads_without_keras_and_keras_still_loads_whole_afterwards():
-    """vgg_jax's TensorFlow import skips TF's eager load of Keras (and Keras' of
-    scikit-learn): none of them is in sys.modules after the input pipeline's import; then
-    `import keras` and `tf.keras` work as without vgg_jax."""
-    script = ("import sys, vgg_jax.input_pipeline, tensorflow as tf\n"
+    """The entry points' TensorFlow import (runtime.tensorflow_import) skips TF's eager load
+    of Keras (and Keras' of scikit-learn): none of them is in sys.modules after the input
+    pipeline's import; then `import keras` and `tf.keras` work as without vgg_jax. (The
+    library's own import does what TensorFlow's does: tests/test_runtime.py.)"""
+    script = ("import sys\nfrom vgg_jax import runtime\nwith runtime.tensorflow_import():\n"
+              "    import vgg_jax.input_pipeline, tensorflow as tf\n"
               "print(sorted(m for m in ('keras', 'sklearn') if m in sys.modules))\n"
               "import keras\n"
               "print(keras.__version__.split('.')[0], tf.keras.layers.Dense is keras.layers.Dense,"
