@@ -86,3 +86,84 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\n{len(skipped)} test(s) skipped ({names}): the suite fails on any skip",
               file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# The edit loop's subset, `python -m pytest -q tests -m "not slow"` (under 4 minutes on two
+# cores): everything but the modules below and the tests that took 4 s or more in the full
+# suite on 2026-12-07 (bench/RESULTS.md has the run). The full suite runs them all.
+SLOW_MODULES = {"test_imagenet", "test_pods", "test_bench", "test_evaluate", "test_research",
+                "test_transforms", "test_readme"}
+SLOW_TESTS = {
+    "test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes",
+    "test_a_frozen_batch_norm_computes_in_training_what_it_computes_at_evaluation",
+    "test_a_name_not_in_the_cache_offline_is_one_line_naming_the_file_and_the_folder",
+    "test_a_non_finite_update_is_never_saved_and_the_message_names_the_good_step",
+    "test_a_second_run_on_a_workdir_refuses_and_a_killed_holder_does_not_block",
+    "test_a_users_own_jit_compiles_to_the_same_executable_with_and_without_the_import",
+    "test_auto_model_equals_the_all_xla_model_in_eval_and_training",
+    "test_b_5x5_is_sec_4_1s_shallow_net",
+    "test_bf16_compute_keeps_float32_params",
+    "test_bn_model_trained_one_step_moves_running_stats_like_torch_momentum_0_1",
+    "test_capture_returns_named_layers_and_fc8_is_the_logits",
+    "test_classifier_follows_relu_after_fc6_and_fc7",
+    "test_cli_convert_predict_features_and_export",
+    "test_commands_start_quietly",
+    "test_config_errors_are_clear_before_compiling",
+    "test_config_mistakes_are_one_line_with_exit_status_2",
+    "test_configure_cpu_is_the_one_call_that_sets_the_process_wide_options",
+    "test_default_config_reaches_90_percent_on_digits",
+    "test_dense_equals_standard_at_224",
+    "test_every_command_that_reads_a_net_takes_every_kind_of_name_in_a_fresh_process",
+    "test_fashion_mnist_prepares_offline_from_idx_files_and_reads_as_tfds",
+    "test_fewer_model_classes_than_the_dataset_has_is_refused",
+    "test_frozen_layers_do_not_change_after_a_step",
+    "test_full_size_vgg11_logits_match_torch",
+    "test_grad_accumulation_equals_one_big_batch_without_bn",
+    "test_half_written_checkpoint_is_never_picked_up",
+    "test_importing_every_module_leaves_the_process_as_it_found_it",
+    "test_importing_the_package_for_models_loads_neither_tensorflow_nor_torch",
+    "test_init_from_all_says_what_was_left_out_and_named_layers_must_exist",
+    "test_init_variables_draws_the_same_weights_inside_a_callers_jit",
+    "test_keras_notop_matches_keras_notop_and_is_a_backbone",
+    "test_keras_with_head_matches_keras_predict",
+    "test_killed_at_random_moments_and_during_a_save_then_resumed_is_bit_equal",
+    "test_logged_learning_rate_is_the_one_the_update_used",
+    "test_nested_tfds_names_are_tfds_names_and_paths_are_folders",
+    "test_paper_descriptors_are_unit_length_stack_scales_and_skip_broken_images",
+    "test_paper_preinit_copies_A_and_draws_the_rest_from_the_paper_init",
+    "test_pool_ceil_is_caffes_ceil_mode",
+    "test_pre_initialisation_copies_exactly_the_named_layers_from_A_into_D",
+    "test_sharded_step_on_8_fake_devices_equals_one_device",
+    "test_sigterm_leaves_a_checkpoint_at_the_current_step",
+    "test_small_width_runs_at_32",
+    "test_tensorflow_loads_without_keras_and_keras_still_loads_whole_afterwards",
+    "test_test_time_flips_follow_the_weights_recipe_and_no_flip_dense_is_the_centre_crop",
+    "test_the_compile_cache_is_created_and_reused",
+    "test_the_training_step_compiles_with_the_memory_minimizing_scheduler",
+    "test_torchvision_weights_see_what_torchvisions_own_transform_feeds_them",
+    "test_train_config_files_that_raise_are_one_line",
+    "test_train_mode_updates_batch_stats_and_needs_dropout_rng",
+    "test_training_gradients_match_torch_at_small_inputs",
+    "test_vgg_jax_usage_errors_are_one_line_with_exit_status_2",
+    "test_whole_model_is_the_same_with_any_conv",
+    "test_winograd_chunks_of_a_sharded_batch_stay_on_their_devices",
+    "test_winograd_over_batch_chunks_matches_xla_outputs_and_gradients",
+}
+
+
+# Seconds per file in the full suite (2026-12-07, two workers): files run longest first, so
+# that pytest-xdist's whole-file scheduling does not leave one worker alone with a long file
+# at the end.
+FILE_SECONDS = {"test_reliability": 247, "test_train": 234, "test_bench": 225,
+                "test_pods": 196, "test_evaluate": 168, "test_imagenet": 118,
+                "test_conv_impl": 116, "test_transforms": 110, "test_models": 95,
+                "test_research": 93, "test_importers": 88, "test_convert": 79,
+                "test_published": 79, "test_fidelity": 74, "test_readme": 45}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-FILE_SECONDS.get(item.module.__name__, 0), order[id(item)]))
