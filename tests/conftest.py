@@ -18,6 +18,13 @@ import vgg_jax  # noqa: E402
 vgg_jax.configure_cpu()
 
 
+def user_env() -> dict:
+    """The environment of a user's fresh shell: this one without the process-wide settings
+    the suite (conftest's configure_cpu) and in-process commands made."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("XLA_FLAGS", "VGG_JAX_KEEP_XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")}
+
+
 def load_config(name="default", arg=None):
     """configs/NAME.py's get_config([arg]); ROOT is on sys.path while it loads, for the
     configs that build on `configs.default`."""

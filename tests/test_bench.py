@@ -1,13 +1,12 @@
 import json
-import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, user_env
 
 
 def test_benchmark_smoke_mode_prints_both_frameworks():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's fresh shell
+    env = user_env()
     out = subprocess.run([sys.executable, "bench/bench_model.py", "--smoke", "--json"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

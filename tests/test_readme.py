@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, user_env
 
 README = open(os.path.join(ROOT, "README.md")).read()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
@@ -19,7 +19,7 @@ def test_the_readme_is_short():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_each_python_block_of_the_readme_runs_as_written(index, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # a user's fresh shell
+    env = user_env()
     r = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

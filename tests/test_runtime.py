@@ -1,11 +1,10 @@
 """A library in someone else's process (issue 47): importing vgg_jax changes nothing; the
 process-wide XLA:CPU choices are one explicit call, `vgg_jax.configure_cpu()`."""
 import json
-import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, user_env
 
 # Snapshot what a library could change, after the third-party packages vgg_jax uses are
 # imported (what TensorFlow's own import does is TensorFlow's), then after every module of
@@ -41,16 +40,8 @@ print(json.dumps(dict(before=before, after=after, modules=names)))
 """
 
 
-def clean_env():
-    """The environment of a user's fresh process: none of the settings the test process
-    (an entry point, conftest) made."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VGG_JAX_KEEP_XLA_FLAGS",
-                                                          "TF_CPP_MIN_LOG_LEVEL")}
-    return env
-
-
 def run_snapshot(*args):
-    r = subprocess.run([sys.executable, "-c", SNAPSHOT, *args], cwd=ROOT, env=clean_env(),
+    r = subprocess.run([sys.executable, "-c", SNAPSHOT, *args], cwd=ROOT, env=user_env(),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -102,7 +93,7 @@ print(re.sub(r",? ?metadata=\{[^}]*\}", "", "\n".join(texts)))
 
 def test_a_users_own_jit_compiles_to_the_same_executable_with_and_without_the_import():
     def compiled(mode):
-        r = subprocess.run([sys.executable, "-c", USER_JIT, mode], cwd=ROOT, env=clean_env(),
+        r = subprocess.run([sys.executable, "-c", USER_JIT, mode], cwd=ROOT, env=user_env(),
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout

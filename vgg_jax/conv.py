@@ -129,16 +129,16 @@ KEEP_XLA_FLAGS = "VGG_JAX_KEEP_XLA_FLAGS"
 
 def set_default_xla_flags() -> bool:
     """Make the idiomatic path the fast one (`runtime.configure_cpu`, an opt-in): add
-    CPU_PROCESS_OPTIONS to XLA_FLAGS, so `jax.jit(model.apply)` runs eval-mode convs through YNNPACK on CPU
-    without `jit_eval`, and a training step compiles with the classic fusion emitters
-    (faster Winograd transforms, ~1 GB less compile memory for VGG-16) and without LLVM's
-    loop unrolling and SLP vectorizer (a quarter less compile time) and with the
-    memory-minimizing scheduler (fewer temporaries alive at once). Each option only
-    when the user has set no value for it, none when $VGG_JAX_KEEP_XLA_FLAGS is set. XLA
-    reads XLA_FLAGS when JAX starts its CPU backend (the first computation), so calling
-    this after running JAX code leaves them off (`jit_eval` and the training step still
-    set the per-computation ones). They are XLA:CPU's only: GPU/TPU ignore them. Returns whether XLA_FLAGS
-    was changed."""
+    CPU_PROCESS_OPTIONS to XLA_FLAGS, so `jax.jit(model.apply)` runs eval-mode convs
+    through YNNPACK on CPU without `jit_eval`, and a training step compiles with the
+    classic fusion emitters (faster Winograd transforms, ~1 GB less compile memory for
+    VGG-16) and without LLVM's loop unrolling and SLP vectorizer (a quarter less compile
+    time) and with the memory-minimizing scheduler (fewer temporaries alive at once). Each
+    option only when the user has set no value for it, none when $VGG_JAX_KEEP_XLA_FLAGS is
+    set. XLA reads XLA_FLAGS when JAX starts its CPU backend (the first computation), so
+    calling this after running JAX code leaves them off (`jit_eval` and the training step
+    still set the per-computation ones). They are XLA:CPU's only: GPU/TPU ignore them.
+    Returns whether XLA_FLAGS was changed."""
     flags = os.environ.get("XLA_FLAGS", "")
     extra = [f"--{k}={v}" for k, v in CPU_PROCESS_OPTIONS.items() if k not in flags]
     if os.environ.get(KEEP_XLA_FLAGS) or not extra:

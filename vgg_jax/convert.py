@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import pickle
 
 import numpy as np
 
@@ -62,7 +63,6 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
                 raise MissingDependency(f"reading {path} needs torch (pip install "
                                         f"'vgg_jax[torch]'); or convert it to .safetensors / "
                                         f".npz elsewhere") from None
-            import pickle
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors

@@ -17,7 +17,6 @@ import socket
 import time
 
 import jax
-
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 from tensorflow.core.util import event_pb2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+
 import tensorflow_datasets as tfds
 
 from vgg_jax import runtime

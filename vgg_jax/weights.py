@@ -4,11 +4,11 @@ a set of weights (the trainer only writes them).
 A weights reference is a weights directory (vgg_jax.store: DIR/variables + DIR/meta.json,
 `model_meta`), a training workdir (its latest or best checkpoint) or published weights by
 name (vgg_jax.published); `resolve` turns any of them into a directory and `load_weights`
-into variables and meta, for every command and `train.init_from` alike. `Net` is a loaded net: its model, variables (replicated on this process's
-devices), pixel convention and class names, with the forwards that predict, evaluate,
-embed, saliency and the plots use. Initialising a new model from weights (fine-tuning,
-the paper's pre-initialisation of Sec. 3.1) is here too: `adopt_init_from`,
-`paper_preinit_layers`, `load_layers`.
+into variables and meta, for every command and `train.init_from` alike. `Net` is a loaded
+net: its model, variables (replicated on this process's devices), pixel convention and
+class names, with the forwards that predict, evaluate, embed, saliency and the plots use.
+Initialising a new model from weights (fine-tuning, the paper's pre-initialisation of
+Sec. 3.1) is here too: `adopt_init_from`, `paper_preinit_layers`, `load_layers`.
 """
 from __future__ import annotations
 
