@@ -13,6 +13,7 @@ import torch  # a declared test dependency: a broken install fails, never skips
 from torchvision_vgg import VGG, randomize
 
 from vgg_jax import convert, models, weights
+from vgg_jax.errors import UserError
 
 LAYOUTS = [(n, bn) for n in ("vgg11", "vgg13", "vgg16", "vgg19") for bn in (False, True)]
 
@@ -159,6 +160,16 @@ def test_a_pickle_that_would_execute_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refusing to load"):
         convert.load_state_dict(str(path))
     assert not os.path.exists("/tmp/vgg_jax_pwned")
+
+
+def test_a_truncated_pth_is_named_as_unreadable_not_as_a_refused_pickle(tmp_path):
+    whole = tmp_path / "whole.pth"
+    torch.save({"features.0.weight": torch.ones(4, 3, 3, 3)}, whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[:200])  # what an interrupted download leaves
+    with pytest.raises(UserError, match=f"cannot read {cut} as a torch file "
+                                        r"\(truncated or not written by torch.save\): "):
+        convert.load_state_dict(str(cut))
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".npz"])
