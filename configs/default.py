@@ -93,6 +93,7 @@ def get_config():
                                  # a folder, or 'off' (wins over $VGG_JAX_COMPILE_CACHE)
         weights_cache="",        # published weights (init_from=torchvision:vgg16) are
                                  # kept here; '' -> $VGG_JAX_CACHE or ~/.cache/vgg_jax
+        workdir_lease_s=60.0,    # gs:// workdirs: a killed run's lease expires after this
     ))
 
     c.eval = ml_collections.ConfigDict(dict(

@@ -99,7 +99,7 @@ def pytest_sessionfinish(session, exitstatus):
 # cores): everything but the modules below and the tests that took 4 s or more in the full
 # suite on 2026-12-07 (bench/RESULTS.md has the run). The full suite runs them all.
 SLOW_MODULES = {"test_imagenet", "test_pods", "test_bench", "test_evaluate", "test_research",
-                "test_transforms", "test_readme"}
+                "test_transforms", "test_readme", "test_gcs"}
 SLOW_TESTS = {
     "test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes",
     "test_a_frozen_batch_norm_computes_in_training_what_it_computes_at_evaluation",
@@ -161,7 +161,7 @@ SLOW_TESTS = {
 # Seconds per file in the full suite (2026-12-07, two workers): files run longest first, so
 # that pytest-xdist's whole-file scheduling does not leave one worker alone with a long file
 # at the end.
-FILE_SECONDS = {"test_reliability": 247, "test_train": 234, "test_bench": 225,
+FILE_SECONDS = {"test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
                 "test_pods": 196, "test_evaluate": 168, "test_imagenet": 118,
                 "test_conv_impl": 116, "test_transforms": 110, "test_models": 95,
                 "test_research": 93, "test_importers": 88, "test_convert": 79,

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, write_image_folder
-from vgg_jax import checkpoint, errors, input_pipeline
+from vgg_jax import errors, input_pipeline, lease
 
 TINY = ["--config.model.width=0.0625", "--config.model.fc_widths=(16, 16)",
         "--config.optim.batch_size=32", "--config.train.progress_bar=False",
@@ -60,7 +60,7 @@ def test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes(tmp_path
 def test_a_second_run_on_a_workdir_refuses_and_a_killed_holder_does_not_block(tmp_path):
     w = tmp_path / "w"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from vgg_jax.checkpoint import WorkdirLock; "
+        [sys.executable, "-c", "import sys, time; from vgg_jax.lease import WorkdirLock; "
          "held = WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(w)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -73,11 +73,11 @@ def test_a_second_run_on_a_workdir_refuses_and_a_killed_holder_does_not_block(tm
     finally:
         holder.kill()
         holder.wait()
-    lock = checkpoint.WorkdirLock(str(w))  # the kernel released the SIGKILLed holder's lock
+    lock = lease.WorkdirLock(str(w))  # the kernel released the SIGKILLed holder's lock
     with pytest.raises(errors.UserError, match="is in use by process"):
-        checkpoint.WorkdirLock(str(w))  # (flock is per open file, so this one is refused)
+        lease.WorkdirLock(str(w))  # (flock is per open file, so this one is refused)
     lock.release()
-    checkpoint.WorkdirLock(str(w)).release()
+    lease.WorkdirLock(str(w)).release()
 
 
 @pytest.mark.parametrize("flag, expected", [

@@ -4,17 +4,15 @@ An orbax CheckpointManager in WORKDIR/checkpoints, each step holding the train s
 the input iterators' positions. Orbax writes a step into a temporary directory and renames
 it when complete, so a crash mid-save never leaves a step that restore would pick up; a
 step that cannot be read anyway (a full disk, broken storage) is moved aside to
-STEP.corrupt and the run resumes from the newest readable one (`restore_latest`). One run
-at a time per workdir (`WorkdirLock`). (Weights directories, which everything that uses a
-trained net reads, are `weights`'s.)"""
+STEP.corrupt and the run resumes from the newest readable one (`restore_latest`). The
+workdir may be local or in Cloud Storage (vgg_jax.storage); one run at a time per workdir
+is vgg_jax.lease's. (Weights directories, which everything that uses a trained net reads,
+are `store`'s and `weights`'s.)"""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
-import socket
 import sys
 import threading
 
@@ -22,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from vgg_jax import runtime
+from vgg_jax import runtime, storage
 from vgg_jax.errors import NotFound, UserError
 
 log = logging.getLogger(__name__)
@@ -42,7 +40,7 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
         enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+    return ocp.CheckpointManager(storage.as_path(storage.join(workdir, "checkpoints")),
                                  options=options)
 
 
@@ -121,16 +119,16 @@ def _drain(dropped, quiet_for: float = 0.5, at_most: float = 5.0) -> None:
 
 def _set_aside(path: str) -> str:
     aside, n = f"{path}.corrupt", 1
-    while os.path.exists(aside):
+    while storage.exists(aside):
         aside, n = f"{path}.corrupt{n}", n + 1
-    os.rename(path, aside)
+    storage.rename(path, aside)
     return aside
 
 
 def saved_tree(mngr, step: int):
     """The train state's tree of array metadata (shape, dtype) as saved at `step`, read
     from orbax's metadata without reading any array."""
-    path = os.path.join(str(mngr.directory), str(step), "state")
+    path = storage.join(str(mngr.directory), str(step), "state")
     # orbax warns about a missing metadata file, then returns none: reported below
     with runtime.absl_warnings_off(), ocp.StandardCheckpointer() as ckptr:
         md = ckptr.metadata(path)
@@ -217,7 +215,7 @@ def restore_latest(mngr, abstract_state, config_changes: str = ""):
             raise UserError(f"no checkpoint in {mngr.directory} can be read ({tried}); move "
                             f"them out of the way to start again, or train in another --workdir")
     for bad, reason, readable_on_0 in failed if jax.process_index() == 0 else ():
-        path = os.path.join(str(mngr.directory), str(bad))
+        path = storage.join(str(mngr.directory), str(bad))
         if readable_on_0:  # another host's trouble (its storage, its network): keep it
             log.warning("checkpoint step %d (%s) cannot be read (%s): kept; resuming from "
                         "step %d", bad, path, reason, step)
@@ -230,36 +228,6 @@ def restore_latest(mngr, abstract_state, config_changes: str = ""):
             multihost_utils.sync_global_devices("vgg_jax checkpoints set aside")
         mngr.reload()
     return step, *result
-
-
-class WorkdirLock:
-    """An exclusive fcntl.flock on WORKDIR/.lock for the run's lifetime: a second run on the
-    same workdir refuses at once, naming the holder. The kernel drops the lock when the
-    holding process dies, so a SIGKILLed run never blocks the next one."""
-
-    def __init__(self, workdir: str):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(os.path.abspath(workdir), ".lock")
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise UserError(f"workdir {workdir} is in use by {holder}: wait for that run to "
-                            f"end, or give another --workdir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        self._file.flush()
-
-    def release(self):
-        if not self._file.closed:
-            self._file.seek(0)
-            self._file.truncate()
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
 
 
 def abstract(tree, shardings=None):
@@ -298,7 +266,8 @@ RESUMABLE_CHANGES = frozenset({
     "train.compile_cache", "train.distributed", "train.coordinator_address",
     "train.num_processes", "train.process_id", "train.allow_config_change",
     "train.init_from", "train.init_from_layers", "train.init_exclude",
-    "train.init_from_required", "train.weights_cache", "data.data_dir", "eval.batch_size", "eval.protocol",
+    "train.init_from_required", "train.weights_cache", "train.workdir_lease_s", "data.data_dir",
+    "eval.batch_size", "eval.protocol",
     "eval.scales"})
 HISTORY = "config_history.jsonl"
 
@@ -318,16 +287,14 @@ def flat_config(config) -> dict:
 def last_config(workdir: str) -> dict | None:
     """The flat config the workdir's checkpoints were last trained with: the newest entry
     of config_history.jsonl (or config.json, for workdirs written before the history)."""
-    history = os.path.join(workdir, HISTORY)
-    if os.path.isfile(history):
-        with open(history) as f:
-            lines = [l for l in f if l.strip()]
+    history = storage.join(workdir, HISTORY)
+    if storage.isfile(history):
+        lines = [l for l in storage.read_text(history).splitlines() if l.strip()]
         if lines:
             return json.loads(lines[-1])["config"]
-    first = os.path.join(workdir, "config.json")
-    if os.path.isfile(first):
-        with open(first) as f:
-            return flat_config(json.load(f))
+    first = storage.join(workdir, "config.json")
+    if storage.isfile(first):
+        return flat_config(json.loads(storage.read_text(first)))
     return None
 
 
@@ -346,13 +313,12 @@ def record_config(workdir: str, config, step: int, changes: dict) -> None:
     config_history.jsonl gains one line per start (the step it started from, the time,
     the whole config and what changed)."""
     import time
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    if not storage.isfile(storage.join(workdir, "config.json")):
+        storage.write_text(storage.join(workdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
     entry = dict(step=step, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                  changed={k: list(v) for k, v in changes.items()}, config=flat_config(config))
-    with open(os.path.join(workdir, HISTORY), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    storage.append_text(storage.join(workdir, HISTORY), json.dumps(entry) + "\n")
 
 
 def check_config(config, workdir: str, mngr) -> dict:

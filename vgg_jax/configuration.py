@@ -25,7 +25,7 @@ RANGES = {
     "train.num_epochs": (0, None, False), "train.max_steps": (0, None, True),
     "train.log_every_steps": (1, None, True), "train.eval_every_epochs": (1, None, True),
     "train.checkpoint_every_steps": (1, None, True), "train.keep_checkpoints": (1, None, True),
-    "eval.batch_size": (1, None, True),
+    "train.workdir_lease_s": (3, None, True), "eval.batch_size": (1, None, True),
 }
 
 

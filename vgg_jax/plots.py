@@ -225,12 +225,12 @@ def main_saliency(*, weights: str, image: str, out: str, class_name: str | None 
 # ----------------------------------------------------------------------------- metrics
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    from vgg_jax import storage
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.isfile(path):
         raise NotFound(f"{path} not found: pass a training workdir (train.py "
                                 f"--workdir) that has logged at least one step")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     if not rows:
         raise UserError(f"{path} is empty: no step has been logged yet")
     return rows

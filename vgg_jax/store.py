@@ -6,37 +6,37 @@ reads them (with training workdirs and names) into a net."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vgg_jax import storage
+
 
 def save_weights(directory: str, variables, meta: dict) -> None:
-    """variables ({'params'[, 'batch_stats']}) + meta.json into `directory`."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    """variables ({'params'[, 'batch_stats']}) + meta.json into `directory` (local or
+    gs://)."""
+    directory = storage.absolute(directory)
+    storage.makedirs(directory)
     variables = jax.tree.map(np.asarray, variables)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, "variables"), variables, force=True)
-    with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+        ckptr.save(storage.as_path(storage.join(directory, "variables")), variables, force=True)
+    storage.write_text(storage.join(directory, "meta.json"), json.dumps(meta, indent=2))
 
 
 def has_meta(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, "meta.json"))
+    return storage.isfile(storage.join(directory, "meta.json"))
 
 
 def is_weights_dir(directory: str) -> bool:
-    return has_meta(directory) and os.path.isdir(os.path.join(directory, "variables"))
+    return has_meta(directory) and storage.isdir(storage.join(directory, "variables"))
 
 
 def read_meta(directory: str) -> dict:
-    with open(os.path.join(directory, "meta.json")) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(storage.join(directory, "meta.json")))
 
 
 def read_variables(directory: str):
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(directory, "variables"))
+        return ckptr.restore(storage.as_path(storage.join(directory, "variables")))

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -22,8 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vgg_jax import (checkpoint, conv, eval_data, input_pipeline, mesh, metric_log, models,
-                     optim, pixels, published, runtime, weights)
+from vgg_jax import (checkpoint, conv, eval_data, input_pipeline, lease, mesh, metric_log,
+                     models, optim, pixels, published, runtime, storage, weights)
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
 
@@ -211,7 +210,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     validate(config)
     d, o = config.data, config.optim
     pidx, pcount = jax.process_index(), jax.process_count()
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     data_dir = d.data_dir or None
     train_src = input_pipeline.make_source(d.dataset, d.train_split, data_dir, pidx, pcount,
                                            d.shuffle_buffer)
@@ -257,8 +256,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     elif t.init_from:
         state = par.replicate(init_from_checkpoint(state, config))
     if pidx == 0:
-        with open(os.path.join(workdir, "meta.json"), "w") as f:
-            json.dump(weights.model_meta(model, d, train_src.class_names), f, indent=2)
+        storage.write_text(storage.join(workdir, "meta.json"), json.dumps(
+            weights.model_meta(model, d, train_src.class_names), indent=2))
         checkpoint.record_config(workdir, config, step0 or 0, changes)
     it = input_pipeline.TrainIterator(train_src, d, local_batch, config.seed, data_state)
     return Run(config, workdir, model, par, state, plateau, mngr, it, eval_src,
@@ -337,7 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if t.distributed:  # before anything asks JAX about devices
         mesh.initialize_distributed(t.coordinator_address or None, t.num_processes or None,
                                     None if t.process_id < 0 else t.process_id)
-    lock = checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    workdir = storage.absolute(workdir)
+    storage.check_reachable(workdir)
+    lock = lease.hold(workdir, t.workdir_lease_s) if jax.process_index() == 0 else None
     try:
         return loop(setup(config, workdir))
     finally:

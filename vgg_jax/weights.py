@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from vgg_jax import (checkpoint, classes, conv, mesh, models, pixels, preprocess, published,
-                     store, views)
+                     storage, store, views)
 from vgg_jax.errors import NotFound, UserError
 
 
@@ -50,7 +50,7 @@ def resolve(ref: str) -> str:
 def read_meta(path: str) -> dict:
     """meta.json of a weights directory or training workdir (or published weights by
     name), without loading weights."""
-    path = os.path.abspath(resolve(path))
+    path = storage.absolute(resolve(path))
     if not store.has_meta(path):
         raise NotFound(
             f"{path} has no meta.json: expected a weights directory (written by `vgg-jax "
@@ -62,10 +62,11 @@ def load_weights(path: str, which: str = "latest"):
     """(variables, meta) from a weights directory or a training workdir (`which`:
     'latest' or 'best' checkpoint of a workdir); `path` may name published weights
     (torchvision:vgg16, keras:vgg19: vgg_jax.published)."""
-    path = os.path.abspath(resolve(path))
+    path = storage.absolute(resolve(path))
+    storage.check_reachable(path)
     if store.is_weights_dir(path):
         return store.read_variables(path), store.read_meta(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if storage.isdir(storage.join(path, "checkpoints")):
         meta = read_meta(path)
         step, state = checkpoint.restore_params(path, which)
         variables = {"params": state["params"]}
