@@ -75,25 +75,39 @@ def train(env, workdir, *args, wait=True):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def fresh():
-    """Forget what this process's gcsfs cached (listings, object sizes): the runs write
-    from other processes."""
-    import fsspec
-    fsspec.filesystem("gcs", finalize_on_close=True).invalidate_cache()  # epath's instance
+def bucket_fs():
+    """gcsfs on the emulator, its caches emptied (the runs write from other processes). The
+    test process reads through gcsfs directly: etils.epath decides once per process whether
+    gs:// goes through TensorFlow, and earlier tests in this process made it decide."""
+    import gcsfs
+    fs = gcsfs.GCSFileSystem(token="anon")
+    fs.invalidate_cache()
+    return fs
 
 
 def objects(prefix):
-    from etils import epath
-    fresh()
-    root = epath.Path(prefix)
-    return sorted(str(p)[len(prefix) + 1:] for p in root.iterdir()) if root.exists() else []
+    fs = bucket_fs()
+    path = prefix[len("gs://"):]
+    return sorted(p.rstrip("/").rsplit("/", 1)[1] for p in fs.ls(path)) if fs.exists(path) else []
 
 
-def params(workdir):
-    from vgg_jax import checkpoint
-    fresh()
-    step, state = checkpoint.restore_params(workdir)
-    return step, state["params"]
+def read(url) -> bytes:
+    return bucket_fs().cat(url[len("gs://"):])
+
+
+def params(workdir, tmp_path):
+    """(step, {layer/param: array}) of a workdir's latest checkpoint, read by a fresh
+    process (through the library, as a command would)."""
+    out = tmp_path / f"params-{abs(hash(workdir))}.npz"
+    code = ("import sys, numpy as np\nfrom vgg_jax import checkpoint\n"
+            "step, state = checkpoint.restore_params(sys.argv[1])\n"
+            "np.savez(sys.argv[2], step=step, **{f'{k}/{n}': np.asarray(v) for k, d in "
+            "state['params'].items() for n, v in d.items()})")
+    r = subprocess.run([sys.executable, "-c", code, workdir, str(out)], cwd=ROOT,
+                       env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(out) as f:
+        return int(f["step"]), {k: f[k] for k in f.files if k != "step"}
 
 
 def test_train_resume_and_predict_with_the_workdir_in_cloud_storage(gcs, tmp_path):
@@ -106,26 +120,24 @@ def test_train_resume_and_predict_with_the_workdir_in_cloud_storage(gcs, tmp_pat
     assert ".lease" not in objects("gs://runs/a")  # released at the end
     assert not os.path.exists(os.path.join(ROOT, "gs:"))  # not a local folder named gs:
     import tensorflow as tf
-    from etils import epath
     event, = objects("gs://runs/a/tensorboard")
     local = tmp_path / "events"
-    local.write_bytes(epath.Path(f"gs://runs/a/tensorboard/{event}").read_bytes())
+    local.write_bytes(read(f"gs://runs/a/tensorboard/{event}"))
     steps = [e.step for e in tf.compat.v1.train.summary_iterator(str(local))][1:]
     assert steps and steps[-1] == 2
-    first = epath.Path("gs://runs/a/metrics.jsonl").read_text().splitlines()
+    first = read("gs://runs/a/metrics.jsonl").decode().splitlines()
     # resume: two more steps, one more line in the history, metrics kept
     r = train(gcs, "gs://runs/a", "--config.train.max_steps=4",
               "--config.train.checkpoint_every_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
-    fresh()
-    history = epath.Path("gs://runs/a/config_history.jsonl").read_text().splitlines()
+    history = read("gs://runs/a/config_history.jsonl").decode().splitlines()
     assert [json.loads(l)["step"] for l in history] == [0, 2]
     logged = [json.loads(l)["step"] for l in
-              epath.Path("gs://runs/a/metrics.jsonl").read_text().splitlines()]
+              read("gs://runs/a/metrics.jsonl").decode().splitlines()]
     assert len(logged) > len(first) and logged[:len(first)] == [json.loads(l)["step"]
                                                                 for l in first]
     assert logged[-1] == 4 and logged == sorted(logged)
-    assert params("gs://runs/a")[0] == 4
+    assert params("gs://runs/a", tmp_path)[0] == 4
     image, = write_image_folder(tmp_path / "img", classes=("x",), per_class=1, size=(32, 32))
     r = subprocess.run(["vgg-jax", "predict", "--weights", "gs://runs/a", image, "--top", "3"],
                        env=gcs, capture_output=True, text=True, timeout=600)
@@ -140,13 +152,11 @@ def test_a_killed_run_resumes_bit_exact_once_its_lease_expires(gcs, tmp_path):
              "--config.train.workdir_lease_s=15"]
     ref = train(gcs, str(tmp_path / "uninterrupted"), *steps)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    from etils import epath
     p = train(gcs, "gs://runs/k", *steps, wait=False)
     deadline = time.time() + 300
-    while not (epath.Path("gs://runs/k/checkpoints/4").exists() or p.poll() is not None):
+    while not ("4" in objects("gs://runs/k/checkpoints") or p.poll() is not None):
         assert time.time() < deadline
         time.sleep(0.1)
-        fresh()
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -160,30 +170,27 @@ def test_a_killed_run_resumes_bit_exact_once_its_lease_expires(gcs, tmp_path):
     r = train(gcs, "gs://runs/k", *steps)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lease of process" in r.stderr and "expired" in r.stderr
-    (s1, a), (s2, b) = params("gs://runs/k"), params(str(tmp_path / "uninterrupted"))
-    assert s1 == s2 == 40
+    (s1, a), (s2, b) = params("gs://runs/k", tmp_path), params(str(tmp_path / "uninterrupted"),
+                                                                tmp_path)
+    assert s1 == s2 == 40 and a.keys() == b.keys()
     for name in a:
-        for k in a[name]:
-            np.testing.assert_array_equal(np.asarray(a[name][k]), np.asarray(b[name][k]))
+        np.testing.assert_array_equal(a[name], b[name])
 
 
-def test_a_corrupt_newest_checkpoint_in_cloud_storage_is_set_aside(gcs):
-    from etils import epath
+def test_a_corrupt_newest_checkpoint_in_cloud_storage_is_set_aside(gcs, tmp_path):
     r = train(gcs, "gs://runs/c", "--config.train.max_steps=4",
               "--config.train.checkpoint_every_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"2", "4"} <= set(objects("gs://runs/c/checkpoints"))
-    fresh()
-    state = epath.Path("gs://runs/c/checkpoints/4/state")
-    for f in state.glob("*"):
-        if f.is_file():
-            f.write_bytes(b"garbage")
+    fs = bucket_fs()
+    for f in fs.find("runs/c/checkpoints/4/state"):  # every file of the step's arrays
+        fs.pipe(f, b"garbage")
     r = train(gcs, "gs://runs/c", "--config.train.max_steps=6",
               "--config.train.checkpoint_every_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint step 4" in r.stderr and "moved to gs://runs/c/checkpoints/4.corrupt" in r.stderr
     assert "4.corrupt" in objects("gs://runs/c/checkpoints")
-    assert params("gs://runs/c")[0] == 6
+    assert params("gs://runs/c", tmp_path)[0] == 6
 
 
 def test_two_runs_racing_for_one_workdir_in_cloud_storage_one_is_refused(gcs):
