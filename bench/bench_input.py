@@ -91,7 +91,7 @@ def run_worker(a) -> dict:
     cores = int(a.worker_cores)
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     sys.path.insert(0, ROOT)
-    from configs import imagenet
+    from vgg_jax.configs import imagenet
     from vgg_jax import input_pipeline
     variant = VARIANTS[a.variant]
     if variant.get("plain"):

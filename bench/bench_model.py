@@ -181,7 +181,7 @@ def grad_optax_step(model, tx):
 
 def _optim_config():
     sys.path.insert(0, ROOT)
-    from configs import default
+    from vgg_jax.configs import default
     o = default.get_config().optim
     o.update(schedule="constant", warmup_epochs=0, learning_rate=0.01)
     return o

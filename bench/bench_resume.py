@@ -63,7 +63,7 @@ def main():
     sys.path.insert(0, ROOT)
     root = os.path.join(a.root, str(a.images))
     write_folder(root, a.images)
-    from configs.default import get_config
+    from vgg_jax.configs.default import get_config
     from vgg_jax import input_pipeline
     data = get_config().data
     source = input_pipeline.make_source(root, None)

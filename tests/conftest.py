@@ -1,4 +1,4 @@
-import importlib.util
+import importlib
 import os
 import sys
 import tempfile
@@ -26,15 +26,9 @@ def user_env() -> dict:
 
 
 def load_config(name="default", arg=None):
-    """configs/NAME.py's get_config([arg]); ROOT is on sys.path while it loads, for the
-    configs that build on `configs.default`."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, ROOT)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(ROOT)
+    """The packaged config NAME's get_config([arg]) (vgg_jax/configs/NAME.py, which the
+    repository's configs/NAME.py points at)."""
+    module = importlib.import_module(f"vgg_jax.configs.{name}")
     return module.get_config() if arg is None else module.get_config(arg)
 
 
@@ -99,7 +93,7 @@ def pytest_sessionfinish(session, exitstatus):
 # cores): everything but the modules below and the tests that took 4 s or more in the full
 # suite on 2026-12-07 (bench/RESULTS.md has the run). The full suite runs them all.
 SLOW_MODULES = {"test_imagenet", "test_pods", "test_bench", "test_evaluate", "test_research",
-                "test_transforms", "test_readme", "test_gcs"}
+                "test_transforms", "test_readme", "test_gcs", "test_install"}
 SLOW_TESTS = {
     "test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes",
     "test_a_frozen_batch_norm_computes_in_training_what_it_computes_at_evaluation",

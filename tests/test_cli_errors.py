@@ -111,7 +111,8 @@ def test_train_config_files_that_raise_are_one_line(tmp_path):
     out = train(tmp_path, "--config", "configs/imagenet.py:D,abc")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith(
-        "train.py: error: config file configs/imagenet.py with argument 'D,abc' failed (line ")
+        "train.py: error: config file configs/imagenet.py with argument 'D,abc' failed "
+        "(vgg_jax/configs/imagenet.py line ")
 
 
 def test_fewer_model_classes_than_the_dataset_has_is_refused(tmp_path):

@@ -9,7 +9,7 @@ from conftest import ROOT
 from vgg_jax import train
 
 sys.path.insert(0, ROOT)
-from configs import (cifar10_vgg16_bn, default, fashion_mnist_depth,  # noqa: E402
+from vgg_jax.configs import (cifar10_vgg16_bn, default, fashion_mnist_depth,  # noqa: E402
                      fashion_mnist_vgg11_small, imagenet)
 
 

@@ -27,7 +27,7 @@ with runtime.tensorflow_import():
     import tensorflow_datasets as tfds
 
 sys.path.insert(0, ROOT)
-from configs import finetune_folder  # noqa: E402
+from vgg_jax.configs import finetune_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

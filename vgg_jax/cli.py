@@ -251,9 +251,22 @@ def _plot_metrics(sub):
     p.set_defaults(run="vgg_jax.plots:main_plot_metrics")
 
 
+def _train(sub):
+    # listed for --help; its own flags (absl's, --config.KEY=VALUE) are parsed by train_cmd
+    sub.add_parser("train", add_help=False,
+                   help="train a net: --config NAME[:ARG] --workdir DIR [--config.KEY=VALUE ...]"
+                        " (`vgg-jax train --help` lists the flags)")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # absl parses training's flags: the config and its overrides
+        from vgg_jax import train_cmd
+        train_cmd.main(argv[1:], prog="vgg-jax train")
+        return 0
     parser = argparse.ArgumentParser(prog="vgg-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _train(sub)
     for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate, _embed,
                 _transfer, _plot_embeddings, _activations, _saliency, _plot_metrics,
                 _published):

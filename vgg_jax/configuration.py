@@ -114,14 +114,15 @@ def config_path(argv, default: str) -> str:
     return default
 
 
-def explain_flag_error(argv, error: Exception, default_config: str) -> str:
+def explain_flag_error(argv, error: Exception, default_config: str, names=()) -> str:
     """One line for a command line that absl / ml_collections could not parse: an unknown
-    config key with the closest valid ones, a missing config file, or the parser's own
-    first line (a value of the wrong type)."""
+    config key with the closest valid ones, a missing config file (with the packaged
+    configs' `names`), or the parser's own first line (a value of the wrong type)."""
     path = config_path(argv, default_config)
     file = path.split(":", 1)[0]
     if not os.path.isfile(file):
-        return f"config file {file} not found (give --config=configs/NAME.py)"
+        known = f"a packaged config ({', '.join(names)}) or " if names else ""
+        return f"config file {file} not found (give --config {known}a config file's path)"
     import importlib.util
     try:  # the error may be the config file's own: report it, do not raise it again
         spec = importlib.util.spec_from_file_location("_vgg_jax_config", file)
@@ -130,9 +131,17 @@ def explain_flag_error(argv, error: Exception, default_config: str) -> str:
         config = module.get_config(path.split(":", 1)[1]) if ":" in path else module.get_config()
     except Exception as e:  # noqa: BLE001 (anything the user's file raises)
         import traceback
+        # the line in the file named, or in the packaged config a repository file points at
+        packaged = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "")
         frames = [f for f in traceback.extract_tb(e.__traceback__)
-                  if os.path.abspath(f.filename) == os.path.abspath(file)]
-        where = f" (line {frames[-1].lineno})" if frames else ""
+                  if os.path.abspath(f.filename) == os.path.abspath(file)
+                  or os.path.abspath(f.filename).startswith(packaged)]
+        where = ""
+        if frames:
+            f = frames[-1]
+            shown = ("" if os.path.abspath(f.filename) == os.path.abspath(file) else
+                     "vgg_jax/configs/" + os.path.basename(f.filename) + " ")
+            where = f" ({shown}line {f.lineno})"
         arg = f" with argument {path.split(':', 1)[1]!r}" if ":" in path else ""
         first = (str(e).splitlines() or [""])[0]
         return (f"config file {file}{arg} failed{where}: {type(e).__name__}: {first}")
