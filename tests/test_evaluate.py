@@ -1,8 +1,10 @@
 """The paper's test protocols, on a VGG-11-BN trained briefly on digits in this module."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -114,6 +116,26 @@ def test_every_protocol_runs_from_the_cli_and_beats_chance(trained, protocol):
     # (AVX-512), 2026-12-07: top-1 error of this 4-epoch net mean 0.132, sd 0.060, max
     # 0.203 (every protocol the same at Q = 32); 0.45 is 5 sd above the mean.
     assert r["top1_err"] < 0.9 * 0.5
+
+
+def test_a_sigterm_ends_a_standalone_evaluation_at_once_in_one_line(trained):
+    p = subprocess.Popen([sys.executable, "-m", "vgg_jax.cli", "evaluate", "--weights", trained,
+                          "--data", "vgg_digits", "--split", "test", "--protocol",
+                          "dense+multicrop", "--scales", "32,48,64", "--batch-size", "1"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"img/s" not in seen:  # the progress bar: examples are being evaluated
+        chunk = os.read(p.stderr.fileno(), 4096)
+        assert chunk, seen.decode()[-2000:]
+        seen += chunk
+    p.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    _, err = p.communicate(timeout=120)
+    assert time.time() - t0 < 30
+    err = (seen + err).decode()
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "vgg-jax evaluate: stopped by SIGTERM before the end of the split; no result")
 
 
 def test_training_time_validation_can_use_a_paper_protocol(tmp_path):

@@ -1,7 +1,6 @@
 """Training from an installed wheel (issue 48): the package built as a wheel and installed
 into a fresh virtual environment outside the checkout trains by config name, with the
 configs it ships (vgg_jax.configs), from a directory that has no configs/ or train.py."""
-import os
 import shutil
 import subprocess
 import sys

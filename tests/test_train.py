@@ -283,6 +283,36 @@ def test_sigterm_leaves_a_checkpoint_at_the_current_step(tmp_path):
     assert f"checkpoint saved at step {saved[0]}" in out
 
 
+def test_sigterm_during_validation_saves_the_finished_step_and_the_resume_validates_first(
+        tmp_path):
+    """A TPU's grace period is 30 s: a SIGTERM that arrives during a validation ends it
+    and saves the step it validates; the resumed run validates that step first, then
+    goes on (here: it was the last step, so it ends with the result)."""
+    flags = ["--config.train.max_steps=4", "--config.train.checkpoint_every_steps=100",
+             "--config.data.eval_split=train", "--config.eval.batch_size=1"]  # 1,437 batches
+    proc = run_train(tmp_path / "w", *flags, wait=False)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 4: validating on train" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert time.time() - t0 < 30, out[-3000:]
+    assert "preempted during validation: checkpoint saved at step 4" in out, out[-3000:]
+    assert "top-1 accuracy" not in out  # no result from a validation cut short
+    saved = [p.name for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved == ["4"]
+    again = run_train(tmp_path / "w", *flags, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 4" in again.stderr and "step 4: validating on train" in again.stderr
+    assert "on 1437 images after 4 steps" in again.stdout, again.stdout
+    evals = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl") if "eval_top1_err" in l]
+    assert [e["step"] for e in evals] == [4]  # the cut validation logged nothing
+
+
 def test_a_non_finite_update_is_never_saved_and_the_message_names_the_good_step(tmp_path):
     """Two good steps, then (resumed with an infinite learning rate) an update that is
     not finite while its loss, computed before the update, is: the step is not

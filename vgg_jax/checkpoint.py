@@ -31,7 +31,11 @@ logging.getLogger("absl").addFilter(lambda record: not record.getMessage().start
 
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-    """Keeps the last `keep` steps plus the best by validation top-1 accuracy."""
+    """Keeps the last `keep` steps plus the best by validation top-1 accuracy. Saves are
+    asynchronous: `save` returns once the arrays are copied off the devices and the files
+    are written in the background (the next save, or `close`, waits for them); a step
+    counts as saved only once orbax has finalised it, so a run killed mid-write resumes
+    from the step before."""
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
         pp.BestN(get_metric_fn=lambda m: m["top1_acc"], reverse=False, n=1,
@@ -39,16 +43,19 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False)
+        enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(storage.as_path(storage.join(workdir, "checkpoints")),
                                  options=options)
 
 
-def save(mngr, step: int, state, data_state: dict, metrics: dict | None = None):
+def save(mngr, step: int, state, data_state: dict, metrics: dict | None = None,
+         wait: bool = False):
+    """Start saving `step` (asynchronously unless `wait`): training may go on at once."""
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             data=ocp.args.JsonSave(data_state)),
               metrics=metrics, force=True)
-    mngr.wait_until_finished()
+    if wait:
+        mngr.wait_until_finished()
 
 
 def restore(mngr, step: int, abstract_state):

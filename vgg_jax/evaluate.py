@@ -20,12 +20,14 @@ and named in the result (`skipped`, `skipped_images`).
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 
 import jax
 import numpy as np
 
-from vgg_jax import eval_data, input_pipeline, mesh, preprocess, views
+from vgg_jax import eval_data, input_pipeline, mesh, preemption, preprocess, views
 from vgg_jax.errors import UserError
 from vgg_jax.weights import Net
 
@@ -40,11 +42,12 @@ def paper_scales(s: int | None = None, s_min: int | None = None, s_max: int | No
 
 def evaluate(nets: list[Net], dataset: str, split: str, protocol: str, scales, *,
              data_dir=None, flip: bool | None = None, limit=None, progress: bool = True,
-             batch_size: int = 64, crop_size: int | None = None) -> dict:
+             batch_size: int = 64, crop_size: int | None = None, stop=None) -> dict | None:
     """Top-1/top-5 error (and the mean log-loss) of the (fused) nets over every example
     of the split once, with the images that failed to decode counted and named. With
     several processes, each evaluates its own shard on its own devices and the counts are
-    summed; `limit` takes the first ceil(limit / processes) examples of each shard."""
+    summed; `limit` takes the first ceil(limit / processes) examples of each shard.
+    `stop()`, asked before each example (one process only), ends it early: None."""
     plan = views.Plan(nets, protocol, scales, flip=flip, crop=crop_size)
     pidx, pcount = jax.process_index(), jax.process_count()
     source = input_pipeline.make_source(dataset, split, data_dir, pidx, pcount)
@@ -59,16 +62,20 @@ def evaluate(nets: list[Net], dataset: str, split: str, protocol: str, scales, *
         bar = tqdm(total=source.total_examples if not limit else min(limit, source.total_examples),
                    desc=f"eval {protocol} {split}", unit="img", dynamic_ncols=True)
     sums, t0 = np.zeros(4), time.time()  # sums: count, top1, top5, -log p
-    for _, label, (p,) in results:
-        label = int(label)
-        ranked = np.argsort(-p)
-        sums[:] += (1, ranked[0] == label, label in ranked[:5],
-                    -np.log(max(float(p[label]), 1e-30)))
+    try:
+        for _, label, (p,) in results:
+            if stop is not None and stop():
+                return None
+            label = int(label)
+            ranked = np.argsort(-p)
+            sums[:] += (1, ranked[0] == label, label in ranked[:5],
+                        -np.log(max(float(p[label]), 1e-30)))
+            if bar is not None:
+                bar.update(pcount)  # every process moves at about the same pace
+                bar.set_postfix(img_per_s=f"{sums[0] * pcount / (time.time() - t0):.1f}")
+    finally:  # also when a SIGTERM ends it: the bar's last line before the command's
         if bar is not None:
-            bar.update(pcount)  # every process moves at about the same pace
-            bar.set_postfix(img_per_s=f"{sums[0] * pcount / (time.time() - t0):.1f}")
-    if bar is not None:
-        bar.close()
+            bar.close()
     images, top1, top5, nll = mesh.allgather_sum(sums)
     count = max(images, 1)
     return dict(dataset=source.name, split=split, protocol=protocol, scales=list(scales),
@@ -107,9 +114,15 @@ def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "te
     if not dirs:
         raise UserError("give --weights DIR or --ensemble DIR1,DIR2,...")
     nets = [Net(d) for d in dirs]
-    r = evaluate(nets, data, split, protocol, list(scales) or default_scales(nets[0].d),
-                 data_dir=data_dir, flip=flip, limit=limit, progress=not json_output,
-                 batch_size=batch_size, crop_size=crop)
+    try:
+        with preemption.stop_on_sigterm():  # nothing to save: end at once, in one line
+            r = evaluate(nets, data, split, protocol, list(scales) or default_scales(nets[0].d),
+                         data_dir=data_dir, flip=flip, limit=limit, progress=not json_output,
+                         batch_size=batch_size, crop_size=crop)
+    except preemption.Stopped:
+        print("vgg-jax evaluate: stopped by SIGTERM before the end of the split; no result",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     if jax.process_index() == 0:
         print(json.dumps(r) if json_output else format_result(r))
     return r

@@ -35,9 +35,6 @@ training step); JAX can keep the compiled programs on disk and reuse them when n
 changed. The commands (`train.py`, `vgg-jax`) turn it on in config.train.compile_cache's
 folder when the config sets one, else COMPILE_CACHE_ENV's, else ~/.cache/vgg_jax/jax
 (XDG_CACHE_HOME respected); 'off' (in either) leaves it off.
-
-Preemption: `Preemption` turns SIGTERM into a flag the training loop shares with every
-process.
 """
 from __future__ import annotations
 
@@ -48,7 +45,6 @@ import importlib.machinery
 import logging
 import os
 import re
-import signal
 import sys
 import tempfile
 
@@ -197,25 +193,3 @@ def enable_compile_cache(configured: str = "") -> str | None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     log.debug("persistent compilation cache in %s", path)
     return path
-
-
-class Preemption:
-    """SIGTERM sets a flag. The loop sends it with every batch (`flags`): the train step
-    returns its maximum over all processes, so a signal that reaches any one host makes
-    every host save the same step and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint at the current step, then stopping")
-        self.requested = True
-
-    def flags(self, local_batch: int):
-        """(local_batch,) int32: this process's request, once per example of its batch."""
-        import numpy as np
-        return np.full((local_batch,), int(self.requested), np.int32)
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._old)

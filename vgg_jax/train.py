@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from vgg_jax import (checkpoint, conv, eval_data, input_pipeline, lease, mesh, metric_log,
-                     models, optim, pixels, published, runtime, storage, weights)
+                     models, optim, pixels, preemption, published, storage, weights)
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
 
@@ -78,9 +78,7 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
     (pixels.Pixels) the batch's uint8 images (and 'alpha' colour shifts) are normalised
     here, on the device; without, batch['image'] is fed to the model as it is.
     metrics['finite'] says whether the loss and every updated parameter are finite (the
-    loop saves no state whose update was not); a batch's optional 'preempt' flags (one
-    per example, set by the process that got a SIGTERM) come back as metrics['preempt'],
-    their maximum over the global batch, so every process learns of it at the same step."""
+    loop saves no state whose update was not)."""
 
     def loss_fn(params, batch_stats, images, labels, rng):
         mutable = ["batch_stats"] if batch_stats else []
@@ -93,8 +91,6 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        batch = dict(batch)
-        stop = batch.pop("preempt", None)  # the loop's per-process SIGTERM flags
         images, labels = batch["image"], batch["label"]
         if pixels is not None:
             images = pixels(images, batch.get("alpha"))
@@ -130,8 +126,6 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
                        # whether the state this step returns may be saved as good
                        finite=jnp.all(jnp.asarray([jnp.isfinite(loss)] + [
                            jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])))
-        if stop is not None:  # a SIGTERM on any process, seen by all at the same step
-            metrics["preempt"] = jnp.max(stop)
         return new, metrics
 
     return train_step
@@ -198,6 +192,7 @@ class Run:
     class_names: list
     steps_per_epoch: int
     total_steps: int
+    validation_pending: bool = False  # the checkpoint's step was saved before its validation
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -261,13 +256,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         checkpoint.record_config(workdir, config, step0 or 0, changes)
     it = input_pipeline.TrainIterator(train_src, d, local_batch, config.seed, data_state)
     return Run(config, workdir, model, par, state, plateau, mngr, it, eval_src,
-               train_src.class_names, steps_per_epoch, total_steps)
+               train_src.class_names, steps_per_epoch, total_steps,
+               validation_pending=bool(saved and saved.get("validation_pending")))
 
 
-def evaluate_model(run: Run, state: TrainState) -> dict:
+def evaluate_model(run: Run, state: TrainState, stop=None) -> dict | None:
     """Validation on config.data.eval_split with config.eval.protocol: 'center' through the
     jitted eval step, the paper's protocols through `evaluate.evaluate` (each process its
-    shard)."""
+    shard). `stop()` is asked before every batch (the paper's protocols: every image, and
+    only in a single process, whose calls need not match another's); when it says so the
+    validation ends at once and this returns None."""
     d, e = run.config.data, run.config.eval
     if e.protocol == "center":
         sums = dict(loss=0.0, top1=0.0, top5=0.0, count=0.0)
@@ -275,6 +273,8 @@ def evaluate_model(run: Run, state: TrainState) -> dict:
         local = mesh.per_process_batch(max(1, e.batch_size // jax.process_count()))
         skipped = eval_data.Skipped(run.eval_src)
         for batch in eval_data.eval_batches(run.eval_src, d, local, skipped=skipped):
+            if stop is not None and stop():
+                return None
             out = jax.device_get(run.par.eval_step(state, run.par.global_batch(batch)))
             for k in sums:
                 sums[k] += float(out[k])
@@ -290,7 +290,10 @@ def evaluate_model(run: Run, state: TrainState) -> dict:
     r = evaluate.evaluate([net], d.dataset, d.eval_split, e.protocol,
                           [int(q) for q in e.scales] or evaluate.default_scales(d),
                           data_dir=d.data_dir or None, progress=False,
-                          batch_size=max(1, e.batch_size // jax.process_count()))
+                          batch_size=max(1, e.batch_size // jax.process_count()),
+                          stop=stop if jax.process_count() == 1 else None)
+    if r is None:
+        return None
     return dict(top1_err=r["top1_err"], top5_err=r["top5_err"], top1_acc=1 - r["top1_err"],
                 loss=r["loss"], count=float(r["images"]), skipped=r["skipped"],
                 skipped_images=r["skipped_images"])
@@ -303,12 +306,15 @@ class Saver:
         self.run = run
         self.last = run.mngr.latest_step()
 
-    def save(self, step: int, state: TrainState, metrics: dict | None = None):
+    def save(self, step: int, state: TrainState, metrics: dict | None = None,
+             validated: bool = True):
+        """Start saving `step` (asynchronously); `validated=False`: the validation due at
+        it did not finish, and a resumed run does it first."""
         if self.last == step:
             return
         rows = mesh.allgather_rows([self.run.it.state["epoch"], self.run.it.state["offset"]])
         data_state = {"per_process": [dict(epoch=e, offset=o) for e, o in rows],
-                      "skipped": len(self.run.it.skipped)}
+                      "skipped": len(self.run.it.skipped), "validation_pending": not validated}
         checkpoint.save(self.run.mngr, step, state, data_state, metrics)
         self.last = step
 
@@ -352,21 +358,41 @@ def loop(run: Run) -> dict:
     config, workdir = run.config, run.workdir
     o, t = config.optim, config.train
     state, step, total = run.state, int(run.state.step), run.total_steps
-    saver, writer, preempt = Saver(run), metric_log.MetricWriter(workdir), runtime.Preemption()
+    saver, writer = Saver(run), metric_log.MetricWriter(workdir)
+    preempt = preemption.Preemption(run.mngr)
     bar = None
     if jax.process_index() == 0 and t.progress_bar:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    history, t_log, result, previous = [], time.time(), {}, None
+    history, t_log, result, previous, stopped = [], time.time(), {}, None, False
+
+    def validate(state):
+        """The validation due at `step`: (state, its result), or (state, None) when a
+        preemption ended it (its batches are ticks of `preempt` too)."""
+        log.info("step %d: validating on %s", step, config.data.eval_split)
+        r = evaluate_model(run, state, stop=preempt.reached)
+        if r is None:
+            return state, None
+        writer.write(step, {f"eval_{k}": v for k, v in r.items()
+                            if k != "skipped_images"})  # the names are logged
+        log.info("step %d (epoch %d): eval top-1 error %.4f, top-5 error %.4f",
+                 step, step // run.steps_per_epoch, r["top1_err"], r["top5_err"])
+        if o.schedule == "paper":  # Sec. 3.1: lr / 10 when validation stops improving
+            plateau, opt_state = run.plateau.after_validation(
+                jax.device_get(state.plateau), jax.device_get(state.opt_state), r["top1_err"])
+            state = run.par.replicate(state.replace(plateau=plateau, opt_state=opt_state))
+        return state, r
+
     try:
-        while step < total:
-            batch = dict(next(run.it), preempt=preempt.flags(run.it.batch))
-            state, metrics = run.par.train_step(state, run.par.global_batch(batch))
+        if run.validation_pending:  # preempted during this step's validation: it comes first
+            state, r = validate(state)
+            stopped = r is None  # again: the step's checkpoint is saved already
+            result = r or {}
+        while step < total and not stopped:
+            state, metrics = run.par.train_step(state, run.par.global_batch(next(run.it)))
             step += 1
-            stop = False
             if previous is not None:  # the previous step's results, read while this one runs
                 saver.check_finite(previous, step - 1)
-                stop = bool(previous["preempt"])  # the same on every process
             previous = metrics
             history.append(metrics)
             if bar is not None:
@@ -375,7 +401,7 @@ def loop(run: Run) -> dict:
             if due(step, t.log_every_steps) or step == total:
                 saver.check_finite(metrics, step)
                 avg = {k: float(np.mean([jax.device_get(h[k]) for h in history]))
-                       for k in history[0] if k not in ("finite", "preempt")}
+                       for k in history[0] if k != "finite"}
                 dt = time.time() - t_log
                 avg.update(step_time=dt / len(history),
                            images_per_sec=len(history) * o.batch_size / dt,
@@ -386,33 +412,31 @@ def loop(run: Run) -> dict:
                 history, t_log = [], time.time()
             if (into_epoch == 0 and due(epoch, t.eval_every_epochs)) or step == total:
                 saver.check_finite(metrics, step)
-                result = evaluate_model(run, state)
-                writer.write(step, {f"eval_{k}": v for k, v in result.items()
-                                    if k != "skipped_images"})  # the names are logged
-                log.info("step %d (epoch %d): eval top-1 error %.4f, top-5 error %.4f",
-                         step, epoch, result["top1_err"], result["top5_err"])
-                if o.schedule == "paper":  # Sec. 3.1: lr / 10 when validation stops improving
-                    plateau, opt_state = run.plateau.after_validation(
-                        jax.device_get(state.plateau), jax.device_get(state.opt_state),
-                        result["top1_err"])
-                    state = run.par.replicate(state.replace(plateau=plateau,
-                                                            opt_state=opt_state))
+                state, r = validate(state)
+                if r is None:  # the step is finished, its validation is not: resumed first
+                    saver.save(step, state, validated=False)
+                    log.warning("preempted during validation: checkpoint saved at step %d",
+                                step)
+                    stopped = True
+                    break
+                result = r
                 saver.save(step, state, {"top1_acc": result["top1_acc"]})
             elif due(step, t.checkpoint_every_steps):
                 saver.check_finite(metrics, step)
                 saver.save(step, state)
-            if stop:
+            if preempt.reached():  # the same answer on every process at the same step
                 saver.check_finite(metrics, step)
                 saver.save(step, state)
                 log.warning("preempted: checkpoint saved at step %d", step)
+                stopped = True
                 break
-        if step >= total:
+        if step >= total and not stopped:
             saver.save(step, state, {"top1_acc": result["top1_acc"]} if result else None)
     finally:
-        preempt.restore()
+        preempt.close()
         writer.close()
         if bar is not None:
             bar.close()
-        run.mngr.close()
+        run.mngr.close()  # waits for a save still being written
     return dict(result, step=step, split=config.data.eval_split,
                 train_skipped=len(run.it.skipped), train_skipped_images=list(run.it.skipped))
