@@ -72,6 +72,30 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=5, size=(40, 52),
     return paths
 
 
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory, worker_id):
+    """The README's main job (the `default` config, whole) trained once per test run and
+    shared by the tests that need a trained net, whichever xdist worker asks first (a
+    file lock in the workers' common temporary folder): (workdir, train_and_evaluate's
+    result)."""
+    import json
+
+    from filelock import FileLock
+
+    from vgg_jax import train
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent
+    workdir, done = root / "default_run", root / "default_run.json"
+    with FileLock(str(root / "default_run.lock")):
+        if not done.exists():
+            c = load_config()
+            c.train.progress_bar = False
+            result = train.train_and_evaluate(c, str(workdir))
+            done.write_text(json.dumps({k: v for k, v in result.items()
+                                        if isinstance(v, (int, float, str))}))
+        return str(workdir), json.loads(done.read_text())
+
+
 @pytest.fixture
 def config():
     return load_config()
@@ -93,7 +117,7 @@ def pytest_sessionfinish(session, exitstatus):
 # cores): everything but the modules below and the tests that took 4 s or more in the full
 # suite on 2026-12-07 (bench/RESULTS.md has the run). The full suite runs them all.
 SLOW_MODULES = {"test_imagenet", "test_pods", "test_bench", "test_evaluate", "test_research",
-                "test_transforms", "test_readme", "test_gcs", "test_install"}
+                "test_transforms", "test_readme", "test_gcs", "test_install", "test_perceptual"}
 SLOW_TESTS = {
     "test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes",
     "test_a_frozen_batch_norm_computes_in_training_what_it_computes_at_evaluation",
@@ -155,7 +179,7 @@ SLOW_TESTS = {
 # Seconds per file in the full suite (2026-12-07, two workers): files run longest first, so
 # that pytest-xdist's whole-file scheduling does not leave one worker alone with a long file
 # at the end.
-FILE_SECONDS = {"test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
+FILE_SECONDS = {"test_perceptual": 100, "test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
                 "test_pods": 196, "test_evaluate": 168, "test_imagenet": 118,
                 "test_conv_impl": 116, "test_transforms": 110, "test_models": 95,
                 "test_research": 93, "test_importers": 88, "test_convert": 79,

@@ -1,4 +1,5 @@
-"""The VGG configurations of Table 1 as data, and one Flax module that builds any of them.
+"""One Flax module that builds any VGG configuration of Table 1 (the tables themselves,
+names and layers, are vgg_jax.arch's and re-exported here).
 
 Layer names follow the paper: `conv{block}_{i}` (1x1 convs of C count as convs too),
 `lrn1`, `pool{block}`, `fc6`, `fc7`, `fc8`. Activations are NHWC; `fc6` reads pool5
@@ -7,9 +8,7 @@ fc6's kernel into a 7x7 conv (torch's (C, H, W) order is permuted once in conver
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -18,112 +17,14 @@ import numpy as np
 from flax import linen as nn
 
 from vgg_jax import conv
+from vgg_jax.arch import (ALIASES, CONFIGS, LRN_PARAMS, MIN_SIZE, POOLS,  # noqa: F401 (API)
+                          Layer, all_arch_names, bn_name, canonical_name, check_layer,
+                          layer_names, layer_table, relu_name, resolve_arch, scaled,
+                          tap_names, torchvision_index)
 from vgg_jax.errors import UserError
 from vgg_jax.initializers import initializers
 from vgg_jax.ops import (adaptive_avg_pool, adaptive_pool_matrix,  # noqa: F401 (API)
-                         local_response_norm, mask_valid, max_pool)
-
-# Table 1, one row per block; every block ends in a 2x2/2 max-pool.
-CONFIGS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "A": (("conv3-64",), ("conv3-128",), ("conv3-256",) * 2, ("conv3-512",) * 2, ("conv3-512",) * 2),
-    "A-LRN": (("conv3-64", "LRN"), ("conv3-128",), ("conv3-256",) * 2, ("conv3-512",) * 2,
-              ("conv3-512",) * 2),
-    "B": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 2, ("conv3-512",) * 2,
-          ("conv3-512",) * 2),
-    "C": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 2 + ("conv1-256",),
-          ("conv3-512",) * 2 + ("conv1-512",), ("conv3-512",) * 2 + ("conv1-512",)),
-    "D": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 3, ("conv3-512",) * 3,
-          ("conv3-512",) * 3),
-    "E": (("conv3-64",) * 2, ("conv3-128",) * 2, ("conv3-256",) * 4, ("conv3-512",) * 4,
-          ("conv3-512",) * 4),
-    # Sec. 4.1's shallow net: B with each pair of 3x3 convs replaced by one 5x5 conv
-    # (the same receptive field; the paper reports 7% higher top-1 error than B).
-    "B-5x5": (("conv5-64",), ("conv5-128",), ("conv5-256",), ("conv5-512",), ("conv5-512",)),
-}
-# Paper letter <-> the names people know from torchvision (C and A-LRN have none there).
-ALIASES = {"A": "vgg11", "A-LRN": "vgg11_lrn", "B": "vgg13", "C": "vgg16_c", "D": "vgg16",
-           "E": "vgg19", "B-5x5": "vgg13_5x5"}
-_LETTERS = {k.upper(): k for k in CONFIGS}
-_BY_NAME = {v: k for k, v in ALIASES.items()}
-
-# Krizhevsky et al. 2012, Sec. 3.3 (used by A-LRN): n=5, k=2, alpha=1e-4, beta=0.75.
-LRN_PARAMS = dict(size=5, k=2.0, alpha=1e-4, beta=0.75)
-POOLS = 5  # five 2x2 stride-2 max-pools: inputs need at least 2**5 pixels a side.
-MIN_SIZE = 2 ** POOLS  # the smallest image side a VGG takes
-
-
-def all_arch_names() -> list[str]:
-    names = []
-    for letter, alias in ALIASES.items():
-        names += [letter, f"{letter}_bn", alias, f"{alias}_bn"]
-    return names
-
-
-def resolve_arch(arch: str) -> tuple[str, bool]:
-    """'vgg16_bn' / 'D_bn' / 'D' / 'vgg11_lrn' -> (paper letter, batch_norm)."""
-    name = arch.strip()
-    batch_norm = False
-    for suffix in ("_bn", "-bn", "_BN", "-BN"):
-        if name.endswith(suffix):
-            name, batch_norm = name[: -len(suffix)], True
-            break
-    if name.upper() in _LETTERS:
-        return _LETTERS[name.upper()], batch_norm
-    if name.lower() in _BY_NAME:
-        return _BY_NAME[name.lower()], batch_norm
-    raise UserError(f"unknown architecture {arch!r}; valid names: {', '.join(all_arch_names())}")
-
-
-def canonical_name(arch: str) -> str:
-    letter, bn = resolve_arch(arch)
-    return ALIASES[letter] + ("_bn" if bn else "")
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    name: str   # paper name: conv3_2, lrn1, pool3
-    kind: str   # 'conv' | 'lrn' | 'pool'
-    kernel: int = 0
-    channels: int = 0  # full-width output channels (before the width multiplier)
-
-
-def layer_table(arch: str) -> list[Layer]:
-    """The feature layers of `arch` in order, with paper names."""
-    letter, _ = resolve_arch(arch)
-    layers = []
-    for b, block in enumerate(CONFIGS[letter], start=1):
-        i = 0
-        for item in block:
-            if item == "LRN":
-                layers.append(Layer(f"lrn{b}", "lrn"))
-                continue
-            m = re.fullmatch(r"conv(\d)-(\d+)", item)
-            i += 1
-            layers.append(Layer(f"conv{b}_{i}", "conv", int(m.group(1)), int(m.group(2))))
-        layers.append(Layer(f"pool{b}", "pool", 2))
-    return layers
-
-
-def scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
-def bn_name(conv_name: str) -> str:
-    """The BatchNorm layer that follows a conv layer: conv3_1 -> bn3_1."""
-    return "bn" + conv_name[len("conv"):]
-
-
-def check_layer(arch: str, layer: str) -> None:
-    """A clear error for a layer name `arch` does not have (capture, embed, plots)."""
-    if layer not in layer_names(arch):
-        raise UserError(f"unknown layer {layer!r} for {arch}; valid: "
-                         f"{', '.join(layer_names(arch))}")
-
-
-def layer_names(arch: str) -> list[str]:
-    """Every name `capture=` accepts for this architecture."""
-    return [l.name for l in layer_table(arch)] + ["fc6", "fc7", "fc8"]
-
+                         avg_pool, local_response_norm, mask_valid, max_pool)
 
 # ----------------------------------------------------------------------------- layers
 
@@ -251,6 +152,9 @@ class VGG(nn.Module):
     # training too: frozen layers (optim.freeze) compute in training what they compute at
     # evaluation, as Keras' BatchNormalization with trainable=False does
     frozen_bn: Sequence[str] = ()
+    # 'avg': every max-pool an average pool of the same window (Gatys et al.'s style-
+    # transfer net; the weights are the same)
+    pooling: str = "max"
 
     @nn.compact
     def __call__(self, x, train: bool = False, *, dense: bool = False,
@@ -259,11 +163,15 @@ class VGG(nn.Module):
         check_input(x.shape, self.in_channels, dense, self.classifier_pool, self.pool_ceil)
         if valid is not None and not dense:
             raise UserError("valid= (true image sizes in a padded batch) needs dense=True")
-        names = layer_names(self.arch)
+        names = tap_names(self.arch)
         bad = set(capture) - set(names if self.include_top else names[:-3])
         if bad:
             raise UserError(f"unknown layer(s) {sorted(bad)} for {self.arch}; "
-                             f"valid: {', '.join(layer_names(self.arch))}")
+                             f"valid: {', '.join(layer_names(self.arch))}, and reluX_Y / "
+                             f"convX_Y_pre for each convX_Y")
+        if self.pooling not in ("max", "avg") or (self.pooling == "avg" and self.pool_ceil):
+            raise UserError(f"pooling={self.pooling!r} (pool_ceil={self.pool_ceil}): valid are "
+                            f"'max', and 'avg' with floor-mode pools")
         conv_init, fc_init = initializers(self.init_scheme)
         captured = {}
 
@@ -279,6 +187,7 @@ class VGG(nn.Module):
             if layer.kind == "conv":
                 x = Conv(scaled(layer.channels, self.width), layer.kernel, self.conv_impl,
                          self.dtype, conv_init, name=layer.name)(x, train)
+                keep(layer.name + "_pre", x)
                 if batch_norm:
                     frozen = bn_name(layer.name) in self.frozen_bn
                     x = nn.BatchNorm(use_running_average=not train or frozen,
@@ -289,6 +198,10 @@ class VGG(nn.Module):
                 x = nn.relu(x)
             elif layer.kind == "lrn":  # across channels: zero stays zero
                 x = local_response_norm(x, **LRN_PARAMS)
+            elif self.pooling == "avg":  # Gatys et al. 2016: smoother images from the loss
+                x = avg_pool(x)
+                if valid is not None:
+                    valid = valid // 2
             else:
                 x = max_pool(x, self.pool_ceil)
                 if valid is not None:  # as the pool: floor, or ceil
@@ -296,6 +209,8 @@ class VGG(nn.Module):
             if valid is not None and layer.kind != "lrn":
                 x = mask_valid(x, valid)
             keep(layer.name, x)
+            if layer.kind == "conv":
+                keep(relu_name(layer.name), x)
         if not self.include_top:  # a backbone, as Keras' include_top=False
             x = x.astype(jnp.promote_types(self.dtype, jnp.float32))
             if captured:
@@ -379,7 +294,8 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
                  width: float = 1.0, fc_widths: Sequence[int] = (4096, 4096),
                  dropout_rate: float = 0.5, dtype: Any = jnp.float32, init_scheme: str = "kaiming",
                  conv_impl: str = "auto", classifier_pool: int = 7,
-                 pool_ceil: bool = False, include_top: bool = True) -> VGG:
+                 pool_ceil: bool = False, include_top: bool = True,
+                 pooling: str = "max") -> VGG:
     """Build a VGG. `arch`: paper letter (A, A-LRN, B, C, D, E, and Sec. 4.1's B-5x5) or
     vgg11, vgg11_lrn, vgg13, vgg16_c, vgg16, vgg19, vgg13_5x5, each optionally with `_bn`
     (BatchNorm after every conv). `pool_ceil`: Caffe's ceil-mode pools (dense evaluation
@@ -387,7 +303,8 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
     `include_top=False`: the conv stack only, ending at pool5 (`apply` returns the
     (N, h, w, 512 x width) map), as Keras' include_top=False; no fc6-fc8 params.
     `width` multiplies every conv's channel count (the d2l seed uses 0.25); `fc_widths`
-    sets fc6/fc7; `dtype` is the compute dtype (params stay float32)."""
+    sets fc6/fc7; `dtype` is the compute dtype (params stay float32). `pooling='avg'`:
+    average pools in place of the max-pools (Gatys et al.'s loss network)."""
     resolve_arch(arch)
     if not (isinstance(width, (int, float)) and 0 < width <= 16):
         raise UserError(f"width must be a number in (0, 16], got {width!r}")
@@ -404,7 +321,7 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
                width=float(width), fc_widths=tuple(int(f) for f in fc_widths),
                dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), init_scheme=init_scheme,
                conv_impl=conv_impl, classifier_pool=classifier_pool, pool_ceil=bool(pool_ceil),
-               include_top=bool(include_top))
+               include_top=bool(include_top), pooling=pooling)
 
 
 def init_variables(model: VGG, rng, image_size: int = 224):

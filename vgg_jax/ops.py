@@ -43,6 +43,14 @@ def max_pool(x, ceil: bool = False):
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def avg_pool(x):
+    """A 2x2 stride-2 average pool (odd sizes floor, as torch's AvgPool2d(2, 2)): the
+    pool Gatys et al. (2016) put in place of VGG's max-pools for style transfer."""
+    n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
 def adaptive_avg_pool(x, size: int):
     """torchvision's AdaptiveAvgPool2d(size) in NHWC; the identity when already size x size."""
     _, h, w, _ = x.shape

@@ -128,18 +128,30 @@ def weights_dir(name: str, progress: bool = True) -> str:
     out = os.path.join(root, p.name.replace(":", "_"))
     if _complete(out):
         return out
-    downloads = os.path.join(root, "downloads")
+    with fetched(p, progress) as path:
+        if not _complete(out):  # another process may have converted it while this one waited
+            _convert(p, path, out)
+    return out
+
+
+@contextlib.contextmanager
+def fetched(p: Published, progress: bool = True, local: str | None = None):
+    """The verified local copy of p's file (in the cache's downloads/, under a lock held
+    while the block runs): downloaded on first use, or a copy found on this machine
+    (`local`, e.g. one an installed package ships) or placed there by hand; a file whose
+    digest is not the published one is refused, never used."""
+    downloads = os.path.join(cache_root(), "weights", "downloads")
     os.makedirs(downloads, exist_ok=True)
     with _locked(os.path.join(downloads, f".{p.filename}.lock")):
-        if _complete(out):  # another process converted it while this one waited
-            return out
         path = os.path.join(downloads, p.filename)
+        if not os.path.exists(path) and local and os.path.isfile(local):
+            shutil.copyfile(local, path + ".part")
+            os.replace(path + ".part", path)
         if os.path.exists(path):  # placed by hand, or kept from an earlier download
             _verify(p, path, _digest(p, path), downloaded=False)
         else:
             _download(p, path, progress)
-        _convert(p, path, out)
-    return out
+        yield path
 
 
 def _complete(out: str) -> bool:
