@@ -151,8 +151,6 @@ def test_a_killed_run_resumes_bit_exact_once_its_lease_expires(gcs, tmp_path):
     # run started right after the kill finds it unexpired
     steps = ["--config.train.max_steps=40", "--config.train.checkpoint_every_steps=4",
              "--config.train.workdir_lease_s=45"]
-    ref = train(gcs, str(tmp_path / "uninterrupted"), *steps)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     p = train(gcs, "gs://runs/k", *steps, wait=False)
     deadline = time.time() + 300
     while not ("4" in objects("gs://runs/k/checkpoints") or p.poll() is not None):
@@ -166,7 +164,10 @@ def test_a_killed_run_resumes_bit_exact_once_its_lease_expires(gcs, tmp_path):
     line = refused.stderr.strip().splitlines()[-1]
     assert line.startswith("train.py: error: workdir gs://runs/k is in use by process "), line
     assert "a killed run's lease expires 45 s after its last renewal" in line
-    time.sleep(float(re.search(r"its lease expires in (\d+) s", line).group(1)) + 1)
+    expires = time.time() + float(re.search(r"its lease expires in (\d+) s", line).group(1))
+    ref = train(gcs, str(tmp_path / "uninterrupted"), *steps)  # while the lease runs out
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    time.sleep(max(0.0, expires + 1 - time.time()))
     r = train(gcs, "gs://runs/k", *steps)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lease of process" in r.stderr and "expired" in r.stderr
