@@ -230,3 +230,16 @@ def test_winograd_parts_benchmark_smoke_in_process(capsys):
     [tiles] = r["tiles"]
     assert tiles["ms"].keys() == tiles["first_s"].keys() == {"winograd", "winograd4"}
     assert tiles["auto"] == "winograd"  # 16 input channels: F(4x4) needs 256
+
+
+def test_perceptual_benchmark_smoke_runs_both_frameworks():
+    out = subprocess.run([sys.executable, "bench/bench_perceptual.py", "--smoke", "--json"],
+                         cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [row["row"] for row in r["rows"]] == ["lpips forward", "lpips forward+backward",
+                                                 "stylize step"]
+    for row in r["rows"]:
+        assert row["jax_img_s"] > 0 and row["torch_img_s"] > 0
+        assert abs(row["vs_torch"] - row["jax_img_s"] / row["torch_img_s"]) < 0.02, row
+    assert "cores" in r["machine"]

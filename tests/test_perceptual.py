@@ -265,3 +265,46 @@ def test_gram_mean_std_content_style_and_tv_equal_pytorch_values_and_gradients()
     g = perceptual.gram(f)
     np.testing.assert_allclose(np.asarray(g), torch_gram(to_nchw(f)).numpy(), rtol=1e-5,
                                atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- stylize
+
+def test_stylize_through_the_command_matches_the_style_and_keeps_the_content(tmp_path):
+    """`vgg-jax stylize` in a fresh process, on a VGG-19 (random weights at a quarter width:
+    no trained VGG can be downloaded here) and 64-pixel crops of scikit-learn's photos:
+    the Gram matrices' term falls at least 10x while the result stays nearer the content
+    image, by the content term, than the style image itself is."""
+    import subprocess
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from conftest import user_env
+    from vgg_jax import pixels, stylize, weights
+    kw = dict(arch="vgg19", num_classes=10, width=0.25, include_top=False)
+    model = models.create_model(**kw)
+    weights.save_weights(str(tmp_path / "w"),
+                         models.init_variables(model, jax.random.key(0), 64),
+                         convert.weights_meta(kw, "torchvision"))
+    china, flower = load_sample_images().images
+    Image.fromarray(china[100:228, 200:328]).save(tmp_path / "content.png")
+    Image.fromarray(flower[50:178, 300:428]).save(tmp_path / "style.png")
+    out = tmp_path / "out" / "result.png"
+    r = subprocess.run(["vgg-jax", "stylize", str(tmp_path / "content.png"),
+                        str(tmp_path / "style.png"), "--out", str(out), "--weights",
+                        str(tmp_path / "w"), "--size", "64", "--steps", "80"],
+                       env=user_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    side = Image.open(tmp_path / "out" / "result_side_by_side.png")
+    assert side.size == (3 * 64, 64) and Image.open(out).size == (64, 64)
+    # the terms, computed again here from the files (as the command reads them)
+    variables, meta = weights.load_weights(str(tmp_path / "w"))
+    net = weights.model_from_meta(meta, include_top=False, pooling="avg", conv_impl="xla")
+    content = stylize.read_rgb(str(tmp_path / "content.png"), 64)
+    style = stylize.read_rgb(str(tmp_path / "style.png"), (64, 64))
+    result = np.asarray(Image.open(out), np.float32) / 255.0
+    terms = stylize.losses_fn(net, variables, pixels.for_data(weights.data_config(meta)),
+                              content, style)
+    (c0, s0), (c1, s1), (c_style, _) = terms(content), terms(result), terms(style)
+    assert c0 == 0.0 and s1 <= s0 / 10, (s0, s1)
+    assert c1 < c_style, (c1, c_style)

@@ -236,6 +236,27 @@ def _saliency(sub):
     p.set_defaults(run="vgg_jax.plots:main_saliency")
 
 
+def _stylize(sub):
+    p = sub.add_parser("stylize", help="neural style transfer (Gatys et al. 2016): CONTENT in "
+                       "the style of STYLE")
+    p.add_argument("content", help="content image")
+    p.add_argument("style", help="style image (resized to the content's size)")
+    p.add_argument("--out", required=True, help=".png (and OUT_side_by_side.png beside it)")
+    p.add_argument("--weights", default="torchvision:vgg19", help=WEIGHTS_HELP)
+    p.add_argument("--size", type=positive, default=256, help="the content's longer side")
+    p.add_argument("--steps", type=positive, default=300, help="Adam steps on the pixels")
+    p.add_argument("--learning-rate", type=positive_float, default=0.02)
+    p.add_argument("--content-weight", type=float, default=1.0)
+    p.add_argument("--style-weight", type=float, default=1e6)
+    p.add_argument("--tv-weight", type=float, default=0.0, help="total variation")
+    p.add_argument("--content-tap", default="relu4_2")
+    p.add_argument("--style-taps", type=comma_list,
+                   default=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"))
+    p.add_argument("--max-pool", action="store_true",
+                   help="keep VGG's max-pools (Gatys et al. use average pools)")
+    p.set_defaults(run="vgg_jax.stylize:main")
+
+
 def _published(sub):
     p = sub.add_parser("published", help="published weights by name: list them, or fetch "
                        "(download, verify, convert) into the cache")
@@ -269,7 +290,7 @@ def main(argv=None) -> int:
     _train(sub)
     for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate, _embed,
                 _transfer, _plot_embeddings, _activations, _saliency, _plot_metrics,
-                _published):
+                _stylize, _published):
         add(sub)
     args = vars(parser.parse_args(argv))
     command, target = args.pop("command"), args.pop("run")
