@@ -41,10 +41,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (the tests)")
+    ap.add_argument("--conv-impl", default="auto", help="vgg_jax's conv algorithm (auto: per layer)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, one repeat, XLA's conv (compiles fastest): the tests")
     a = ap.parse_args(argv)
     if a.smoke:
         a.sizes, a.batches, a.stylize_size, a.steps, a.repeats = "32", "2", 32, 1, 1
+        a.conv_impl = "xla"
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,21 +59,16 @@ def main(argv=None):
     import numpy as np
     import optax
     import torch
-    from conftest import import_torchvision  # the real torchvision beside the CPU torch
+    from conftest import import_torchvision, lpips_reference  # the real torchvision
     from machine import cpu_line
     tv = import_torchvision()
-    import lpips as lpips_pkg
 
     from vgg_jax import convert, models, perceptual, pixels, stylize
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     rows = []
-    torch.manual_seed(0)
-    ref = lpips_pkg.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
-    trunk = [m for s in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4,
-                         ref.net.slice5) for m in s]
-    sd = {f"features.{i}.{k}": v.numpy() for i, m in enumerate(trunk)
-          for k, v in m.state_dict().items()}
-    fn, params = perceptual.lpips(backbone=convert.from_torch(sd, "vgg16", include_top=False))
+    ref, sd = lpips_reference()
+    fn, params = perceptual.lpips(backbone=convert.from_torch(sd, "vgg16", include_top=False),
+                                  conv_impl=a.conv_impl)
     fwd = jax.jit(fn)
     fwd_bwd = jax.jit(jax.value_and_grad(lambda x0, x1: fn(params, x0, x1).sum()))
     for size, batch in zip(map(int, a.sizes.split(",")), map(int, a.batches.split(","))):
@@ -113,7 +111,7 @@ def main(argv=None):
         p.requires_grad_(False)
     variables = convert.from_torch({f"features.{k}": v.numpy() for k, v in vgg.state_dict().items()},
                                    "vgg19", include_top=False)
-    model = models.create_model("vgg19", include_top=False, pooling="avg")
+    model = models.create_model("vgg19", include_top=False, pooling="avg", conv_impl=a.conv_impl)
     norm = pixels.Pixels((0.485 * 255, 0.456 * 255, 0.406 * 255),  # torchvision's mean/std
                          (0.229 * 255, 0.224 * 255, 0.225 * 255))
     rng = np.random.default_rng(1)

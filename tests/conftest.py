@@ -55,6 +55,21 @@ def import_torchvision():
     return torchvision
 
 
+def lpips_reference(seed: int = 0):
+    """The `lpips` package's LPIPS(net='vgg') (v0.1 linear weights) on a random torchvision
+    VGG-16 trunk (no trained VGG can be downloaded here), and that trunk as a torchvision
+    state_dict of numpy arrays, for vgg_jax's side (tests and bench/bench_perceptual.py)."""
+    import_torchvision()
+    import lpips
+    import torch
+    torch.manual_seed(seed)
+    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    trunk = [m for s in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4,
+                         ref.net.slice5) for m in s]
+    return ref, {f"features.{i}.{k}": v.numpy() for i, m in enumerate(trunk)
+                 for k, v in m.state_dict().items()}
+
+
 def write_image_folder(root, classes=("cat", "dog"), per_class=5, size=(40, 52), seed=0,
                        formats=("jpg", "png")):
     """root/class/*.jpg|png with random pixels; returns the list of paths written."""
@@ -179,7 +194,7 @@ SLOW_TESTS = {
 # Seconds per file in the full suite (2026-12-07, two workers): files run longest first, so
 # that pytest-xdist's whole-file scheduling does not leave one worker alone with a long file
 # at the end.
-FILE_SECONDS = {"test_perceptual": 100, "test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
+FILE_SECONDS = {"test_perceptual": 70, "test_install": 30, "test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
                 "test_pods": 196, "test_evaluate": 168, "test_imagenet": 118,
                 "test_conv_impl": 116, "test_transforms": 110, "test_models": 95,
                 "test_research": 93, "test_importers": 88, "test_convert": 79,

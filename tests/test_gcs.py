@@ -149,7 +149,7 @@ def test_train_resume_and_predict_with_the_workdir_in_cloud_storage(gcs, tmp_pat
 def test_a_killed_run_resumes_bit_exact_once_its_lease_expires(gcs, tmp_path):
     # a lease well beyond train.py's start on a loaded 2-core machine (10-25 s), so that the
     # run started right after the kill finds it unexpired
-    steps = ["--config.train.max_steps=40", "--config.train.checkpoint_every_steps=4",
+    steps = ["--config.train.max_steps=24", "--config.train.checkpoint_every_steps=4",
              "--config.train.workdir_lease_s=45"]
     p = train(gcs, "gs://runs/k", *steps, wait=False)
     deadline = time.time() + 300
@@ -173,7 +173,7 @@ def test_a_killed_run_resumes_bit_exact_once_its_lease_expires(gcs, tmp_path):
     assert "lease of process" in r.stderr and "expired" in r.stderr
     (s1, a), (s2, b) = params("gs://runs/k", tmp_path), params(str(tmp_path / "uninterrupted"),
                                                                 tmp_path)
-    assert s1 == s2 == 40 and a.keys() == b.keys()
+    assert s1 == s2 == 24 and a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
 

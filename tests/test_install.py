@@ -49,6 +49,10 @@ def test_an_installed_wheel_trains_by_config_name_from_any_directory(venv, tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert "top-1 accuracy" in r.stdout and "after 2 steps" in r.stdout, r.stdout
     assert (tmp_path / "wd" / "checkpoints" / "2").is_dir()
+    r = subprocess.run([str(venv / "bin" / "vgg-jax"), "train", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("usage: vgg-jax train [--config NAME"), r
+    assert "packaged: cifar10_vgg16_bn, default, fashion_mnist_depth" in r.stdout
     # a name it does not ship: one line with the names it does
     r = subprocess.run([str(venv / "bin" / "vgg-jax"), "train", "--config", "imagenet2"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import import_torchvision
+from conftest import import_torchvision, lpips_reference
 from vgg_jax import convert, models, perceptual, published
 from vgg_jax.errors import UserError
 
@@ -126,12 +126,7 @@ def both(tmp_path_factory):
     trained VGG can be downloaded here), and ours from the same trunk, converted, with
     the v0.1 linear weights found the way `lpips:vgg` finds them (the installed package's
     copy, verified and cached)."""
-    torch.manual_seed(0)
-    ref = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
-    trunk = [m for s in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4,
-                         ref.net.slice5) for m in s]
-    sd = {f"features.{i}.{k}": v.numpy() for i, m in enumerate(trunk)
-          for k, v in m.state_dict().items()}
+    ref, sd = lpips_reference()
     cache = tmp_path_factory.mktemp("cache")
     published.use_cache(str(cache))
     try:
@@ -141,6 +136,14 @@ def both(tmp_path_factory):
         published.use_cache(None)
     assert os.path.isfile(cache / "weights" / "downloads" / "vgg.pth")
     return ref, jax.jit(fn), params
+
+
+@pytest.fixture(scope="module")
+def xla_lpips(both):
+    """The same distance with XLA's own convs (compiles fastest), for the tests of its
+    gradients and transforms (the equality test runs the default, per-layer 'auto')."""
+    return perceptual.lpips_fn(models.create_model("vgg16", include_top=False,
+                                                   conv_impl="xla")), both[2]
 
 
 @pytest.mark.parametrize("size", [64, 256])
@@ -158,8 +161,8 @@ def test_lpips_equals_the_lpips_package(both, size):
     assert abs(float(fn(params, x0[:1], x0[:1])[0])) < 1e-9
 
 
-def test_lpips_gradients_are_finite_where_the_originals_are_nan(both):
-    ref, fn, params = both
+def test_lpips_gradients_are_finite_where_the_originals_are_nan(xla_lpips):
+    fn, params = xla_lpips
     # the normalisation itself, at a position whose feature vector is zero
     f = RNG.normal(size=(1, 4, 4, 8)).astype(np.float32)
     f[0, 1, 2] = 0.0
@@ -175,7 +178,7 @@ def test_lpips_gradients_are_finite_where_the_originals_are_nan(both):
     assert rel(np.asarray(g)[keep], t_grad[keep]) < 1e-5
     # the whole distance, at a tap the weights make zero everywhere (conv1_2 off): the
     # gradient with respect to each tap is finite, and so is the image's
-    x0, x1 = photo_pairs(64)
+    x0, x1 = photo_pairs(32)
     dead = jax.tree.map(lambda x: x, params)
     dead["backbone"]["params"]["conv1_2"] = {
         "kernel": jnp.zeros_like(params["backbone"]["params"]["conv1_2"]["kernel"]),
@@ -186,9 +189,9 @@ def test_lpips_gradients_are_finite_where_the_originals_are_nan(both):
     assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(gp))
 
 
-def test_lpips_is_a_pure_function_for_jit_grad_and_vmap(both):
-    _, fn, params = both
-    x0, x1 = photo_pairs(64)
+def test_lpips_is_a_pure_function_for_jit_grad_and_vmap(xla_lpips):
+    fn, params = xla_lpips
+    x0, x1 = photo_pairs(32)
     batched = jax.vmap(lambda a, b: fn(params, a[None], b[None])[0])(x0, x1)
     np.testing.assert_allclose(np.asarray(batched), np.asarray(fn(params, x0, x1)), rtol=1e-5)
     g = jax.jit(jax.grad(lambda x: fn(params, x, x1).mean()))(x0)

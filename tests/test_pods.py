@@ -240,7 +240,7 @@ def _tiny_state():
 def test_a_restore_handles_its_read_errors_without_process_wide_hooks(tmp_path):
     state = _tiny_state()
     mngr = checkpoint.manager(str(tmp_path / "w"))
-    checkpoint.save(mngr, 1, state, {"per_process": [{"epoch": 0, "offset": 0}]})
+    checkpoint.save(mngr, 1, state, {"per_process": [{"epoch": 0, "offset": 0}]}, wait=True)
     for d, _, files in os.walk(tmp_path / "w" / "checkpoints" / "1" / "state"):
         for f in files:
             if os.sep + "d" + os.sep in os.path.join(d, f):
@@ -271,7 +271,7 @@ def test_a_workdir_saved_on_8_devices_reads_on_1(tmp_path):
               "v = models.init_variables(m, jax.random.key(0), 32)\n"
               "_, _, rep = mesh.data_mesh()\n"
               "v = jax.device_put(v, rep)\n"
-              "checkpoint.save(checkpoint.manager(sys.argv[1]), 3, v, {})\n"
+              "checkpoint.save(checkpoint.manager(sys.argv[1]), 3, v, {}, wait=True)\n"
               "print(jax.device_count())\n")
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300,

@@ -19,6 +19,19 @@ import os
 import re
 import sys
 
+USAGE = """usage: {prog} [--config NAME[:ARG] | --config FILE.py[:ARG]] [--workdir DIR]
+       [--config.KEY=VALUE ...]
+
+Train a VGG; running the same command again resumes from the workdir's last checkpoint.
+
+  --config      a packaged config by name, optionally with its argument (imagenet:D,256),
+                or a config file of your own (default: default)
+                packaged: {names}
+  --workdir     checkpoints, metrics.jsonl, TensorBoard events: a local folder or
+                gs://BUCKET/PATH (default: workdir/default)
+  --config.KEY=VALUE   any field of the config (--config.optim.batch_size=64)
+
+A mistake is one line and exit status 2."""
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "default.py")
 
@@ -60,6 +73,9 @@ def main(argv: list[str] | None = None, prog: str = "vgg-jax train") -> None:
     from ml_collections import config_flags
 
     argv = resolve_argv(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpshort") for a in argv):  # absl's would list no flag
+        print(USAGE.format(prog=prog, names=", ".join(config_names())))
+        sys.exit(0)
 
     def usage_error(message: str):
         print(f"{prog}: error: {message}", file=sys.stderr)
