@@ -18,13 +18,19 @@ def venv(tmp_path_factory):
     src = base / "src"  # build from a copy: the build writes build/ and *.egg-info beside it
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "build", "*.egg-info", "__pycache__", "workdir*", "runs", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(base / "dist"), str(src)],
-                   check=True, capture_output=True, timeout=600)
+    # the build backend from this environment when it has one (a venv of Python >= 3.12
+    # has no setuptools), else pip's isolated build fetches it from the package index
+    import importlib.util
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation,
+                    "-w", str(base / "dist"), str(src)], check=True, capture_output=True,
+                   timeout=600)
     wheel, = (base / "dist").glob("vgg_jax-*.whl")
     # the dependencies come from this interpreter's site-packages; vgg_jax from the wheel
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(base / "venv")],
-                   check=True, timeout=600)
+    # (--without-pip: this interpreter's pip, seen through the system site-packages,
+    # installs into the venv; a Python without ensurepip can make it too)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(base / "venv")], check=True, timeout=600)
     subprocess.run([str(base / "venv" / "bin" / "python"), "-m", "pip", "install", "-q",
                     "--no-deps", str(wheel)], check=True, capture_output=True, timeout=600)
     return base / "venv"
