@@ -55,8 +55,9 @@ class Preemption:
             self._old = None
 
 
-class Stopped(Exception):
-    """Raised in the main thread by `stop_on_sigterm`'s handler."""
+class Stopped(BaseException):
+    """Raised in the main thread by `stop_on_sigterm`'s handler; a BaseException, as
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
 
 @contextlib.contextmanager
