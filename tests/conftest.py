@@ -207,3 +207,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (-FILE_SECONDS.get(item.module.__name__, 0), order[id(item)]))
+
+
+# VGG_JAX_TEST_TIMELINE=FILE: each test's worker, start and end (JSON lines, appended), to
+# see where the suite's two workers wait (bench/RESULTS.md's suite entries).
+TIMELINE = os.environ.get("VGG_JAX_TEST_TIMELINE")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not TIMELINE:
+        return (yield)
+    import json
+    import time
+    start = time.time()
+    try:
+        return (yield)
+    finally:
+        with open(TIMELINE, "a") as f:
+            f.write(json.dumps(dict(worker=os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                                    test=item.nodeid, start=start, end=time.time())) + "\n")
