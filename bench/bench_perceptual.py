@@ -22,6 +22,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def sig(x: float) -> float:
+    """A rate to four significant digits (two decimals lose a slow row's ratio)."""
+    return float(f"{x:.4g}")
+
+
 def timed(fn, steps, repeats):
     fn()  # warm-up: compiles
     best = float("inf")
@@ -96,8 +101,8 @@ def main(argv=None):
         fmt = min(torch_times, key=lambda k: sum(torch_times[k]))
         tf_, tb = torch_times[fmt]
         for what, j, t in (("lpips forward", jf, tf_), ("lpips forward+backward", jb, tb)):
-            rows.append(dict(row=what, size=size, batch=batch, jax_img_s=round(batch / j, 2),
-                             torch_img_s=round(batch / t, 2), vs_torch=round(t / j, 3),
+            rows.append(dict(row=what, size=size, batch=batch, jax_img_s=sig(batch / j),
+                             torch_img_s=sig(batch / t), vs_torch=round(t / j, 3),
                              torch_format=fmt))
 
     # one Gatys step at --stylize-size
@@ -169,8 +174,8 @@ def main(argv=None):
         with torch.no_grad():
             image.clamp_(0, 1)
     ts_ = timed(torch_step, a.steps, a.repeats)
-    rows.append(dict(row="stylize step", size=s, batch=1, jax_img_s=round(1 / js, 2),
-                     torch_img_s=round(1 / ts_, 2), vs_torch=round(ts_ / js, 3),
+    rows.append(dict(row="stylize step", size=s, batch=1, jax_img_s=sig(1 / js),
+                     torch_img_s=sig(1 / ts_), vs_torch=round(ts_ / js, 3),
                      torch_format="contiguous"))
     out = dict(machine=cpu_line(), torch=torch.__version__, jax=jax.__version__, rows=rows)
     if a.json:

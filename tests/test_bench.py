@@ -241,5 +241,7 @@ def test_perceptual_benchmark_smoke_runs_both_frameworks():
                                                  "stylize step"]
     for row in r["rows"]:
         assert row["jax_img_s"] > 0 and row["torch_img_s"] > 0
-        assert abs(row["vs_torch"] - row["jax_img_s"] / row["torch_img_s"]) < 0.02, row
+        # four significant digits each (bench_perceptual.sig): the ratio within 0.2%
+        assert abs(row["vs_torch"] - row["jax_img_s"] / row["torch_img_s"]) <= (
+            2e-3 * row["vs_torch"] + 5e-4), row
     assert "cores" in r["machine"]
