@@ -74,10 +74,10 @@ def _positioned(source: Source, decode, view, n_local: int, seed):
     shard, in tf.data's parallel maps; images that fail to decode are left out (positions
     say which). Only `decode` may fail that way: an error in `view` is raised."""
     ds = source.epoch_dataset(0, seed is not None, seed or 0).take(n_local).enumerate()
-    ds = ds.map(lambda pos, ex: (pos, ex[1], decode(ex[0])), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    ds = ds.map(preprocess.as_written(lambda pos, ex: (pos, ex[1], decode(ex[0]))),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors(log_warning=False)
-    return ds.map(lambda pos, label, image: (pos, label, view(image)),
+    return ds.map(preprocess.as_written(lambda pos, label, image: (pos, label, view(image))),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 

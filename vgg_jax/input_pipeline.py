@@ -104,11 +104,12 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
 
     def dataset(epoch, shuffle, seed):
         if shuffle:  # the training order, without its positions
-            return train(epoch, seed, 0, 1).map(lambda pos, uid, image, label: (image, label))
+            return train(epoch, seed, 0, 1).map(
+                preprocess.as_written(lambda pos, uid, image, label: (image, label)))
         ds = builder.as_dataset(split=mine, shuffle_files=False,
                                 read_config=tfds.ReadConfig(try_autocache=False),
                                 decoders={"image": tfds.decode.SkipDecoding()})
-        return ds.map(lambda ex: (ex["image"], label_of(ex)))
+        return ds.map(preprocess.as_written(lambda ex: (ex["image"], label_of(ex))))
 
     def parse(record):
         ex = builder.info.features.deserialize_example(
@@ -121,7 +122,8 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
     def train(epoch, seed, start, block):
         return _windowed_shuffle(pieces, window, _mix(seed, epoch, process_index), start,
                                  builder.data_dir).map(
-            lambda pos, record: (pos, pos * process_count + process_index, *parse(record)),
+            preprocess.as_written(lambda pos, record: (
+                pos, pos * process_count + process_index, *parse(record))),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def key(epoch, position, shuffled, block=1):
@@ -175,7 +177,8 @@ def _windowed_shuffle(pieces, window: int, seed: int, start: int, data_dir: str)
     counts[0] -= skips[0] - pieces[order[k]].skip
     records = tf.data.Dataset.from_tensor_slices(
         (paths, np.asarray(skips, np.int64), np.asarray(counts, np.int64))).flat_map(
-        lambda p, skip, take: tf.data.TFRecordDataset(p, buffer_size=8 << 20).skip(skip).take(take))
+        preprocess.as_written(lambda p, skip, take: tf.data.TFRecordDataset(
+            p, buffer_size=8 << 20).skip(skip).take(take)))
     windows = records.batch(window).enumerate(first_window)
 
     def shuffled(w, batch):
@@ -183,7 +186,7 @@ def _windowed_shuffle(pieces, window: int, seed: int, start: int, data_dir: str)
             tf.range(tf.shape(batch)[0]), seed=tf.stack([tf.cast(seed, tf.int64), w]))
         return tf.data.Dataset.from_tensor_slices(tf.gather(batch, perm))
 
-    ds = windows.flat_map(shuffled).skip(start - window_start)
+    ds = windows.flat_map(preprocess.as_written(shuffled)).skip(start - window_start)
     return ds.enumerate(start).prefetch(tf.data.AUTOTUNE)
 
 
@@ -256,7 +259,8 @@ def folder_source(root, split=None, process_index=0, process_count=1) -> Source:
 
     def files(o):
         ds = tf.data.Dataset.from_tensor_slices((paths[o].astype(str), labels[o]))
-        return ds.map(lambda p, l: (tf.io.read_file(p), l), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(preprocess.as_written(lambda p, l: (tf.io.read_file(p), l)),
+                      num_parallel_calls=tf.data.AUTOTUNE)
 
     def dataset(epoch, shuffle, seed):
         return files(order(epoch, shuffle, seed)[1])
@@ -265,7 +269,7 @@ def folder_source(root, split=None, process_index=0, process_count=1) -> Source:
         uids, o = order(epoch, True, seed, block)
         uids, o = uids[start:], o[start:]  # indexing: nothing before `start` is read
         ids = tf.data.Dataset.from_tensor_slices((np.arange(start, start + len(o)), uids))
-        return tf.data.Dataset.zip(ids, files(o)).map(lambda i, ex: (*i, *ex))
+        return tf.data.Dataset.zip(ids, files(o)).map(preprocess.as_written(lambda i, ex: (*i, *ex)))
 
     def key(epoch, position, shuffle_seed, block=1):
         return str(paths[order(epoch, shuffle_seed is not None, shuffle_seed, block)[1][position]])
@@ -340,9 +344,9 @@ class TrainIterator:
             return (pos, *preprocess.train_view(image, fused, example_seed(uid), d), label)
 
         ds = self.source.train_dataset(epoch, seed, offset, self.batch)
-        ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(preprocess.as_written(read), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.ignore_errors(log_warning=False)  # undecodable images only: counted below
-        ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(preprocess.as_written(view), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.batch(self.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def _generate(self):

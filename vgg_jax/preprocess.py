@@ -37,6 +37,15 @@ NORMALIZATIONS = {
 assert tuple(NORMALIZATIONS) == choices.NORMALIZATIONS  # the names are listed in choices
 
 
+def as_written(fn):
+    """`fn` for tf.data (map, flat_map), traced as written. tf.data otherwise runs
+    autograph over the function and every function it calls, rewriting their source, which
+    took 2.8 s of each command's start on 2026-12-07 (2-core AMD EPYC); the pipeline's
+    functions branch on tensors with tf.cond and tf.where only, so there is nothing to
+    rewrite (a Python `if` on a tensor fails loudly at trace time)."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def normalization(name: str, mean=None, std=None, bgr: bool = False) -> dict:
     """A preset by name, or 'custom' with explicit mean/std (0..255 pixel units)."""
     if name == "custom":
