@@ -155,6 +155,10 @@ class VGG(nn.Module):
     # 'avg': every max-pool an average pool of the same window (Gatys et al.'s style-
     # transfer net; the weights are the same)
     pooling: str = "max"
+    # the localisation net of Appendix A: fc8 predicts boxes (cx, cy, w, h) instead of class
+    # scores, one shared by all classes ('scr') or one per class ('pcr'); apply returns
+    # (N, K, 4), K = 1 or num_classes ((N, h, w, K, 4) dense)
+    box_head: str = ""
 
     @nn.compact
     def __call__(self, x, train: bool = False, *, dense: bool = False,
@@ -233,10 +237,13 @@ class VGG(nn.Module):
                 x = mask_valid(x, valid)
             keep(name, x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = FC(self.num_classes, self.dtype, fc_init, name="fc8")(x, window)
+        x = FC(box_outputs(self.box_head, self.num_classes) or self.num_classes, self.dtype,
+               fc_init, name="fc8")(x, window)
         if valid is not None:
             x = mask_valid(x, valid)
         x = x.astype(jnp.promote_types(self.dtype, jnp.float32))  # f32 (f64 for f64)
+        if self.box_head:
+            x = x.reshape(*x.shape[:-1], -1, 4)
         keep("fc8", x)
         if captured:
             self.sow("intermediates", "layers", captured)
@@ -290,12 +297,24 @@ def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: i
         raise UserError(f"input {h}x{w} is smaller than {need}x{need}{mode}: {what}")
 
 
+BOX_HEADS = ("scr", "pcr")
+
+
+def box_outputs(box_head: str, num_classes: int) -> int:
+    """fc8's width for a box head (Appendix A): 4 for single-class regression (SCR), 4 per
+    class for per-class regression (PCR); 0 for a classifier ('')."""
+    if box_head not in ("",) + BOX_HEADS:
+        raise UserError(f"box_head={box_head!r}: valid are '' (a classifier), 'scr' (one box "
+                        f"for all classes) and 'pcr' (a box per class)")
+    return {"": 0, "scr": 4, "pcr": 4 * num_classes}[box_head]
+
+
 def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: int = 3,
                  width: float = 1.0, fc_widths: Sequence[int] = (4096, 4096),
                  dropout_rate: float = 0.5, dtype: Any = jnp.float32, init_scheme: str = "kaiming",
                  conv_impl: str = "auto", classifier_pool: int = 7,
                  pool_ceil: bool = False, include_top: bool = True,
-                 pooling: str = "max") -> VGG:
+                 pooling: str = "max", box_head: str = "") -> VGG:
     """Build a VGG. `arch`: paper letter (A, A-LRN, B, C, D, E, and Sec. 4.1's B-5x5) or
     vgg11, vgg11_lrn, vgg13, vgg16_c, vgg16, vgg19, vgg13_5x5, each optionally with `_bn`
     (BatchNorm after every conv). `pool_ceil`: Caffe's ceil-mode pools (dense evaluation
@@ -304,7 +323,10 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
     (N, h, w, 512 x width) map), as Keras' include_top=False; no fc6-fc8 params.
     `width` multiplies every conv's channel count (the d2l seed uses 0.25); `fc_widths`
     sets fc6/fc7; `dtype` is the compute dtype (params stay float32). `pooling='avg'`:
-    average pools in place of the max-pools (Gatys et al.'s loss network)."""
+    average pools in place of the max-pools (Gatys et al.'s loss network). `box_head`
+    'scr' or 'pcr': the localisation net of Appendix A, whose fc8 predicts boxes
+    (`apply` -> (N, 1 or num_classes, 4), each (cx, cy, w, h) as fractions of the input;
+    vgg_jax.boxes)."""
     resolve_arch(arch)
     if not (isinstance(width, (int, float)) and 0 < width <= 16):
         raise UserError(f"width must be a number in (0, 16], got {width!r}")
@@ -317,11 +339,15 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
         raise UserError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     initializers(init_scheme)
     conv.resolve_conv_impl(conv_impl)
+    box_outputs(box_head, num_classes)
+    if box_head and not include_top:
+        raise UserError(f"box_head={box_head!r} needs the fully-connected layers "
+                        f"(include_top=True)")
     return VGG(arch=canonical_name(arch), num_classes=num_classes, in_channels=in_channels,
                width=float(width), fc_widths=tuple(int(f) for f in fc_widths),
                dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), init_scheme=init_scheme,
                conv_impl=conv_impl, classifier_pool=classifier_pool, pool_ceil=bool(pool_ceil),
-               include_top=bool(include_top), pooling=pooling)
+               include_top=bool(include_top), pooling=pooling, box_head=box_head)
 
 
 def init_variables(model: VGG, rng, image_size: int = 224):

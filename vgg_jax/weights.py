@@ -103,7 +103,8 @@ def model_meta(model: models.VGG, data: ml_collections.ConfigDict, class_names) 
                    fc_widths=list(model.fc_widths), dropout_rate=model.dropout_rate,
                    init_scheme=model.init_scheme,
                    classifier_pool=model.classifier_pool, pool_ceil=model.pool_ceil,
-                   include_top=model.include_top),
+                   include_top=model.include_top,
+                   **({"box_head": model.box_head} if model.box_head else {})),
         preprocessing=dict(
             preprocess.normalization(data.normalization, data.mean, data.std, data.bgr),
             recipe=data.recipe, image_size=data.image_size, eval_scale=data.eval_scale,
