@@ -128,3 +128,83 @@ def test_a_box_head_is_checked_in_one_line():
 def _data_config():
     from conftest import load_config
     return load_config().data
+
+
+def _drawn(h, w, box_px):
+    """An h x w black image with a white rectangle (x0, y0, x1, y1 pixels)."""
+    image = np.zeros((h, w, 3), np.uint8)
+    x0, y0, x1, y1 = box_px
+    image[y0:y1, x0:x1] = 255
+    return image
+
+
+def _ink_box(view):
+    """Corner fractions of the pixels above half brightness in a view (None if none)."""
+    rows, cols = np.nonzero(np.asarray(view)[..., 0] > 127)
+    if not len(rows):
+        return None
+    n = view.shape[0]
+    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]) / n
+
+
+@pytest.mark.parametrize("recipe", ["paper", "paper-jpeg", "small"])
+def test_a_box_drawn_into_an_image_stays_on_the_object_in_training_and_test_views(recipe):
+    """The training view (scale, crop or JPEG window, flip, each drawn from the example's
+    seed) and the test view (rescale, centre crop) move the box exactly as they move the
+    object: the box box_views computes is the drawn rectangle's box in the view, to the
+    pixel the resampling blurs, over 40 seeds."""
+    import ml_collections
+    import tensorflow as tf
+    from vgg_jax import box_views, preprocess
+    h, w, obj = 90, 130, (40, 20, 85, 70)
+    image = _drawn(h, w, obj)
+    fractions = tf.constant([[obj[0] / w, obj[1] / h, obj[2] / w, obj[3] / h]], tf.float32)
+    d = ml_collections.ConfigDict(dict(
+        recipe="small" if recipe == "small" else "paper", image_size=48, s_min=56, s_max=96,
+        fused_jpeg_crop=recipe == "paper-jpeg", pad=6, flip=True, channels=3,
+        colour_pca=False, pca_std=0.1, eval_scale=64, antialias=False))
+    raw = tf.io.encode_jpeg(image, quality=100) if recipe == "paper-jpeg" else \
+        tf.io.encode_png(image)
+    flips = 0
+    for i in range(40):
+        seed = tf.constant([7, i], tf.int64)
+        decoded, fused = preprocess.train_decode(raw, seed, d)
+        view, _ = preprocess.train_view(decoded, fused, seed, d)
+        got = box_views.train_boxes(fractions, h, w, fused, seed, d).numpy()[0]
+        want = _ink_box(view)
+        if want is None:  # cropped away: the box has no area left
+            assert (got[2] - got[0]) * (got[3] - got[1]) < 1e-6
+            continue
+        np.testing.assert_allclose(got, want, atol=1.5 / 48)
+        flips += bool(preprocess.flipped(preprocess.seeds(seed, 4)[2]))
+    assert 5 < flips < 35  # both ways were seen
+    view = preprocess.eval_view(preprocess.eval_decode(raw, d), d)
+    got = box_views.eval_boxes(fractions, h, w, d).numpy()[0]
+    np.testing.assert_allclose(got, _ink_box(view), atol=1.5 / 48)
+
+
+def test_the_canvas_dataset_prepares_offline_with_tight_boxes_no_constant_box_finds(tmp_path):
+    """vgg_digits_canvas through TFDS: every box is the tight box of its digit's ink, and
+    the best constant box (the training boxes' mean, or any square on a grid) is correct on
+    at most 30% of the test images, so a net must find the digit to pass."""
+    import tensorflow_datasets as tfds
+    from vgg_jax import prepared
+    from vgg_jax.datasets import canvas
+    builder = prepared.tfds_builder("vgg_digits_canvas", str(tmp_path))
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 1437,
+                                                                         "test": 360}
+    test = list(tfds.as_numpy(builder.as_dataset(split="test")))
+    for ex in test[:50]:
+        ymin, xmin, ymax, xmax = (ex["bboxes"][0] * canvas.CANVAS).round().astype(int)
+        ink = ex["image"][..., 0] > canvas.INK
+        assert ink[ymin:ymax, xmin:xmax].sum() == ink.sum()  # all the ink inside
+        assert ink[ymin, xmin:xmax].any() and ink[ymax - 1, xmin:xmax].any()  # tight
+        assert ink[ymin:ymax, xmin].any() and ink[ymin:ymax, xmax - 1].any()
+    truth = np.stack([ex["bboxes"][0][[1, 0, 3, 2]] for ex in test])  # -> x0, y0, x1, y1
+    train = list(tfds.as_numpy(builder.as_dataset(split="train")))
+    mean = np.stack([ex["bboxes"][0][[1, 0, 3, 2]] for ex in train]).mean(axis=0)
+    candidates = [mean] + [np.array([c - s / 2, c - s / 2, c + s / 2, c + s / 2])
+                           for c in np.linspace(0.3, 0.7, 9) for s in np.linspace(0.2, 0.7, 11)]
+    best = max(float((boxes.iou(np.broadcast_to(b, truth.shape), truth) > 0.5).mean())
+               for b in candidates)
+    assert best <= 0.30, best

@@ -14,7 +14,7 @@ from vgg_jax.errors import NotFound, UserError
 
 
 log = logging.getLogger(__name__)
-BUNDLED = ("vgg_digits",)  # prepared on first use: they need no download
+BUNDLED = ("vgg_digits", "vgg_digits_canvas")  # prepared on first use: they need no download
 
 
 def default_data_dir(data_dir: str | None = None) -> str:

@@ -92,8 +92,21 @@ def sample_scale(seed, s_min: int, s_max: int):
     return tf.random.stateless_uniform([], seed, s_min, s_max + 1, dtype=tf.int32)
 
 
+def crop_offset(height, width, size, seed, size_w=None):
+    """(top, left) of a random size x size (or size x size_w) crop of a (height, width)
+    image: the offset tf.image.stateless_random_crop draws for an (H, W, C) image, drawn
+    here so that a box can follow the crop (vgg_jax.box_views)."""
+    size_w = size if size_w is None else size_w
+    limit = tf.stack([height - size + 1, width - size_w + 1, 1])
+    offset = tf.random.stateless_uniform([3], seed, maxval=tf.int32.max, dtype=tf.int32) % limit
+    return offset[0], offset[1]
+
+
 def random_crop(image, size: int, seed):
-    return tf.image.stateless_random_crop(image, (size, size, tf.shape(image)[-1]), seed)
+    """tf.image.stateless_random_crop's crop (the same pixels for the same seed)."""
+    shape = tf.shape(image)
+    top, left = crop_offset(shape[0], shape[1], size, seed)
+    return image[top:top + size, left:left + size]
 
 
 def center_crop(image, size: int):
@@ -101,13 +114,23 @@ def center_crop(image, size: int):
     which takes halves to the even integer (a floor would be one pixel off whenever
     side - size = 3 mod 4); tf.math.round rounds halves to even too."""
     shape = tf.shape(image)
-    offset = lambda side: tf.cast(tf.math.round(tf.cast(side - size, tf.float64) / 2.0), tf.int32)
-    top, left = offset(shape[0]), offset(shape[1])
+    top, left = center_offset(shape[0], size), center_offset(shape[1], size)
     return image[top:top + size, left:left + size]
 
 
+def center_offset(side, size: int):
+    """center_crop's offset along a side."""
+    return tf.cast(tf.math.round(tf.cast(side - size, tf.float64) / 2.0), tf.int32)
+
+
+def flipped(seed):
+    """Whether tf.image.stateless_random_flip_left_right mirrors an image for `seed`."""
+    return tf.random.stateless_uniform([], seed, 0, 1.0) < 0.5
+
+
 def random_flip(image, seed):
-    return tf.image.stateless_random_flip_left_right(image, seed)
+    """tf.image.stateless_random_flip_left_right's flip (the same for the same seed)."""
+    return tf.cond(flipped(seed), lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def pca_alpha(seed, alpha_std: float = 0.1):
@@ -126,7 +149,8 @@ def pad_and_random_crop(image, pad: int, seed):
     """CIFAR-style: zero-pad `pad` pixels each side, crop back to the original size."""
     shape = tf.shape(image)
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-    return tf.image.stateless_random_crop(padded, shape, seed)
+    top, left = crop_offset(shape[0] + 2 * pad, shape[1] + 2 * pad, shape[0], seed, shape[1])
+    return padded[top:top + shape[0], left:left + shape[1]]
 
 
 def resize_to(image, size: int):
@@ -140,14 +164,19 @@ def fused_jpeg_window(image_bytes, channels: int, s, size: int, seed):
     """The window of the *encoded* JPEG that rescale-to-S then a random size x size crop
     would show, decoded alone (tf.image.decode_and_crop_jpeg), not yet resized."""
     shape = tf.image.extract_jpeg_shape(image_bytes)
-    h, w = shape[0], shape[1]
+    window = jpeg_window(shape[0], shape[1], s, size, seed)
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=channels)
+
+
+def jpeg_window(h, w, s, size: int, seed):
+    """(y, x, height, width) of fused_jpeg_window's window in an h x w JPEG."""
     scale = tf.cast(s, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
     ch = tf.minimum(h, tf.cast(tf.round(size / scale), tf.int32))
     cw = tf.minimum(w, tf.cast(tf.round(size / scale), tf.int32))
     sy, sx = seeds(seed, 2)
     y = tf.random.stateless_uniform([], sy, 0, h - ch + 1, dtype=tf.int32)
     x = tf.random.stateless_uniform([], sx, 0, w - cw + 1, dtype=tf.int32)
-    return tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, ch, cw]), channels=channels)
+    return tf.stack([y, x, ch, cw])
 
 
 def _window_to_crop(window, size: int, antialias: bool):
