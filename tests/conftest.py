@@ -134,6 +134,10 @@ def pytest_sessionfinish(session, exitstatus):
 SLOW_MODULES = {"test_imagenet", "test_pods", "test_bench", "test_evaluate", "test_research",
                 "test_transforms", "test_readme", "test_gcs", "test_install", "test_perceptual"}
 SLOW_TESTS = {
+    "test_scr_and_pcr_nets_train_on_the_canvas_digits_and_find_them",
+    "test_box_net_mistakes_are_one_line",
+    "test_the_canvas_dataset_prepares_offline_with_tight_boxes_no_constant_box_finds",
+    "test_box_heads_predict_one_box_or_one_per_class_standard_and_dense",
     "test_a_corrupted_latest_checkpoint_is_set_aside_and_the_run_resumes",
     "test_a_frozen_batch_norm_computes_in_training_what_it_computes_at_evaluation",
     "test_a_name_not_in_the_cache_offline_is_one_line_naming_the_file_and_the_folder",
@@ -194,7 +198,7 @@ SLOW_TESTS = {
 # Seconds per file in the full suite (2026-12-07, two workers): files run longest first, so
 # that pytest-xdist's whole-file scheduling does not leave one worker alone with a long file
 # at the end.
-FILE_SECONDS = {"test_perceptual": 70, "test_install": 30, "test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
+FILE_SECONDS = {"test_localisation": 130, "test_boxes": 30, "test_perceptual": 70, "test_install": 30, "test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
                 "test_pods": 196, "test_evaluate": 168, "test_imagenet": 118,
                 "test_conv_impl": 116, "test_transforms": 110, "test_models": 95,
                 "test_research": 93, "test_importers": 88, "test_convert": 79,

@@ -9,14 +9,15 @@ from conftest import ROOT
 from vgg_jax import train
 
 sys.path.insert(0, ROOT)
-from vgg_jax.configs import (cifar10_vgg16_bn, default, fashion_mnist_depth,  # noqa: E402
-                     fashion_mnist_vgg11_small, imagenet)
+from vgg_jax.configs import (cifar10_vgg16_bn, default, digits_localisation,  # noqa: E402
+                             fashion_mnist_depth, fashion_mnist_vgg11_small, imagenet)
 
 
 @pytest.mark.parametrize("config", [
     default.get_config(), cifar10_vgg16_bn.get_config(), fashion_mnist_vgg11_small.get_config(),
     imagenet.get_config("A,256"), imagenet.get_config("D,384"), imagenet.get_config("E,256-512"),
     *(fashion_mnist_depth.get_config(a) for a in ("A", "A-LRN", "B", "C", "D", "E")),
+    digits_localisation.get_config("SCR"), digits_localisation.get_config("PCR"),
 ])
 def test_shipped_configs_validate(config):
     if config.train.init_from_required:  # a fine-tuning stage: run as the README shows
@@ -69,6 +70,11 @@ SOURCES = {
             "optim.schedule": "step", "optim.warmup_epochs": 0, "optim.grad_clip_norm": 0.0,
             "data.flip": True, "data.colour_pca": False, "data.dataset": "fashion_mnist",
             "data.mean": (72.94,), "data.std": (90.02,)}),
+    "canvas digits localisation (Appendix A, small scale)": (
+        lambda: digits_localisation.get_config("PCR"), {
+            "model.box_head": "pcr", "data.flip": True, "optim.momentum": 0.9,
+            "optim.weight_decay": 5e-4, "optim.weight_decay_mode": "coupled",
+            "eval.protocol": "center", "data.dataset": "vgg_digits_canvas"}),
     "cifar10 (04.VGG.py)": (cifar10_vgg16_bn.get_config, {
         "model.arch": "vgg16_bn", "model.width": 1.0, "model.fc_widths": (4096, 4096),
         "model.classifier_pool": 7, "model.dropout_rate": 0.5, "data.image_size": 32,

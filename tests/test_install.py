@@ -58,12 +58,13 @@ def test_an_installed_wheel_trains_by_config_name_from_any_directory(venv, tmp_p
     r = subprocess.run([str(venv / "bin" / "vgg-jax"), "train", "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("usage: vgg-jax train [--config NAME"), r
-    assert "packaged: cifar10_vgg16_bn, default, fashion_mnist_depth" in r.stdout
+    assert "packaged: cifar10_vgg16_bn, default, digits_localisation, fashion_mnist_depth" in r.stdout
     # a name it does not ship: one line with the names it does
     r = subprocess.run([str(venv / "bin" / "vgg-jax"), "train", "--config", "imagenet2"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
         "vgg-jax train: error: config file imagenet2 not found (give --config a packaged config "
-        "(cifar10_vgg16_bn, default, fashion_mnist_depth, fashion_mnist_vgg11_small, "
+        "(cifar10_vgg16_bn, default, digits_localisation, fashion_mnist_depth, "
+        "fashion_mnist_vgg11_small, "
         "finetune_folder, imagenet) or a config file's path)")

@@ -5,6 +5,7 @@ without an import cycle."""
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")   # Sec. 3.2 (evaluate)
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "winograd4")  # conv algorithms (conv)
+BOX_HEADS = ("", "scr", "pcr")  # a classifier, or Appendix A's box nets (models, objectives)
 RECIPES = ("paper", "small")                                       # training crops (preprocess)
 # Pixel conventions (preprocess.NORMALIZATIONS), plus 'custom' (data.mean / data.std) and,
 # in training configs, 'from_init' (those of train.init_from's weights).

@@ -84,6 +84,14 @@ def validate(config) -> None:
     models.resolve_arch(config.model.arch)
     check_choice("model.init_scheme", config.model.init_scheme, choices.INIT_SCHEMES)
     check_choice("model.conv_impl", config.model.conv_impl, choices.CONV_IMPLS)
+    if config.model.get("box_head", "") not in choices.BOX_HEADS:
+        raise UserError(f"model.box_head={config.model.box_head!r}: valid are '' (a "
+                        f"classifier), 'scr' (one box for all classes) and 'pcr' (a box per "
+                        f"class)")
+    if config.model.get("box_head") and config.eval.protocol != "center":
+        raise UserError(f"eval.protocol={config.eval.protocol!r}: a box net (model.box_head="
+                        f"{config.model.box_head!r}) validates with the paper's centre-crop "
+                        f"protocol (eval.protocol='center', the box of the true class)")
 
 
 # ----------------------------------------------------------------------------- overrides

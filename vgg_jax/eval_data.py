@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from vgg_jax import mesh, preprocess
+from vgg_jax import box_views, mesh, preprocess
 from vgg_jax.errors import UserError
-from vgg_jax.input_pipeline import Source, make_source
+from vgg_jax.input_pipeline import MAX_BOXES, Source, make_source
 
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def local_count(source: Source, limit: int | None) -> int:
             min(-(-limit // jax.process_count()), source.num_examples))
 
 
-def _positioned(source: Source, decode, view, n_local: int, seed):
+def _positioned(source: Source, decode, view, n_local: int, seed, view_boxes=None):
     """(position, label, view(decode(image_bytes))) of the first `n_local` images of the
     shard, in tf.data's parallel maps; images that fail to decode are left out (positions
     say which). Only `decode` may fail that way: an error in `view` is raised."""
@@ -77,7 +77,13 @@ def _positioned(source: Source, decode, view, n_local: int, seed):
     ds = ds.map(preprocess.as_written(lambda pos, ex: (pos, ex[1], decode(ex[0]))),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors(log_warning=False)
-    return ds.map(preprocess.as_written(lambda pos, label, image: (pos, label, view(image))),
+    def viewed(pos, label, image):
+        if isinstance(label, dict):  # boxes: where the objects are in the view
+            shape = tf.shape(image)
+            label = dict(label, boxes=view_boxes(label["boxes"], shape[0], shape[1]))
+        return pos, label, view(image)
+
+    return ds.map(preprocess.as_written(viewed),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -107,7 +113,8 @@ def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None,
     num_batches = math.ceil(n_max / local_batch)
     skipped = Skipped(source) if skipped is None else skipped
     ds = _positioned(source, lambda raw: preprocess.eval_decode(raw, d),
-                     lambda image: preprocess.eval_view(image, d), n_local, skipped.seed)
+                     lambda image: preprocess.eval_view(image, d), n_local, skipped.seed,
+                     lambda boxes, h, w: box_views.eval_boxes(boxes, h, w, d))
     produced, expected = 0, 0  # batched by tf.data; the positions name what was skipped
     for pos, label, image in ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
         expected = skipped.arrived(expected, pos)
@@ -116,21 +123,26 @@ def eval_batches(source: Source, data_cfg, local_batch: int, *, limit=None,
     skipped.gap(expected, n_local)
     shape = (d.image_size, d.image_size, d.channels)
     label_shape = (source.num_classes,) if source.multi_label else ()
-    template = _pad(np.zeros((0, *shape), np.uint8), np.zeros((0, *label_shape), np.int32),
-                    local_batch)
+    label = np.zeros((0, *label_shape), np.int32)
+    if source.boxes:
+        label = {"label": label, "boxes": np.zeros((0, MAX_BOXES, 4), np.float32)}
+    template = _pad(np.zeros((0, *shape), np.uint8), label, local_batch)
     for _ in range(num_batches - produced):  # the batches another process still runs
         yield template
 
 
 def _pad(image, label, size):
-    n = len(label)
+    """A batch of exactly `size` with its 0/1 mask; `label` an array, or a localisation
+    dataset's {'label', 'boxes'} (padded the same way)."""
+    batch = {"image": image, **(label if isinstance(label, dict) else {"label": label})}
+    n = len(image)
     mask = np.zeros((size,), np.float32)
     mask[:n] = 1
     pad = size - n
     if pad:
-        image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
-        label = np.concatenate([label, np.zeros((pad, *label.shape[1:]), label.dtype)])
-    return {"image": image, "label": label.astype(np.int32), "mask": mask}
+        batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+                 for k, v in batch.items()}
+    return dict(batch, label=batch["label"].astype(np.int32), mask=mask)
 
 
 # ----------------------------------------------------------------------------- CLI

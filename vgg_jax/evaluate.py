@@ -113,7 +113,7 @@ def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "te
     dirs = list(ensemble) or ([weights] if weights else [])
     if not dirs:
         raise UserError("give --weights DIR or --ensemble DIR1,DIR2,...")
-    nets = [Net(d) for d in dirs]
+    nets = [Net(d).require_classifier() for d in dirs]
     try:
         with preemption.stop_on_sigterm():  # nothing to save: end at once, in one line
             r = evaluate(nets, data, split, protocol, list(scales) or default_scales(nets[0].d),

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vgg_jax import preprocess
+from vgg_jax import box_views, preprocess
 from vgg_jax.errors import NotFound, UserError
 from vgg_jax.prepared import tfds_builder
 
@@ -61,6 +61,7 @@ class Source:
     process_index: int = 0
     process_count: int = 1
     multi_label: bool = False  # labels are multi-hot (num_classes,) int32 vectors
+    boxes: bool = False  # labels are {'label', 'boxes' (MAX_BOXES, 4)} (box_feature)
 
     @property
     def num_classes(self) -> int:
@@ -86,9 +87,10 @@ class Source:
 
 
 def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
-                shuffle_buffer=10_000) -> Source:
+                shuffle_buffer=10_000, boxes: bool = False) -> Source:
     """A TFDS split; each process reads its own even part (tfds.even_splits), as whole
-    files where it can, so no host reads another's examples."""
+    files where it can, so no host reads another's examples. With `boxes`, each label is
+    {'label', 'boxes'} (box_feature): a localisation dataset's."""
     builder = tfds_builder(name, data_dir)
     try:
         shards = tfds.even_splits(split, n=process_count)
@@ -100,6 +102,9 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
         raise UserError(f"{name} has no split {split!r}{why}; its splits: {known} (slices "
                         f"like 'train[:10%]' work too)") from None
     class_names, label_of, multi = label_feature(builder)
+    if boxes:
+        boxes_of, class_of = box_feature(builder), label_of
+        label_of = lambda ex: {"label": class_of(ex), "boxes": boxes_of(ex)}
     mine = shards[process_index]
 
     def dataset(epoch, shuffle, seed):
@@ -131,7 +136,34 @@ def tfds_source(name, split, data_dir=None, process_index=0, process_count=1,
         return f"{name}:{split} example #{position}{shard}"
 
     return Source(name, split, sizes[process_index], max(sizes), sum(sizes), class_names,
-                  dataset, key, train, process_index, process_count, multi)
+                  dataset, key, train, process_index, process_count, multi, boxes)
+
+
+MAX_BOXES = 16  # boxes kept per image (ILSVRC's validation images have up to a dozen)
+
+
+def box_feature(builder):
+    """example -> its boxes as (MAX_BOXES, 4) corner fractions (x0, y0, x1, y1), padded
+    with empty boxes: a TFDS dataset's 'bboxes' (a sequence of BBoxFeature, as
+    vgg_digits_canvas) or 'objects' with a 'bbox' (as voc), TFDS's (ymin, xmin, ymax, xmax)."""
+    features = dict(builder.info.features.items())
+    seq, objects = features.get("bboxes"), features.get("objects")
+    if isinstance(seq, tfds.features.Sequence) and isinstance(seq.feature,
+                                                              tfds.features.BBoxFeature):
+        get = lambda ex: ex["bboxes"]
+    elif isinstance(objects, tfds.features.Sequence) and "bbox" in objects.feature.keys():
+        get = lambda ex: ex["objects"]["bbox"]
+    else:
+        raise UserError(f"{builder.name} has no boxes (a 'bboxes' feature, or 'objects' with a "
+                        f"'bbox'): a box head (model.box_head) trains on a localisation "
+                        f"dataset such as vgg_digits_canvas")
+
+    def boxes_of(ex):
+        b = tf.gather(tf.cast(get(ex), tf.float32)[:MAX_BOXES], [1, 0, 3, 2], axis=1)
+        b = tf.pad(b, [[0, MAX_BOXES - tf.shape(b)[0]], [0, 0]])
+        return tf.ensure_shape(b, (MAX_BOXES, 4))
+
+    return boxes_of
 
 
 def label_feature(builder):
@@ -279,10 +311,15 @@ def folder_source(root, split=None, process_index=0, process_count=1) -> Source:
 
 
 def make_source(dataset: str, split: str, data_dir=None, process_index=0, process_count=1,
-                shuffle_buffer=10_000) -> Source:
+                shuffle_buffer=10_000, boxes: bool = False) -> Source:
     if is_folder(dataset):
+        if boxes:
+            raise UserError(f"{dataset} is an image folder, which has no boxes: a box head "
+                            f"(model.box_head) trains on a TFDS dataset with boxes, such as "
+                            f"vgg_digits_canvas")
         return folder_source(dataset, split, process_index, process_count)
-    return tfds_source(dataset, split, data_dir, process_index, process_count, shuffle_buffer)
+    return tfds_source(dataset, split, data_dir, process_index, process_count, shuffle_buffer,
+                       boxes)
 
 
 def _mix(*ints) -> int:
@@ -337,8 +374,14 @@ class TrainIterator:
             return tf.stack([tf.constant(_mix(seed, epoch), tf.int64), uid])
 
         def read(pos, uid, image_bytes, label):
-            return (pos, uid, *preprocess.train_decode(image_bytes, example_seed(uid), d),
-                    label)
+            seed = example_seed(uid)
+            image, fused = preprocess.train_decode(image_bytes, seed, d)
+            if isinstance(label, dict):  # a localisation dataset: its boxes follow the view
+                hw = tf.cond(fused, lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
+                             lambda: tf.shape(image)[:2])
+                label = dict(label, boxes=box_views.train_boxes(label["boxes"], hw[0], hw[1],
+                                                                fused, seed, d))
+            return pos, uid, image, fused, label
 
         def view(pos, uid, image, fused, label):
             return (pos, *preprocess.train_view(image, fused, example_seed(uid), d), label)
@@ -356,7 +399,9 @@ class TrainIterator:
                 self._note_gaps(epoch, expected, pos)
                 expected = int(pos[-1]) + 1
                 self.state = {"epoch": epoch, "offset": expected}
-                batch = {"image": image, "label": label.astype(np.int32)}
+                batch = {"image": image}
+                batch.update(label if isinstance(label, dict) else {"label": label})
+                batch["label"] = batch["label"].astype(np.int32)
                 if self.d.colour_pca:  # the colour shift runs on the device
                     batch["alpha"] = alpha
                 yield batch

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vgg_jax import conv
+from vgg_jax import choices, conv
 from vgg_jax.arch import (ALIASES, CONFIGS, LRN_PARAMS, MIN_SIZE, POOLS,  # noqa: F401 (API)
                           Layer, all_arch_names, bn_name, canonical_name, check_layer,
                           layer_names, layer_table, relu_name, resolve_arch, scaled,
@@ -297,13 +297,10 @@ def check_input(shape, in_channels: int, dense: bool = False, classifier_pool: i
         raise UserError(f"input {h}x{w} is smaller than {need}x{need}{mode}: {what}")
 
 
-BOX_HEADS = ("scr", "pcr")
-
-
 def box_outputs(box_head: str, num_classes: int) -> int:
     """fc8's width for a box head (Appendix A): 4 for single-class regression (SCR), 4 per
     class for per-class regression (PCR); 0 for a classifier ('')."""
-    if box_head not in ("",) + BOX_HEADS:
+    if box_head not in choices.BOX_HEADS:
         raise UserError(f"box_head={box_head!r}: valid are '' (a classifier), 'scr' (one box "
                         f"for all classes) and 'pcr' (a box per class)")
     return {"": 0, "scr": 4, "pcr": 4 * num_classes}[box_head]

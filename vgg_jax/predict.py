@@ -15,7 +15,7 @@ def predict(*, weights: str, images, top: int = 5, dense: bool = False, q: int =
     """Print the `top` classes of each image file: the centre crop, or with `dense` the
     whole image at scale `q` through the fully-convolutional net (without the flip that
     the paper's dense evaluation averages in: `vgg-jax evaluate --protocol dense`)."""
-    net = Net(weights)
+    net = Net(weights).require_classifier()
     for path in images:  # every file checked before any output
         read_image_bytes(path)
     for path in images:

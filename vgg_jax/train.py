@@ -22,7 +22,8 @@ import numpy as np
 import optax
 
 from vgg_jax import (checkpoint, conv, eval_data, input_pipeline, lease, mesh, metric_log,
-                     models, optim, pixels, preemption, published, storage, weights)
+                     models, objectives, optim, pixels, preemption, published, storage,
+                     weights)
 from vgg_jax.configuration import validate
 from vgg_jax.errors import UserError
 
@@ -50,19 +51,13 @@ def build_model(config, num_classes: int) -> models.VGG:
         m.arch, num_classes=num_classes, in_channels=config.data.channels, width=m.width,
         fc_widths=tuple(m.fc_widths), dropout_rate=m.dropout_rate,
         dtype=jnp.dtype(t.dtype), init_scheme=init_scheme, conv_impl=m.conv_impl,
-        classifier_pool=m.classifier_pool, pool_ceil=m.pool_ceil)
+        classifier_pool=m.classifier_pool, pool_ceil=m.pool_ceil,
+        box_head=m.get("box_head", ""))
 
 
 # ----------------------------------------------------------------------------- steps
 
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
-def correct_topk(logits, labels, k: int):
-    k = min(k, logits.shape[-1])
-    topk = jax.lax.top_k(logits, k)[1]
-    return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+cross_entropy, correct_topk = objectives.cross_entropy, objectives.correct_topk
 
 
 def _variables(params, batch_stats):
@@ -78,42 +73,46 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
     (pixels.Pixels) the batch's uint8 images (and 'alpha' colour shifts) are normalised
     here, on the device; without, batch['image'] is fed to the model as it is.
     metrics['finite'] says whether the loss and every updated parameter are finite (the
-    loop saves no state whose update was not)."""
+    loop saves no state whose update was not). The loss and the counts are the model's
+    objective (`objectives.of`: class scores, or a box head's boxes)."""
+    objective = objectives.of(model)
 
-    def loss_fn(params, batch_stats, images, labels, rng):
+    def loss_fn(params, batch_stats, images, target, rng):
         mutable = ["batch_stats"] if batch_stats else []
-        logits, new_state = model.apply(_variables(params, batch_stats), images, train=True,
-                                        rngs={"dropout": rng}, mutable=mutable)
-        loss = cross_entropy(logits, labels).mean()
-        return loss, (logits, new_state.get("batch_stats", batch_stats))
+        outputs, new_state = model.apply(_variables(params, batch_stats), images, train=True,
+                                         rngs={"dropout": rng}, mutable=mutable)
+        loss = objective.loss(outputs, target).mean()
+        return loss, (outputs, new_state.get("batch_stats", batch_stats))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(state.rng, state.step)
-        images, labels = batch["image"], batch["label"]
+        images, target = batch["image"], objective.target(batch)
         if pixels is not None:
             images = pixels(images, batch.get("alpha"))
         if grad_accum_steps == 1:
-            (loss, (logits, batch_stats)), grads = grad_fn(
-                state.params, state.batch_stats, images, labels, rng)
-            top1 = correct_topk(logits, labels, 1).mean()
-            top5 = correct_topk(logits, labels, 5).mean()
+            (loss, (outputs, batch_stats)), grads = grad_fn(
+                state.params, state.batch_stats, images, target, rng)
+            top1 = objective.correct(outputs, target, 1).mean()
+            top5 = objective.correct(outputs, target, 5).mean()
         else:
             k = grad_accum_steps
             split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
             def micro(carry, xs):
                 grads, batch_stats, i = carry
-                (l, (lg, batch_stats)), g = grad_fn(state.params, batch_stats, xs[0], xs[1],
-                                                    jax.random.fold_in(rng, i))
+                (l, (out, batch_stats)), g = grad_fn(state.params, batch_stats, xs[0], xs[1],
+                                                     jax.random.fold_in(rng, i))
                 grads = jax.tree.map(lambda a, b: a + b / k, grads, g)
-                m = (l, correct_topk(lg, xs[1], 1).mean(), correct_topk(lg, xs[1], 5).mean())
+                m = (l, objective.correct(out, xs[1], 1).mean(),
+                     objective.correct(out, xs[1], 5).mean())
                 return (grads, batch_stats, i + 1), m
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, batch_stats, _), (ls, t1, t5) = jax.lax.scan(
-                micro, (zeros, state.batch_stats, 0), (split(images), split(labels)))
+                micro, (zeros, state.batch_stats, 0),
+                (split(images), jax.tree.map(split, target)))
             loss, top1, top5 = ls.mean(), t1.mean(), t5.mean()
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -132,17 +131,18 @@ def make_train_step(model: models.VGG, tx, grad_accum_steps: int = 1, frozen=(),
 
 
 def make_eval_step(model: models.VGG, pixels=None):
-    """eval_step(state, batch) -> masked sums (loss, top1/top5 correct, count); `pixels`
-    as in make_train_step."""
+    """eval_step(state, batch) -> masked sums (loss, top1/top5 correct, count) of the
+    model's objective; `pixels` as in make_train_step."""
+    objective = objectives.of(model)
 
     def eval_step(state: TrainState, batch):
         images = batch["image"] if pixels is None else pixels(batch["image"])
-        logits = model.apply(_variables(state.params, state.batch_stats), images,
-                             train=False)
-        mask = batch["mask"]
-        return dict(loss=jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-                    top1=jnp.sum(correct_topk(logits, batch["label"], 1) * mask),
-                    top5=jnp.sum(correct_topk(logits, batch["label"], 5) * mask),
+        outputs = model.apply(_variables(state.params, state.batch_stats), images,
+                              train=False)
+        mask, target = batch["mask"], objective.target(batch)
+        return dict(loss=jnp.sum(objective.loss(outputs, target) * mask),
+                    top1=jnp.sum(objective.correct(outputs, target, 1) * mask),
+                    top5=jnp.sum(objective.correct(outputs, target, 5) * mask),
                     count=jnp.sum(mask))
 
     return eval_step
@@ -207,9 +207,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     pidx, pcount = jax.process_index(), jax.process_count()
     storage.makedirs(workdir)
     data_dir = d.data_dir or None
+    boxes = bool(config.model.get("box_head"))  # a box net trains on its data's boxes
     train_src = input_pipeline.make_source(d.dataset, d.train_split, data_dir, pidx, pcount,
-                                           d.shuffle_buffer)
-    eval_src = input_pipeline.make_source(d.dataset, d.eval_split, data_dir, pidx, pcount)
+                                           d.shuffle_buffer, boxes)
+    eval_src = input_pipeline.make_source(d.dataset, d.eval_split, data_dir, pidx, pcount,
+                                          boxes=boxes)
     if train_src.multi_label:
         raise UserError(f"{d.dataset} has several labels per image; training here is "
                         f"single-label soft-max (embed it, or `vgg-jax transfer` for its mAP)")

@@ -129,7 +129,12 @@ def main(argv: list[str] | None = None, prog: str = "vgg-jax train") -> None:
             usage_error(str(e))
         except FloatingPointError as e:  # diverged: not a usage error
             sys.exit(f"{prog}: error: {e}")
-        if "top1_acc" in result:
+        if "top1_acc" in result and config.model.get("box_head"):
+            print(f"{result['split']} localisation accuracy (centre crop, the true class's "
+                  f"box, IoU > 0.5): {100 * result['top1_acc']:.2f}% (localisation error "
+                  f"{100 * result['top1_err']:.2f}%) on {int(result['count'])} images "
+                  f"after {result['step']} steps")
+        elif "top1_acc" in result:
             print(f"{result['split']} top-1 accuracy: {100 * result['top1_acc']:.2f}% "
                   f"(top-1 error {100 * result['top1_err']:.2f}%, top-5 error "
                   f"{100 * result['top5_err']:.2f}%) on {int(result['count'])} images "

@@ -306,6 +306,14 @@ class Net:
         self._apply = conv.jit_eval(apply, static_argnames=("train", "dense", "capture",
                                                             "mutable"))
 
+    def require_classifier(self) -> "Net":
+        """This net, or one line saying that a box net (Appendix A) has no class scores."""
+        if self.model.box_head:
+            raise UserError(f"these weights are a localisation net (model.box_head="
+                            f"{self.model.box_head!r}): they predict boxes, not class scores; "
+                            f"train.py validates them (the centre-crop box of the true class)")
+        return self
+
     # -- batches of uint8 arrays
 
     def posteriors(self, images: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:

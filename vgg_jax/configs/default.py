@@ -24,6 +24,7 @@ def get_config():
         classifier_pool=1,       # pool5 -> 1x1 -> fc6 (7 = the paper / torchvision)
         pool_ceil=False,         # Caffe's ceil-mode pools (original Caffe weights, dense eval)
         num_classes=0,           # 0: from the dataset
+        box_head="",             # '' classifier | 'scr' / 'pcr': Appendix A's box net
     ))
 
     c.data = ml_collections.ConfigDict(dict(
