@@ -211,10 +211,13 @@ def test_bucketed_dense_equals_the_unpadded_computation_on_odd_sizes(arch):
     padded = np.zeros((len(sizes), 160, 160, 3), np.float32)
     for i, x in enumerate(images):
         padded[i, :x.shape[0], :x.shape[1]] = x
-    maps = model.apply(v, padded, dense=True, valid=np.asarray(sizes))
+    import jax
+    # jitted: one compile per shape runs faster than op-by-op dispatch on a loaded machine
+    dense = jax.jit(lambda v, x, valid=None: model.apply(v, x, dense=True, valid=valid))
+    maps = dense(v, padded, np.asarray(sizes))
     out = models.dense_valid_size(np.asarray(sizes), 2)
     for i, x in enumerate(images):
-        ref = np.asarray(model.apply(v, x[None], dense=True))[0]  # unpadded, its own shape
+        ref = np.asarray(dense(v, x[None]))[0]  # unpadded, its own shape
         assert ref.shape[:2] == tuple(out[i])
         got = np.asarray(maps[i])
         np.testing.assert_allclose(got[:out[i][0], :out[i][1]], ref, atol=1e-5 * abs(ref).max())

@@ -109,6 +109,55 @@ def test_scr_and_pcr_nets_train_on_the_canvas_digits_and_find_them(tmp_path):
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
         "vgg-jax predict: error: these weights are a localisation net "
         "(model.box_head='scr')"), p.stderr[-2000:]
+    # `vgg-jax evaluate --task localisation`: the same centre views and boxes as training's
+    # validation, so the same count
+    e = subprocess.run(["vgg-jax", "evaluate", "--weights", str(tmp_path / "scr"), "--data",
+                        "vgg_digits_canvas", "--task", "localisation", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-2000:]
+    got = json.loads(e.stdout.strip().splitlines()[-1])
+    assert got["images"] == 360 and got["box_head"] == "scr"
+    wrong = got["true_class_loc_err"] * 360  # a count of images, printed to 0.01% there
+    assert abs(wrong - round(wrong)) < 1e-6
+    assert got["true_class_loc_err"] == pytest.approx(1 - _accuracy(r.stdout), abs=5e-5)
+    _check_guesses_with_a_classifier(tmp_path / "scr")
     r = _train(tmp_path / "pcr", "--config.train.num_epochs=3", config="PCR")
     assert r.returncode == 0, r.stderr[-3000:]
     assert _accuracy(r.stdout) >= 0.35, r.stdout
+
+
+def _check_guesses_with_a_classifier(workdir):
+    """localise's top-1/top-5 localisation error with a classifier's five guesses, against
+    the rule computed here image by image: a guess is right when its class is the image's
+    and the (SCR: only) box overlaps the true box by IoU > 0.5. The classifier is the
+    box net's trunk with a random 10-class fc8, so its guesses are often wrong and both
+    outcomes occur."""
+    from vgg_jax import eval_data, input_pipeline, localise, weights
+    box = weights.Net(str(workdir))
+    variables = jax.tree.map(np.asarray, box.variables)
+    rng = np.random.default_rng(0)
+    variables["params"]["fc8"] = {"kernel": rng.normal(size=(256, 10)).astype(np.float32),
+                                  "bias": np.zeros(10, np.float32)}
+    meta = json.loads(json.dumps(box.meta))
+    del meta["model"]["box_head"]
+    clf = weights.Net(model=weights.model_from_meta(meta), variables=variables, meta=meta)
+    r = localise.evaluate_centre(box, "vgg_digits_canvas", "test", classifier=clf, limit=96)
+    source = input_pipeline.make_source("vgg_digits_canvas", "test", boxes=True)
+    n, right1, right5 = 0, 0, 0
+    for batch in eval_data.eval_batches(source, box.d, 32, limit=96):
+        k = int(batch["mask"].sum())
+        top5 = np.argsort(-clf.posteriors(batch["image"]), axis=1)[:k, :5]
+        cx, cy, w, h = box.outputs(batch["image"])[:k, 0].T
+        for i in range(k):
+            x0, y0, x1, y1 = batch["boxes"][i, 0]
+            iw = max(0.0, min(cx[i] + w[i] / 2, x1) - max(cx[i] - w[i] / 2, x0))
+            ih = max(0.0, min(cy[i] + h[i] / 2, y1) - max(cy[i] - h[i] / 2, y0))
+            iou = iw * ih / (w[i] * h[i] + (x1 - x0) * (y1 - y0) - iw * ih)
+            hits = [c == batch["label"][i] and iou > 0.5 for c in top5[i]]
+            right1 += hits[0]
+            right5 += any(hits)
+            n += 1
+    assert r["images"] == n == 96
+    assert r["top1_loc_err"] == pytest.approx(1 - right1 / n, abs=1e-9)
+    assert r["top5_loc_err"] == pytest.approx(1 - right5 / n, abs=1e-9)
+    assert 0 < right5 < n and r["top5_loc_err"] <= r["top1_loc_err"]

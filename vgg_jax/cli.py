@@ -160,6 +160,11 @@ def _evaluate(sub):
     p.add_argument("--coordinator-address", default=None, help="with --distributed: host:port")
     p.add_argument("--num-processes", type=positive, default=None)
     p.add_argument("--process-id", type=non_negative, default=None)
+    p.add_argument("--task", default="classification", choices=("classification", "localisation"),
+                   help="localisation: a box net's error (Appendix A; centre protocol)")
+    p.add_argument("--classifier", default=None,
+                   help="with --task localisation: a classification net whose five best "
+                   "classes are the guesses (default: the box of the true class only)")
     p.set_defaults(run="vgg_jax.evaluate:main")
 
 

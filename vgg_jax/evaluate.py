@@ -105,14 +105,31 @@ def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "te
          limit: int | None = None,
          json_output: bool = False, distributed: bool = False,
          coordinator_address: str | None = None, num_processes: int | None = None,
-         process_id: int | None = None) -> dict:
+         process_id: int | None = None, task: str = "classification",
+         classifier: str | None = None) -> dict:
     """`vgg-jax evaluate`: print (and return) the result of `protocol` over a split with
-    one net (`weights`) or the fusion of several (`ensemble`)."""
+    one net (`weights`) or the fusion of several (`ensemble`); `task='localisation'`: a box
+    net's localisation error (vgg_jax.localise; the centre protocol, `classifier` for the
+    classes of its guesses)."""
     if distributed:
         mesh.initialize_distributed(coordinator_address, num_processes, process_id)
     dirs = list(ensemble) or ([weights] if weights else [])
     if not dirs:
         raise UserError("give --weights DIR or --ensemble DIR1,DIR2,...")
+    if task == "localisation":
+        from vgg_jax import localise
+        if protocol != "center" or len(dirs) > 1:
+            raise UserError("--task localisation evaluates one box net with --protocol center "
+                            "(Table 8's protocol); the dense protocol and fused box nets are "
+                            "not implemented")
+        helper = Net(classifier).require_classifier() if classifier else None
+        r = localise.evaluate_centre(Net(dirs[0]), data, split, classifier=helper,
+                                     data_dir=data_dir, batch_size=batch_size, limit=limit)
+        if jax.process_index() == 0:
+            print(json.dumps(r) if json_output else localise.format_result(r))
+        return r
+    if classifier:
+        raise UserError("--classifier goes with --task localisation")
     nets = [Net(d).require_classifier() for d in dirs]
     try:
         with preemption.stop_on_sigterm():  # nothing to save: end at once, in one line

@@ -316,6 +316,12 @@ class Net:
 
     # -- batches of uint8 arrays
 
+    def outputs(self, images: np.ndarray) -> np.ndarray:
+        """The raw outputs of a batch of uint8 crops whose size divides over the devices:
+        class scores (N, K), or a box net's boxes (N, K, 4)."""
+        put = jax.device_put(images, self._sharded)
+        return np.asarray(self._apply(self.variables, put, train=False))
+
     def posteriors(self, images: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Soft-max posteriors (N, K) of a batch of uint8 images whose size divides over
         the devices; with `valid` (N, 2) the batch is zero-padded whole images (dense)."""
