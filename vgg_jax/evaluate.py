@@ -137,13 +137,11 @@ def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "te
                          data_dir=data_dir, flip=flip, limit=limit, progress=not json_output,
                          batch_size=batch_size, crop_size=crop)
     except preemption.Stopped:
-        # a SIGTERM between the progress bar's first line and evaluate's `try` leaves the
-        # bar open: its line ends before the message (tqdm keeps its open bars)
-        from tqdm import tqdm
-        for open_bar in list(getattr(tqdm, "_instances", ())):
-            open_bar.close()
-        print("vgg-jax evaluate: stopped by SIGTERM before the end of the split; no result",
-              file=sys.stderr)
+        # the signal can leave the progress bar's line open (it landed while the bar was
+        # drawn): the message starts on a line of its own
+        print("\nvgg-jax evaluate: stopped by SIGTERM before the end of the split; no result"
+              if not json_output else "vgg-jax evaluate: stopped by SIGTERM before the end "
+              "of the split; no result", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     if jax.process_index() == 0:
         print(json.dumps(r) if json_output else format_result(r))
