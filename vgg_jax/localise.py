@@ -15,20 +15,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from vgg_jax import boxes, eval_data, input_pipeline, mesh
+from vgg_jax import boxes, eval_data, input_pipeline, mesh, objectives
 from vgg_jax.errors import UserError
-
-
-def _local_batch(net, batch_size: int) -> int:
-    n = net.num_devices
-    return max(n, batch_size // n * n)
 
 
 def _classes(classifier, source, batch_size, limit) -> list[np.ndarray]:
     """The classifier's five best classes of each image, batch by batch (N, 5)."""
     out = []
-    for batch in eval_data.eval_batches(source, classifier.d, _local_batch(classifier, batch_size),
-                                        limit=limit):
+    for batch in eval_data.eval_batches(source, classifier.d,
+                                        mesh.per_process_batch(batch_size), limit=limit):
         n = int(batch["mask"].sum())
         out.append(np.argsort(-classifier.posteriors(batch["image"]), axis=1)[:n, :5])
     return out
@@ -49,15 +44,13 @@ def evaluate_centre(box_net, data: str, split: str, *, classifier=None, data_dir
     guesses = _classes(classifier, source, batch_size, limit) if classifier is not None else None
     sums = np.zeros(6)  # images, true-class box right, top-1 loc, top-5 loc, cls top-1, top-5
     for i, batch in enumerate(eval_data.eval_batches(source, box_net.d,
-                                                     _local_batch(box_net, batch_size),
+                                                     mesh.per_process_batch(batch_size),
                                                      limit=limit)):
         n = int(batch["mask"].sum())
         out, label, truth = box_net.outputs(batch["image"])[:n], batch["label"][:n], \
             batch["boxes"][:n]
         sums[0] += n
-        own = np.take_along_axis(out, (label if out.shape[1] > 1 else 0 * label)[:, None, None],
-                                 axis=1)[:, 0]
-        sums[1] += (boxes.iou(boxes.corners(own)[:, None], truth) > boxes.IOU_CORRECT).any(1).sum()
+        sums[1] += float(objectives.box_correct(out, {"label": label, "boxes": truth}).sum())
         if guesses is None:
             continue
         top = guesses[i][:n]
