@@ -208,3 +208,8 @@ def test_the_canvas_dataset_prepares_offline_with_tight_boxes_no_constant_box_fi
     best = max(float((boxes.iou(np.broadcast_to(b, truth.shape), truth) > 0.5).mean())
                for b in candidates)
     assert best <= 0.30, best
+
+
+def test_ordered_boxes_run_from_the_smaller_corner_to_the_larger():
+    b = np.array([[0.6, 0.1, 0.2, 0.5], [0.1, 0.2, 0.3, 0.4]])  # the first: x1 < x0
+    np.testing.assert_array_equal(boxes.ordered(b), [[0.2, 0.1, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4]])

@@ -10,7 +10,8 @@ from vgg_jax import train
 
 sys.path.insert(0, ROOT)
 from vgg_jax.configs import (cifar10_vgg16_bn, default, digits_localisation,  # noqa: E402
-                             fashion_mnist_depth, fashion_mnist_vgg11_small, imagenet)
+                             fashion_mnist_depth, fashion_mnist_vgg11_small, imagenet,
+                             imagenet_localisation)
 
 
 @pytest.mark.parametrize("config", [
@@ -18,6 +19,7 @@ from vgg_jax.configs import (cifar10_vgg16_bn, default, digits_localisation,  # 
     imagenet.get_config("A,256"), imagenet.get_config("D,384"), imagenet.get_config("E,256-512"),
     *(fashion_mnist_depth.get_config(a) for a in ("A", "A-LRN", "B", "C", "D", "E")),
     digits_localisation.get_config("SCR"), digits_localisation.get_config("PCR"),
+    imagenet_localisation.get_config("SCR,256"), imagenet_localisation.get_config("PCR,384,fc"),
 ])
 def test_shipped_configs_validate(config):
     if config.train.init_from_required:  # a fine-tuning stage: run as the README shows
@@ -75,6 +77,23 @@ SOURCES = {
             "model.box_head": "pcr", "data.flip": True, "optim.momentum": 0.9,
             "optim.weight_decay": 5e-4, "optim.weight_decay_mode": "coupled",
             "eval.protocol": "center", "data.dataset": "vgg_digits_canvas"}),
+    # Appendix A: as the classification net of the same scale, but a box head, one scale,
+    # lr 1e-3, started from that net with the box layer new; ',fc' trains fc6-fc8 only
+    "imagenet localisation PCR,384 (paper Appendix A)": (
+        lambda: imagenet_localisation.get_config("PCR,384"), {
+            "model.arch": "D", "model.box_head": "pcr", "model.dropout_rate": 0.5,
+            "model.fc_widths": (4096, 4096), "model.classifier_pool": 7,
+            "data.dataset": "imagenet2012_localisation", "data.image_size": 224,
+            "data.s_min": 384, "data.s_max": 384, "data.eval_scale": 384,
+            "data.flip": True, "data.colour_pca": True, "data.recipe": "paper",
+            "optim.learning_rate": 1e-3, "optim.batch_size": 256, "optim.momentum": 0.9,
+            "optim.weight_decay": 5e-4, "optim.freeze": (),
+            "train.init_from_required": "the S=384 D classification run",
+            "train.init_exclude": ("fc8",), "eval.protocol": "center"}),
+    "imagenet localisation SCR,256,fc (paper Appendix A, Table 8)": (
+        lambda: imagenet_localisation.get_config("SCR,256,fc"), {
+            "model.box_head": "scr", "data.s_min": 256, "data.s_max": 256,
+            "optim.learning_rate": 1e-3, "optim.freeze": ("convs",)}),
     "cifar10 (04.VGG.py)": (cifar10_vgg16_bn.get_config, {
         "model.arch": "vgg16_bn", "model.width": 1.0, "model.fc_widths": (4096, 4096),
         "model.classifier_pool": 7, "model.dropout_rate": 0.5, "data.image_size": 32,
@@ -100,6 +119,13 @@ def test_recipe_configs_set_every_value_their_source_fixes(name):
             assert tuple(got) == pytest.approx(value), key
         else:
             assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
+
+
+@pytest.mark.parametrize("arg", ["SCR,512", "BOX,256", "PCR,256,convs"])
+def test_imagenet_localisation_takes_only_the_papers_variants(arg):
+    with pytest.raises(ValueError, match=r"imagenet_localisation takes SCR\|PCR,S\[,fc\] "
+                       r"with S in \(256, 384\)"):
+        imagenet_localisation.get_config(arg)
 
 
 def test_imagenet_config_without_the_data_says_where_the_tars_go(tmp_path):

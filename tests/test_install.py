@@ -67,4 +67,4 @@ def test_an_installed_wheel_trains_by_config_name_from_any_directory(venv, tmp_p
         "vgg-jax train: error: config file imagenet2 not found (give --config a packaged config "
         "(cifar10_vgg16_bn, default, digits_localisation, fashion_mnist_depth, "
         "fashion_mnist_vgg11_small, "
-        "finetune_folder, imagenet) or a config file's path)")
+        "finetune_folder, imagenet, imagenet_localisation) or a config file's path)")

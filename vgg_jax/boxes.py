@@ -38,6 +38,14 @@ def centred(corner_boxes):
     return xp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1)
 
 
+def ordered(corner_boxes):
+    """Corner boxes with x0 <= x1 and y0 <= y1 (a net can predict a negative width or
+    height; drawn and reported, such a box is the one between its corners)."""
+    b = np.asarray(corner_boxes)
+    return np.concatenate([np.minimum(b[..., :2], b[..., 2:]), np.maximum(b[..., :2], b[..., 2:])],
+                          axis=-1)
+
+
 def iou(a, b):
     """Intersection over union of corner boxes, broadcast over the leading axes; 0 where
     both are empty."""

@@ -102,6 +102,24 @@ def _predict(sub):
     p.set_defaults(run="vgg_jax.predict:predict")
 
 
+def _localize(sub):
+    p = sub.add_parser("localize", help="a box net's five boxes drawn on images (Appendix A)")
+    p.add_argument("--weights", required=True, help="a box net: " + WEIGHTS_HELP)
+    p.add_argument("--classifier", default=None,
+                   help="a classification net of the same classes: its five best classes "
+                   "are the guesses and its scores rate each box")
+    p.add_argument("--ensemble", type=comma_list, default=(),
+                   help="more box nets whose boxes are pooled with --weights' (the paper's "
+                   "fusion)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True, help="folder for the pictures (OUT/NAME.png)")
+    p.add_argument("--scales", type=int_list, default=(),
+                   help="Q or Q1,Q2,... (default: the box net's test scale)")
+    p.add_argument("--top", type=positive, default=5)
+    p.add_argument("--json", dest="json_output", action="store_true")
+    p.set_defaults(run="vgg_jax.localise:localize")
+
+
 def _features(sub):
     p = sub.add_parser("features", help="a named layer's activations for images")
     p.add_argument("--weights", required=True, help=WEIGHTS_HELP)
@@ -161,7 +179,8 @@ def _evaluate(sub):
     p.add_argument("--num-processes", type=positive, default=None)
     p.add_argument("--process-id", type=non_negative, default=None)
     p.add_argument("--task", default="classification", choices=("classification", "localisation"),
-                   help="localisation: a box net's error (Appendix A; centre protocol)")
+                   help="localisation: a box net's error (Appendix A): --protocol center "
+                   "(Table 8) or dense (Table 9; --ensemble pools several nets' boxes)")
     p.add_argument("--classifier", default=None,
                    help="with --task localisation: a classification net whose five best "
                    "classes are the guesses (default: the box of the true class only)")
@@ -293,7 +312,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vgg-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train(sub)
-    for add in (_summary, _convert, _predict, _features, _prepare, _stats, _evaluate, _embed,
+    for add in (_summary, _convert, _predict, _localize, _features, _prepare, _stats, _evaluate, _embed,
                 _transfer, _plot_embeddings, _activations, _saliency, _plot_metrics,
                 _stylize, _published):
         add(sub)

@@ -87,13 +87,15 @@ def _positioned(source: Source, decode, view, n_local: int, seed, view_boxes=Non
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def stream(source: Source, decode, view, n_local: int, skipped: Skipped):
+def stream(source: Source, decode, view, n_local: int, skipped: Skipped, view_boxes=None):
     """(position, label, view(decode(image_bytes))) for the first `n_local` images of this
     process's shard in order (epoch 0's shuffled order with skipped's `shuffle_seed`),
     both tf ops run in tf.data's parallel maps; images that fail to decode are left out
-    and recorded in `skipped`."""
+    and recorded in `skipped`. A source with boxes needs `view_boxes(boxes, h, w)`: where
+    the objects of a decoded (h, w) image are in its view."""
     expected = 0
-    for pos, label, out in _positioned(source, decode, view, n_local, skipped.seed) \
+    for pos, label, out in _positioned(source, decode, view, n_local, skipped.seed,
+                                       view_boxes) \
             .prefetch(4).as_numpy_iterator():
         expected = skipped.arrived(expected, [pos])
         yield int(pos), label, out

@@ -109,8 +109,8 @@ def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "te
          classifier: str | None = None) -> dict:
     """`vgg-jax evaluate`: print (and return) the result of `protocol` over a split with
     one net (`weights`) or the fusion of several (`ensemble`); `task='localisation'`: a box
-    net's localisation error (vgg_jax.localise; the centre protocol, `classifier` for the
-    classes of its guesses)."""
+    net's localisation error (vgg_jax.localise: the centre or dense protocol, several box
+    nets' boxes pooled with the dense one, `classifier` for the classes of the guesses)."""
     if distributed:
         mesh.initialize_distributed(coordinator_address, num_processes, process_id)
     dirs = list(ensemble) or ([weights] if weights else [])
@@ -118,13 +118,20 @@ def main(*, data: str, weights: str | None = None, ensemble=(), split: str = "te
         raise UserError("give --weights DIR or --ensemble DIR1,DIR2,...")
     if task == "localisation":
         from vgg_jax import localise
-        if protocol != "center" or len(dirs) > 1:
-            raise UserError("--task localisation evaluates one box net with --protocol center "
-                            "(Table 8's protocol); the dense protocol and fused box nets are "
-                            "not implemented")
+        if protocol not in ("center", "dense"):
+            raise UserError(f"--task localisation has the paper's two protocols, center "
+                            f"(Table 8) and dense (Table 9), not {protocol!r}")
+        if protocol == "center" and len(dirs) > 1:
+            raise UserError("the centre protocol judges one box net; fuse several with "
+                            "--protocol dense (the union of their boxes, Appendix A)")
         helper = Net(classifier).require_classifier() if classifier else None
-        r = localise.evaluate_centre(Net(dirs[0]), data, split, classifier=helper,
-                                     data_dir=data_dir, batch_size=batch_size, limit=limit)
+        box_nets = [Net(d) for d in dirs]
+        if protocol == "center":
+            r = localise.evaluate_centre(box_nets[0], data, split, classifier=helper,
+                                         data_dir=data_dir, batch_size=batch_size, limit=limit)
+        else:
+            r = localise.evaluate_dense(box_nets, data, split, list(scales), classifier=helper,
+                                        data_dir=data_dir, limit=limit)
         if jax.process_index() == 0:
             print(json.dumps(r) if json_output else localise.format_result(r))
         return r

@@ -22,7 +22,10 @@ def default_data_dir(data_dir: str | None = None) -> str:
 
 
 # Manual-download datasets whose archives we know by name (others: TFDS's instructions).
-MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"),
+                "imagenet2012_localisation": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
+                                              "ILSVRC2012_bbox_train_v2.tar.gz",
+                                              "ILSVRC2012_bbox_val_v3.tgz")}
 # TFDS datasets that download at prepare time, prepared here from their IDX files instead
 OFFLINE_IDX = ("mnist", "fashion_mnist")
 

@@ -278,6 +278,18 @@ def _dense_feature_fn(model: models.VGG, layer: str, normalise: pixels.Pixels):
     return conv.jit_eval(run)
 
 
+@functools.lru_cache(maxsize=None)
+def _dense_map_fn(model: models.VGG, normalise: pixels.Pixels):
+    """Jitted (variables, uint8 images, valid) -> the fully-convolutional net's raw output
+    map: class scores (N, h, w, K), or a box net's boxes (N, h, w, K, 4); positions
+    outside each image's valid map are zero."""
+
+    def run(variables, images, valid):
+        return model.apply(variables, normalise(images), train=False, dense=True, valid=valid)
+
+    return conv.jit_eval(run)
+
+
 class Net:
     """One set of weights (a directory or workdir, or model + variables + meta), with its
     preprocessing (`d`: config.data's eval fields; `normalise`: on the device), class
@@ -346,6 +358,22 @@ class Net:
         fn = _dense_feature_fn(self.model, layer, self.normalise)
         put = lambda x: jax.device_put(x, self._sharded)
         return np.asarray(fn(self.variables, put(images), put(np.asarray(valid, np.int32))))[:n]
+
+    def dense_map(self, image: np.ndarray) -> np.ndarray:
+        """The raw output map of one whole uint8 image (H, W, C) through the
+        fully-convolutional net (Sec. 3.2): class scores (h, w, K), or a box net's boxes
+        (h, w, K, 4), one per valid position; the image is zero-padded to a multiple of 32
+        (and the batch to the devices) so that images of near sizes share a compilation."""
+        valid = np.array([image.shape[:2]], np.int32)
+        self.check_dense_views(valid)
+        padded, size = views.dense_view(image)
+        images, valid_b = self._padded(padded[None], valid, None)
+        fn = _dense_map_fn(self.model, self.normalise)
+        put = lambda x: jax.device_put(x, self._sharded)
+        out = np.asarray(fn(self.variables, put(images), put(np.asarray(valid_b, np.int32))))[0]
+        h, w = models.dense_valid_size(np.asarray(size), self.model.classifier_pool,
+                                       self.model.pool_ceil)
+        return out[:h, :w]
 
     def smallest_dense_q(self) -> int:
         """The smallest test scale Q (shorter side) whose dense view leaves fc6 its

@@ -63,18 +63,75 @@ def write_archives(manual_dir, per_class=4, num_val=8, seed=0):
     train_synsets = sorted(set(val_synsets))
     # Each synset gets one of the two photos, so the task is learnable.
     photo_of = {s: photos[k % 2] for k, s in enumerate(train_synsets)}
+    sizes = {}  # file name -> (height, width)
+
+    def jpeg(name, array):
+        sizes[name] = array.shape[:2]
+        return _jpeg(array)
+
     with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
         for s in train_synsets:
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as inner:
                 for i in range(per_class):
-                    _add(inner, f"{s}_{i + 1}.JPEG", _jpeg(_variant(photo_of[s], i, rng)))
+                    name = f"{s}_{i + 1}.JPEG"
+                    _add(inner, name, jpeg(name, _variant(photo_of[s], i, rng)))
             _add(outer, f"{s}.tar", buf.getvalue())
     with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as tar:
         for i, s in enumerate(val_synsets):
-            _add(tar, f"ILSVRC2012_val_{i + 1:08d}.JPEG",
-                 _jpeg(_variant(photo_of[s], i, rng)))
-    return {"train": {s: per_class for s in train_synsets}, "validation": val_synsets}
+            name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+            _add(tar, name, jpeg(name, _variant(photo_of[s], i, rng)))
+    return {"train": {s: per_class for s in train_synsets}, "validation": val_synsets,
+            "sizes": sizes}
+
+
+def _annotation(stem, synset, size, objects) -> bytes:
+    """A PASCAL VOC annotation as the ILSVRC box archives hold them."""
+    h, w = size
+    boxes = "".join(
+        f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+        f"<difficult>0</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+        f"<ymax>{y1}</ymax></bndbox></object>" for name, (x0, y0, x1, y1) in objects)
+    return (f"<annotation><folder>{synset}</folder><filename>{stem}</filename><source>"
+            f"<database>ILSVRC_2012</database></source><size><width>{w}</width><height>{h}"
+            f"</height><depth>3</depth></size><segmented>0</segmented>{boxes}</annotation>"
+            ).encode()
+
+
+def write_box_archives(manual_dir, layout, seed=0, without_boxes=1):
+    """Writes ILSVRC2012_bbox_train_v2.tar.gz (boxes for all but the last `without_boxes`
+    training images of each synset, as the official archive has boxes for some) and
+    ILSVRC2012_bbox_val_v3.tgz (every validation image) for `write_archives`' images: one
+    or two random boxes of the image's class, the second image of each synset also one of
+    another synset (which the dataset leaves out). Returns {image stem: [(synset, (x0, y0,
+    x1, y1) pixels)]} of the boxes written."""
+    rng = np.random.default_rng(seed)
+    written = {}
+
+    def objects(synset, size, extra):
+        h, w = size
+        out = []
+        for _ in range(int(rng.integers(1, 3))):
+            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            out.append((synset, (x0, y0, int(rng.integers(x0 + 8, w)), int(rng.integers(y0 + 8, h)))))
+        if extra:
+            out.append(("n00000000", (0, 0, w // 4, h // 4)))
+        return out
+
+    def archive(path, items):
+        with tarfile.open(path, "w:gz") as tar:
+            for folder, stem, synset, size, extra in items:
+                written[stem] = objects(synset, size, extra)
+                _add(tar, f"{folder}/{stem}.xml", _annotation(stem, synset, size, written[stem]))
+
+    train = [(s, f"{s}_{i + 1}", s, layout["sizes"][f"{s}_{i + 1}.JPEG"], i == 1)
+             for s, n in layout["train"].items() for i in range(n - without_boxes)]
+    archive(os.path.join(manual_dir, "ILSVRC2012_bbox_train_v2.tar.gz"), train)
+    val = [("val", f"ILSVRC2012_val_{i + 1:08d}", s,
+            layout["sizes"][f"ILSVRC2012_val_{i + 1:08d}.JPEG"], False)
+           for i, s in enumerate(layout["validation"])]
+    archive(os.path.join(manual_dir, "ILSVRC2012_bbox_val_v3.tgz"), val)
+    return written
 
 
 def imagenet_synsets():
