@@ -101,3 +101,23 @@ def test_a_users_own_jit_compiles_to_the_same_executable_with_and_without_the_im
     without, with_import = compiled("without"), compiled("with")
     assert "convolution" in without or "conv" in without
     assert with_import == without
+
+
+def test_the_console_command_skips_the_exit_collection_and_main_in_process_does_not():
+    """`vgg-jax` (cli.entry) freezes the collector's objects once its work has returned,
+    so the interpreter's exit does not walk TensorFlow's million objects; cli.main, which
+    a user's program may call, leaves the collector as it was."""
+    code = """
+import gc, sys
+from vgg_jax import cli
+rc = cli.main(["published"])
+print(rc, gc.get_freeze_count())
+rc = cli.entry()
+print(rc, gc.get_freeze_count() > 10_000)
+"""
+    r = subprocess.run([sys.executable, "-c", code, "published"], cwd=ROOT, env=user_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert "0 0" in lines and lines[-1] == "0 True", r.stdout[-2000:]
+    assert lines.index("0 0") < len(lines) - 1

@@ -333,5 +333,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def entry() -> int:
+    """The `vgg-jax` console script: main(), ended without the interpreter's last garbage
+    collection (runtime.skip_exit_collection) once it has returned."""
+    code = main()
+    runtime.skip_exit_collection()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -144,5 +144,6 @@ def main(argv: list[str] | None = None, prog: str = "vgg-jax train") -> None:
                             (result.get("split", ""), result.get("skipped_images"))):
             if names:
                 print(skipped_line(names, what).lstrip("\n"))
+        runtime.skip_exit_collection()  # the run is saved and closed: a quick exit
 
     app.run(run, argv=[prog, *argv], flags_parser=parse_flags)
