@@ -134,7 +134,11 @@ def pytest_sessionfinish(session, exitstatus):
 SLOW_MODULES = {"test_imagenet", "test_pods", "test_bench", "test_evaluate", "test_research",
                 "test_transforms", "test_readme", "test_gcs", "test_install", "test_perceptual"}
 SLOW_TESTS = {
-    "test_scr_and_pcr_nets_train_on_the_canvas_digits_and_find_them",
+    "test_scr_net_trains_on_the_canvas_digits_and_finds_them",
+    "test_pcr_net_trains_on_the_canvas_digits",
+    "test_centre_guesses_with_a_classifier_follow_ilsvrcs_rule",
+    "test_dense_protocol_at_one_position_is_the_centre_protocol_and_fusing_a_net_with_itself_changes_nothing",
+    "test_localize_draws_the_five_guesses_of_each_image",
     "test_box_net_mistakes_are_one_line",
     "test_the_canvas_dataset_prepares_offline_with_tight_boxes_no_constant_box_finds",
     "test_box_heads_predict_one_box_or_one_per_class_standard_and_dense",
@@ -195,14 +199,19 @@ SLOW_TESTS = {
 }
 
 
-# Seconds per file in the full suite (2026-12-07, two workers): files run longest first, so
-# that pytest-xdist's whole-file scheduling does not leave one worker alone with a long file
-# at the end.
-FILE_SECONDS = {"test_localisation": 130, "test_boxes": 30, "test_perceptual": 70, "test_install": 30, "test_reliability": 247, "test_gcs": 140, "test_train": 234, "test_bench": 225,
-                "test_pods": 196, "test_evaluate": 168, "test_imagenet": 118,
-                "test_conv_impl": 116, "test_transforms": 110, "test_models": 95,
-                "test_research": 93, "test_importers": 88, "test_convert": 79,
-                "test_published": 79, "test_fidelity": 74, "test_readme": 45}
+# Seconds per file in the full suite (2026-12-07, three workers, 17:00 UTC run): files run
+# longest first (pyproject's --no-loadscope-reorder keeps this order; pytest-xdist would
+# otherwise order files by their number of tests), so that whole-file scheduling does not
+# leave one worker alone with a long file at the end.
+FILE_SECONDS = {"test_bench": 260, "test_localisation": 258, "test_reliability": 221,
+                "test_gcs": 191, "test_evaluate": 167, "test_pods": 162, "test_train": 134,
+                "test_imagenet": 128, "test_perceptual": 111, "test_research": 109,
+                "test_conv_impl": 102, "test_importers": 101, "test_convert": 90,
+                "test_models": 85, "test_transforms": 68, "test_published": 64,
+                "test_readme": 45, "test_fidelity": 48, "test_runtime": 25,
+                "test_input_pipeline": 22, "test_cli_errors": 22, "test_install": 20,
+                "test_boxes": 11, "test_idx": 8, "test_configs": 8, "test_layout": 8,
+                "test_summary": 3}
 
 
 def pytest_collection_modifyitems(config, items):

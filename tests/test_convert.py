@@ -95,7 +95,7 @@ def test_training_gradients_match_torch_at_small_inputs(size):
         picked = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(y)[:, None], 1)
         return -jnp.mean(picked)
 
-    value, grads = jax.value_and_grad(loss_fn)(variables["params"])
+    value, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
     np.testing.assert_allclose(value, loss.item(), rtol=1e-5)
     for layer in ("conv1_1", "conv4_2", "fc6", "fc8"):
         for name in ("kernel", "bias"):
