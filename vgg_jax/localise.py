@@ -19,7 +19,8 @@ their bounding box predictions") and merged greedily as OverFeat does (`boxes.me
 prediction rated by the classification net's score of the class at its position. A class's
 guess is its best merged box. With `classifier` the classes are its five best on the image
 (its dense class scores averaged over positions, Sec. 3.2); without one the true class is
-judged alone and each prediction counts one.
+judged alone and each prediction counts one. `vgg-jax localize` runs the dense protocol on
+image files and draws each image's five guesses (`localize`, `draw`).
 """
 from __future__ import annotations
 
