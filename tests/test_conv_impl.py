@@ -227,14 +227,16 @@ def test_auto_resolves_per_backend():
     assert cpu(train=False, hw=(112, 112), channels=128) == "xla"
     assert cpu(train=False, hw=(56, 56), channels=256) == "winograd"
     assert cpu(train=False, hw=(14, 14), channels=512) == "winograd"
-    assert cpu(train=False, hw=(14, 14), channels=64) == "xla"
+    assert cpu(train=False, hw=(14, 14), channels=64) == "winograd"
+    assert cpu(train=False, hw=(64, 64), channels=64) == "winograd"
+    assert cpu(train=False, hw=(14, 14), channels=32) == "xla"
     assert cpu(train=False, hw=(2, 2), channels=64) == "im2col"
     plan = models.conv_plan("vgg16", 32, train=True, backend="cpu")
     assert models.describe_plan(plan) == ("xla conv1_1, winograd conv1_2-conv3_1, winograd4 "
                                           "conv3_2-conv3_3, winograd conv4_1-conv4_3, im2col "
                                           "conv5_1-conv5_3")
     plan = models.conv_plan("vgg16", 224, backend="cpu")
-    assert models.describe_plan(plan) == "xla conv1_1-conv3_1, winograd conv3_2-conv5_3"
+    assert models.describe_plan(plan) == "xla conv1_1-conv2_2, winograd conv3_1-conv5_3"
     assert models.conv_plan("C", 224, train=True, backend="cpu")["conv4_3"] == "im2col"  # 1x1
     # 28 -> 14 -> 7 -> 3 (floor) or 4 (ceil-mode pools): conv4_1 sees 9 or 16 pixels
     assert models.conv_plan("vgg16", 28, train=True, backend="cpu")["conv4_1"] == "im2col"

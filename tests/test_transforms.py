@@ -5,7 +5,7 @@ so that the comparison is of the algebra, not of rounding (in float32 a ReLU gat
 max-pool tie that rounding flips moves a few values by much more than the rounding).
 The net is VGG-11 (config A) at width 1/8 (8-64 channels), 8-wide fc layers, 32x32
 inputs: 'auto' then runs XLA's conv (conv1_1, conv2_1), im2col and Winograd in training,
-YNNPACK in inference."""
+YNNPACK (conv1_1-conv4_1), F(2x2) (conv4_2) and im2col (conv5) in inference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +14,7 @@ import pytest
 from vgg_jax import models
 
 # 'auto' in training runs XLA's conv, im2col and F(2x2); F(4x4) on its own; inference:
-# YNNPACK convs.
+# YNNPACK, F(2x2) and im2col.
 # F(4x4) shares F(2x2)'s primitive rules (jvp, transpose, batching; only the tile size
 # differs), so it takes the two compositions that between them apply every rule: each
 # transform above costs a compile of every layer's F(4x4) kernels (~90 s for all nine).
@@ -38,6 +38,9 @@ def test_every_transform_matches_xla(impl, train, only):
         if impl == "auto" and train:
             plan = models.conv_plan("A", 32, width=1 / 8, train=True, backend="cpu")
             assert {"im2col", "winograd"} <= set(plan.values()), plan
+        if impl == "auto" and not train:
+            plan = models.conv_plan("A", 32, width=1 / 8, train=False, backend="cpu")
+            assert {"xla", "winograd", "im2col"} == set(plan.values()), plan
         r = np.random.default_rng(0)
         p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
                          models.init_variables(base, jax.random.key(0), 32)["params"])

@@ -63,16 +63,19 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 #   needs; bench/winograd_parts.py, 2026-11-29, idle) of 224x224 3->64 b16 took 409 ms
 #   against im2col's 657, 32x32 3->64 b128 74 vs 84; for one channel (d2l's grayscale
 #   64x64 1->16 b128) im2col's 89 beat XLA's 112.
-# - inference: YNNPACK's conv for < 256 channels and for large maps (224x224x64: 104 ms
-#   vs F(2x2) 225, b8); with >= 256 channels F(2x2) on maps up to 56x56 (VGG-16 at 224,
-#   b8: 14.0 img/s vs 11.2 with YNNPACK there). F(4x4) was as fast end to end but its
+# - inference: YNNPACK's conv for large maps (224x224x64: 104 ms vs F(2x2) 225, b8) and
+#   below 64 channels; F(2x2) on maps up to 64x64 from 64 channels (VGG-16 at 224 b8: 14.0
+#   img/s vs 11.2 with YNNPACK from conv3_2 on, Intel, 2026-11-30; from 256 channels and
+#   56x56 then. Lowered to 64 / 64x64 on 2026-12-07 on an AMD EPYC: VGG-16 at 32 b128
+#   465 -> 590 img/s, LPIPS at 64 px 0.79x -> 0.96-1.12x the lpips package, 224 b8
+#   unchanged within the noise; bench/RESULTS.md). F(4x4) was as fast end to end but its
 #   temporaries raised the peak memory by ~270 MB (1.72 vs 1.43 GB).
 WINOGRAD_MIN_CHANNELS = 16
 XLA_MIN_CHANNELS = 3  # training, below WINOGRAD_MIN_CHANNELS: XLA's conv from here, im2col below
 WINOGRAD4_MIN_CHANNELS = 256
 WINOGRAD4_SIDES = (8, 56)  # F(4x4) on maps whose sides are multiples of 4 in this range
-EVAL_WINOGRAD_MIN_CHANNELS = 256  # inference: F(2x2) from these input channels ...
-EVAL_WINOGRAD_MAX_SIDE = 56  # ... on maps of at most this many pixels per side
+EVAL_WINOGRAD_MIN_CHANNELS = 64  # inference: F(2x2) from these input channels ...
+EVAL_WINOGRAD_MAX_SIDE = 64  # ... on maps of at most this many pixels per side
 
 
 def _fits_winograd4(hw, channels) -> bool:

@@ -183,16 +183,20 @@ def lpips(name: str | None = None, *, backbone=None, lin=None, conv_impl: str = 
 def lpips_fn(model: models.VGG):
     """The LPIPS distance over `model`'s taps (LPIPS_TAPS) as a pure function
     fn(params, x0, x1) -> (N,)."""
-    def fn(params, x0, x1):
-        n = x0.shape[0]
-        x = (jnp.concatenate([x0, x1]).astype(jnp.float32) - LPIPS_SHIFT) / LPIPS_SCALE
+    def taps(params, x):
+        x = (x.astype(jnp.float32) - LPIPS_SHIFT) / LPIPS_SCALE
         _, state = model.apply(params["backbone"], x, train=False, capture=LPIPS_TAPS,
                                mutable=["intermediates"])
-        feats = state["intermediates"]["layers"][0]
+        return state["intermediates"]["layers"][0]
+
+    def fn(params, x0, x1):
+        # one pass per image, as the lpips package: a gradient with respect to one of them
+        # (the usual loss: the output against a fixed target) then runs the backward pass
+        # through that one's trunk only, not through a batch holding both
+        f0, f1 = taps(params, x0), taps(params, x1)
         d = 0.0
         for tap, w in zip(LPIPS_TAPS, params["lin"]):
-            f = normalize(feats[tap])
-            diff = jnp.square(f[:n] - f[n:])
+            diff = jnp.square(normalize(f0[tap]) - normalize(f1[tap]))
             d = d + jnp.mean(jnp.einsum("nhwc,c->nhw", diff, w), axis=(1, 2))
         return d
     return fn
