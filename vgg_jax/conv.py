@@ -68,7 +68,8 @@ MIN_YNN_PIXELS = 16  # YNNPACK's conv is pathological on 2x2 maps (~2 GFLOP/s)
 #   img/s vs 11.2 with YNNPACK from conv3_2 on, Intel, 2026-11-30; from 256 channels and
 #   56x56 then. Lowered to 64 / 64x64 on 2026-12-07 on an AMD EPYC: VGG-16 at 32 b128
 #   465 -> 590 img/s, LPIPS at 64 px 0.79x -> 0.96-1.12x the lpips package, 224 b8
-#   unchanged within the noise; bench/RESULTS.md). F(4x4) was as fast end to end but its
+#   unchanged within the noise, ~1-1.5 s more compile per small net's eval step;
+#   bench/RESULTS.md). F(4x4) was as fast end to end but its
 #   temporaries raised the peak memory by ~270 MB (1.72 vs 1.43 GB).
 WINOGRAD_MIN_CHANNELS = 16
 XLA_MIN_CHANNELS = 3  # training, below WINOGRAD_MIN_CHANNELS: XLA's conv from here, im2col below
