@@ -27,8 +27,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from vgg_jax import (boxes, eval_data, input_pipeline, mesh, models, objectives, preprocess,
-                     views)
+from vgg_jax import (boxes, eval_data, input_pipeline, mesh, models, objectives,
+                     preprocess)
 from vgg_jax.errors import UserError
 
 STRIDE = 2 ** models.POOLS  # pixels between neighbouring positions of a dense map
@@ -135,15 +135,32 @@ def _rescaled(net, decoded: np.ndarray, q: int, cache: dict) -> np.ndarray:
     return cache[key]
 
 
-def _position_scores(classifier, image, centres, cache: dict):
-    """The classifier's soft-max class scores (P, K) at the positions nearest the given
-    window centres (pixels of `image`), from its dense map of the same image."""
-    key = ("scores", image.shape)
+def _softmax(logits, axis=-1):
+    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _class_map(classifier, decoded, q, cache: dict) -> np.ndarray:
+    """The classifier's dense class-score map (h, w, K) of the whole image at scale Q, one
+    forward per image and scale for both uses below."""
+    key = ("class map", q)
     if key not in cache:
-        logits = classifier.dense_map(image)  # (h, w, K)
-        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        cache[key] = (e / e.sum(axis=-1, keepdims=True), STRIDE * classifier.model.classifier_pool)
-    probs, side = cache[key]
+        cache[key] = np.asarray(classifier.dense_map(_rescaled(classifier, decoded, q, cache)),
+                                np.float64)
+    return cache[key]
+
+
+def _class_posteriors(classifier, decoded, q, cache: dict) -> np.ndarray:
+    """Sec. 3.2's dense class posteriors of the whole image at scale Q (no flip): the
+    score map averaged over its positions, then the soft-max."""
+    return _softmax(_class_map(classifier, decoded, q, cache).mean(axis=(0, 1)))
+
+
+def _position_scores(classifier, decoded, q, centres, cache: dict) -> np.ndarray:
+    """The classifier's soft-max class scores (P, K) at the positions of its dense map
+    nearest the given window centres (pixels of the image at scale Q)."""
+    probs = _softmax(_class_map(classifier, decoded, q, cache))
+    side = STRIDE * classifier.model.classifier_pool
     idx = [np.clip(np.rint((centres[:, a] - side / 2) / STRIDE).astype(int), 0,
                    probs.shape[a] - 1) for a in (0, 1)]
     return probs[idx[0], idx[1]]
@@ -166,8 +183,8 @@ def dense_guesses(box_nets, decoded: np.ndarray, scales, *, classifier=None,
             image = _rescaled(net, decoded, q, rescaled)
             frac, centres = window_boxes(net.dense_map(image), image.shape[0], image.shape[1],
                                          window(net))
-            scores = (_position_scores(classifier, _rescaled(classifier, decoded, q, rescaled),
-                                       centres, rescaled) if classifier is not None else None)
+            scores = (_position_scores(classifier, decoded, q, centres, rescaled)
+                      if classifier is not None else None)
             for c in found:
                 found[c][0].append(frac[:, c if frac.shape[1] > 1 else 0])
                 found[c][1].append(scores[:, c] if scores is not None
@@ -179,12 +196,14 @@ def dense_guesses(box_nets, decoded: np.ndarray, scales, *, classifier=None,
     return out
 
 
-def _class_posteriors(classifier, decoded, q, cache):
-    """Sec. 3.2's dense class posteriors of the whole image at scale Q (no flip)."""
-    image = _rescaled(classifier, decoded, q, cache)
-    valid = np.array([image.shape[:2]])
-    padded, _ = views.dense_view(image)
-    return classifier.padded_posteriors(padded[None], valid)[0]
+def dense_nets(box_nets, classifier=None) -> list:
+    """The box nets the dense protocol can run, checked against each other and the
+    classifier (one line for what does not fit)."""
+    nets = [_box_net(n) for n in box_nets]
+    _same_classes(classifier, nets)
+    for net in nets:
+        window(net)
+    return nets
 
 
 def evaluate_dense(box_nets, data: str, split: str, scales=(), *, classifier=None,
@@ -192,10 +211,7 @@ def evaluate_dense(box_nets, data: str, split: str, scales=(), *, classifier=Non
     """The dense localisation result of `box_nets` (their boxes pooled) over a split with
     boxes, at test scales `scales` (default: the first net's test scale); see the module
     doc."""
-    nets = [_box_net(n) for n in box_nets]
-    _same_classes(classifier, nets)
-    for net in nets:
-        window(net)
+    nets = dense_nets(box_nets, classifier)
     scales = list(scales) or [preprocess.test_scale(nets[0].d)]
     source = input_pipeline.make_source(data, split, data_dir, jax.process_index(),
                                         jax.process_count(), boxes=True)
@@ -286,11 +302,8 @@ def localize(*, weights: str, images, out: str, classifier: str | None = None,
         raise UserError("a box net has no class scores: give --classifier WEIGHTS (a "
                         "classification net of the same classes), whose scores rate the "
                         "boxes as in the paper")
-    nets = [_box_net(Net(w)) for w in (weights, *ensemble)]
     clf = Net(classifier).require_classifier()
-    _same_classes(clf, nets)
-    for net in nets:
-        window(net)
+    nets = dense_nets([Net(w) for w in (weights, *ensemble)], clf)
     raws = [read_image_bytes(p) for p in images]  # every file checked before any output
     scales = list(scales) or [preprocess.test_scale(nets[0].d)]
     storage.makedirs(out)
