@@ -1,7 +1,7 @@
 """d2l's VGG experiment on the real Fashion-MNIST, vgg_jax beside the chapter's PyTorch code,
 on the same cores, one command:
 
-    python bench/d2l_fashion_mnist.py [--size 64] [--epochs 10] [--idx-dir DIR] [--json]
+    python bench/d2l_fashion_mnist.py [--size 64] [--epochs 10] [--seed 0] [--idx-dir DIR] [--json]
     python bench/d2l_fashion_mnist.py --size 32 --epochs 1 --limit 256   # the CI smoke
 
 vgg_jax: `train.py --config configs/fashion_mnist_vgg11_small.py` (plain SGD lr 0.05,
@@ -13,7 +13,8 @@ PyTorch: the chapter's network (VGG-11, channels / 4, two 4096-wide FC layers wi
 test accuracy after every epoch), channels_last, the same bilinear resize of the same
 files. Both report test accuracy per epoch and training images per second (whole steps,
 input included, evaluation excluded). Rows go to OUT/d2l.jsonl as they finish, so a long
-run in the background can be watched (`tail -f`).
+run in the background can be watched (`tail -f`). --seed seeds both sides' weights, shuffle
+and dropout (vgg_jax's config.seed; torch.manual_seed and the shuffle's generator).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def run_torch(a, out_dir: str) -> list[dict]:
     import torch
     import torch.nn.functional as F
     from torch import nn
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     xtr, ytr = read_idx(a.idx_dir, "train")
     xte, yte = read_idx(a.idx_dir, "test")
@@ -91,7 +92,7 @@ def run_torch(a, out_dir: str) -> list[dict]:
                                    align_corners=False)  # Resize (upsampling)
             yield images.contiguous(memory_format=torch.channels_last), torch.from_numpy(y[idx])
 
-    rows, rng = [], np.random.default_rng(0)
+    rows, rng = [], np.random.default_rng(a.seed)
     for epoch in range(1, a.epochs + 1):
         net.train()
         t0, seen, loss_sum = time.perf_counter(), 0, 0.0
@@ -108,7 +109,7 @@ def run_torch(a, out_dir: str) -> list[dict]:
         with torch.no_grad():
             for images, labels in batches(xte, yte, False, rng):
                 correct += int((net(images).argmax(1) == labels).sum())
-        row = dict(side="pytorch", epoch=epoch, test_acc=correct / len(yte),
+        row = dict(side="pytorch", seed=a.seed, epoch=epoch, test_acc=correct / len(yte),
                    train_loss=loss_sum / seen, images_per_sec=seen / train_s,
                    epoch_train_s=train_s)
         log_row(out_dir, row)
@@ -121,8 +122,8 @@ def run_jax(a, out_dir: str) -> list[dict]:
     data_dir = os.path.join(out_dir, "tfds")
     subprocess.run(["vgg-jax", "prepare", "fashion_mnist", "--manual-dir", a.idx_dir,
                     "--data-dir", data_dir], check=True, capture_output=True)
-    workdir = os.path.join(out_dir, f"vgg_jax_{a.size}")
-    flags = [f"--config.data.data_dir={data_dir}", f"--config.data.image_size={a.size}",
+    workdir = os.path.join(out_dir, f"vgg_jax_{a.size}" + (f"_seed{a.seed}" if a.seed else ""))
+    flags = [f"--config.seed={a.seed}", f"--config.data.data_dir={data_dir}", f"--config.data.image_size={a.size}",
              f"--config.model.classifier_pool={a.size // 32}",
              f"--config.train.num_epochs={a.epochs}", "--config.train.progress_bar=False",
              "--config.train.log_every_steps=20", "--config.train.checkpoint_every_steps=100000"]
@@ -133,10 +134,10 @@ def run_jax(a, out_dir: str) -> list[dict]:
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}",
                     "--config", os.path.join(ROOT, "configs", "fashion_mnist_vgg11_small.py"),
                     *flags], check=True, env=env, cwd=ROOT)
-    return jax_rows(workdir, out_dir)
+    return jax_rows(workdir, out_dir, a.seed)
 
 
-def jax_rows(workdir: str, out_dir: str) -> list[dict]:
+def jax_rows(workdir: str, out_dir: str, seed: int = 0) -> list[dict]:
     """vgg_jax's rows from train.py's metrics.jsonl: test accuracy after each epoch, and
     the median training speed over that epoch's logged windows."""
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -147,7 +148,7 @@ def jax_rows(workdir: str, out_dir: str) -> list[dict]:
         window = [l["train_images_per_sec"] for l in lines if "train_images_per_sec" in l
                   and (i - 1) * steps_per_epoch < l["step"] <= i * steps_per_epoch]
         rate = float(np.median(window)) if window else float("nan")
-        row = dict(side="vgg_jax", epoch=i, test_acc=e["eval_top1_acc"],
+        row = dict(side="vgg_jax", seed=seed, epoch=i, test_acc=e["eval_top1_acc"],
                    images_per_sec=rate, epoch_train_s=60_000 / rate)
         log_row(out_dir, row)
         rows.append(row)
@@ -191,6 +192,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--idx-dir", default=DEBIAN)
     ap.add_argument("--out", default=os.path.join("runs", "d2l"))
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--limit", type=int, default=0, help="train on the first N images only")
     ap.add_argument("--side", choices=("both", "pytorch", "vgg_jax"), default="both")
@@ -202,7 +204,7 @@ def main():
                     "and stop (a run whose bench process was stopped)")
     a = ap.parse_args()
     if a.collect:
-        jax_rows(a.collect, a.out)
+        jax_rows(a.collect, a.out, a.seed)
         return
     if a.plot:
         print(f"wrote {plot(a.out, a.size)}")

@@ -57,7 +57,7 @@ SOURCES = {
     "fashion_mnist (d2l VGG chapter, train_ch6)": (fashion_mnist_vgg11_small.get_config, {
         "model.arch": "vgg11", "model.width": 0.25, "model.fc_widths": (4096, 4096),
         "model.classifier_pool": 7, "model.dropout_rate": 0.5, "model.init_scheme": "glorot",
-        "data.dataset": "fashion_mnist", "data.channels": 1, "data.image_size": 224,
+        "model.bias_init": "torch", "data.dataset": "fashion_mnist", "data.channels": 1, "data.image_size": 224,
         "data.pad": 0, "data.flip": False, "data.colour_pca": False,
         "data.normalization": "custom", "data.mean": (0.0,), "data.std": (255.0,),
         "optim.batch_size": 128, "optim.learning_rate": 0.05, "optim.momentum": 0.0,

@@ -242,6 +242,34 @@ def test_he_init_is_he_fan_in_for_convs_and_fc_layers():
         assert abs(k.std() / np.sqrt(2 / fan_in) - 1) < 0.05 and abs(k.mean()) < 0.05 * k.std()
 
 
+def test_torch_bias_init_matches_pytorchs_own_layers():
+    """bias_init='torch': each layer's biases spread over PyTorch's default interval for the
+    same layer, the bound taken from torch's own nn.Conv2d / nn.Linear (their weights'
+    fan-in), d2l's grayscale conv1_1 (fan-in 9: +-1/3) included."""
+    torch = pytest.importorskip("torch")
+    model = create_model("vgg11", in_channels=1, width=0.25, fc_widths=(256, 256),
+                         classifier_pool=2, bias_init="torch", num_classes=10)
+    p = init_variables(model, jax.random.key(0), 64)["params"]
+    torch.manual_seed(0)
+    for name, layer in (("conv1_1", torch.nn.Conv2d(1, 16, 3)),
+                        ("conv4_2", torch.nn.Conv2d(128, 128, 3)),
+                        ("fc6", torch.nn.Linear(128 * 2 * 2, 256)),
+                        ("fc8", torch.nn.Linear(256, 10))):
+        fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
+        bound = 1 / np.sqrt(fan_in)
+        ours, theirs = np.asarray(p[name]["bias"]), layer.bias.detach().numpy()
+        assert ours.shape == theirs.shape
+        assert np.abs(ours).max() <= bound and np.abs(theirs).max() <= bound
+        if ours.size >= 100:  # a uniform on [-b, b]: std b / sqrt(3)
+            assert abs(ours.std() / (bound / np.sqrt(3)) - 1) < 0.1
+        assert np.abs(ours).max() > 0.7 * bound  # spread, not zeros
+    zeros = init_variables(create_model("vgg11", in_channels=1, width=0.25, fc_widths=(64, 64)),
+                           jax.random.key(0), 32)["params"]
+    assert not any(np.asarray(v["bias"]).any() for v in zeros.values())
+    with pytest.raises(ValueError, match="unknown bias init 'ones'; choose one of zeros, torch"):
+        create_model("A", bias_init="ones")
+
+
 def test_unknown_init_scheme_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown init scheme 'xavier'; choose one of paper"):
         create_model("A", init_scheme="xavier")

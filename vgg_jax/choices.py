@@ -13,6 +13,7 @@ NORMALIZATIONS = ("paper", "torchvision", "caffe", "unit")
 SCHEDULES = ("paper", "step", "cosine", "constant")                # learning rate (optim)
 WEIGHT_DECAY_MODES = ("coupled", "decoupled")                      # optim
 INIT_SCHEMES = ("paper", "paper_literal", "glorot", "kaiming", "he")  # models
+BIAS_INITS = ("zeros", "torch")                                    # models
 DTYPES = ("float32", "bfloat16")                                   # train.dtype
 INIT_FROM_LAYERS = ("all", "paper")                                # or a list of layer names
 EMBED_METHODS = ("pca", "tsne")                                    # plots

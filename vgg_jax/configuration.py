@@ -83,6 +83,7 @@ def validate(config) -> None:
     check_choice("train.dtype", t.dtype, choices.DTYPES)
     models.resolve_arch(config.model.arch)
     check_choice("model.init_scheme", config.model.init_scheme, choices.INIT_SCHEMES)
+    check_choice("model.bias_init", config.model.get("bias_init", "zeros"), choices.BIAS_INITS)
     check_choice("model.conv_impl", config.model.conv_impl, choices.CONV_IMPLS)
     if config.model.get("box_head", "") not in choices.BOX_HEADS:
         raise UserError(f"model.box_head={config.model.box_head!r}: valid are '' (a "

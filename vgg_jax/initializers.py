@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from vgg_jax.choices import INIT_SCHEMES
+from vgg_jax.choices import BIAS_INITS, INIT_SCHEMES
 from vgg_jax.errors import check_choice
 
 
 def initializers(scheme: str) -> tuple[Callable, Callable]:
-    """(conv kernel init, fc kernel init); biases are always zero.
+    """(conv kernel init, fc kernel init); biases are `bias_initializer`'s.
 
     paper         N(0, 0.01^2): std 0.01, the convention of AlexNet and Caffe's ImageNet
                   example, which the paper's "10^-2 variance" is read as here (the VGG
@@ -42,6 +42,24 @@ def initializers(scheme: str) -> tuple[Callable, Callable]:
     if scheme == "he":
         return nn.initializers.variance_scaling(2.0, "fan_in", "normal"), fc_initializer(he=True)
     raise AssertionError(scheme)  # every INIT_SCHEMES entry is handled above
+
+
+def bias_initializer(scheme: str, fan_in: int) -> Callable:
+    """A layer's bias init, `fan_in` = its inputs per output (k*k*Cin for a conv).
+
+    zeros  the paper's ("The biases were initialised with zero", Sec. 3.1), torchvision's
+           and Keras'.
+    torch  PyTorch's own default for nn.Conv2d and nn.Linear, which code that re-draws
+           only the weights keeps (d2l's `train_ch6` applies xavier_uniform_ to the weights
+           alone): uniform on [-1/sqrt(fan_in), +1/sqrt(fan_in)]. For a first conv of one
+           channel that is +-1/3, the size of its [0, 1] inputs' contribution.
+    """
+    check_choice("bias init", scheme, BIAS_INITS)
+    if scheme == "zeros":
+        return nn.initializers.zeros
+    bound = 1.0 / float(np.sqrt(fan_in))
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                    -bound, bound)
 
 
 FC_INIT_BLOCK_ROWS = 2048

@@ -22,7 +22,7 @@ from vgg_jax.arch import (ALIASES, CONFIGS, LRN_PARAMS, MIN_SIZE, POOLS,  # noqa
                           layer_names, layer_table, relu_name, resolve_arch, scaled,
                           tap_names, torchvision_index)
 from vgg_jax.errors import UserError
-from vgg_jax.initializers import initializers
+from vgg_jax.initializers import bias_initializer, initializers
 from vgg_jax.ops import (adaptive_avg_pool, adaptive_pool_matrix,  # noqa: F401 (API)
                          avg_pool, local_response_norm, mask_valid, max_pool)
 
@@ -73,13 +73,15 @@ class Conv(nn.Module):
     impl: str = "auto"
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: str = "zeros"  # initializers.bias_initializer
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
                             jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        bias = self.param("bias", bias_initializer(self.bias_init, k * k * x.shape[-1]),
+                          (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         return conv.conv_layer(x, kernel, self.impl, train=train) + bias
 
@@ -97,6 +99,7 @@ class FC(nn.Module):
     features: int
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.normal(0.01)
+    bias_init: str = "zeros"  # initializers.bias_initializer
 
     @nn.compact
     def __call__(self, x, window: int | None = None, pool=None):
@@ -105,7 +108,8 @@ class FC(nn.Module):
         else:
             cin = x.shape[-1] * (window * window if window else 1)
         kernel = self.param("kernel", self.kernel_init, (cin, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        bias = self.param("bias", bias_initializer(self.bias_init, cin), (self.features,),
+                          jnp.float32)
         if pool is not None:  # folded in float32, then cast like the kernel itself
             ph, pw = (jnp.asarray(p, kernel.dtype) for p in pool)
             kernel = kernel.reshape(ph.shape[0], pw.shape[0], x.shape[-1], self.features)
@@ -142,6 +146,7 @@ class VGG(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     init_scheme: str = "kaiming"
+    bias_init: str = "zeros"  # 'torch': PyTorch's default U(+-1/sqrt(fan_in))
     conv_impl: str = "auto"
     classifier_pool: int = 7  # pool5 -> adaptive average pool to this size -> fc6
     pool_ceil: bool = False   # Caffe's ceil-mode pools (see max_pool); torchvision floors
@@ -190,7 +195,7 @@ class VGG(nn.Module):
         for layer in layer_table(letter):
             if layer.kind == "conv":
                 x = Conv(scaled(layer.channels, self.width), layer.kernel, self.conv_impl,
-                         self.dtype, conv_init, name=layer.name)(x, train)
+                         self.dtype, conv_init, self.bias_init, name=layer.name)(x, train)
                 keep(layer.name + "_pre", x)
                 if batch_norm:
                     frozen = bn_name(layer.name) in self.frozen_bn
@@ -231,14 +236,15 @@ class VGG(nn.Module):
         if valid is not None:  # fc6 is a size x size VALID conv in dense mode
             valid = valid - (size - 1)
         for name, features in zip(("fc6", "fc7"), self.fc_widths):
-            x = nn.relu(FC(features, self.dtype, fc_init, name=name)(x, window, pool))
+            x = nn.relu(FC(features, self.dtype, fc_init, self.bias_init,
+                           name=name)(x, window, pool))
             window, pool = (1 if dense else None), None
             if valid is not None:
                 x = mask_valid(x, valid)
             keep(name, x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = FC(box_outputs(self.box_head, self.num_classes) or self.num_classes, self.dtype,
-               fc_init, name="fc8")(x, window)
+               fc_init, self.bias_init, name="fc8")(x, window)
         if valid is not None:
             x = mask_valid(x, valid)
         x = x.astype(jnp.promote_types(self.dtype, jnp.float32))  # f32 (f64 for f64)
@@ -311,7 +317,7 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
                  dropout_rate: float = 0.5, dtype: Any = jnp.float32, init_scheme: str = "kaiming",
                  conv_impl: str = "auto", classifier_pool: int = 7,
                  pool_ceil: bool = False, include_top: bool = True,
-                 pooling: str = "max", box_head: str = "") -> VGG:
+                 pooling: str = "max", box_head: str = "", bias_init: str = "zeros") -> VGG:
     """Build a VGG. `arch`: paper letter (A, A-LRN, B, C, D, E, and Sec. 4.1's B-5x5) or
     vgg11, vgg11_lrn, vgg13, vgg16_c, vgg16, vgg19, vgg13_5x5, each optionally with `_bn`
     (BatchNorm after every conv). `pool_ceil`: Caffe's ceil-mode pools (dense evaluation
@@ -323,7 +329,8 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
     average pools in place of the max-pools (Gatys et al.'s loss network). `box_head`
     'scr' or 'pcr': the localisation net of Appendix A, whose fc8 predicts boxes
     (`apply` -> (N, 1 or num_classes, 4), each (cx, cy, w, h) as fractions of the input;
-    vgg_jax.boxes)."""
+    vgg_jax.boxes). `bias_init`: 'zeros' (the paper's) or 'torch' (PyTorch's layers'
+    default, `initializers.bias_initializer`)."""
     resolve_arch(arch)
     if not (isinstance(width, (int, float)) and 0 < width <= 16):
         raise UserError(f"width must be a number in (0, 16], got {width!r}")
@@ -335,6 +342,7 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
     if not 0 <= dropout_rate < 1:
         raise UserError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     initializers(init_scheme)
+    bias_initializer(bias_init, 1)
     conv.resolve_conv_impl(conv_impl)
     box_outputs(box_head, num_classes)
     if box_head and not include_top:
@@ -344,7 +352,8 @@ def create_model(arch: str = "vgg16", *, num_classes: int = 1000, in_channels: i
                width=float(width), fc_widths=tuple(int(f) for f in fc_widths),
                dropout_rate=dropout_rate, dtype=jnp.dtype(dtype), init_scheme=init_scheme,
                conv_impl=conv_impl, classifier_pool=classifier_pool, pool_ceil=bool(pool_ceil),
-               include_top=bool(include_top), pooling=pooling, box_head=box_head)
+               include_top=bool(include_top), pooling=pooling, box_head=box_head,
+               bias_init=bias_init)
 
 
 def init_variables(model: VGG, rng, image_size: int = 224):

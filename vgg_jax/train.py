@@ -52,7 +52,7 @@ def build_model(config, num_classes: int) -> models.VGG:
         fc_widths=tuple(m.fc_widths), dropout_rate=m.dropout_rate,
         dtype=jnp.dtype(t.dtype), init_scheme=init_scheme, conv_impl=m.conv_impl,
         classifier_pool=m.classifier_pool, pool_ceil=m.pool_ceil,
-        box_head=m.get("box_head", ""))
+        box_head=m.get("box_head", ""), bias_init=m.get("bias_init", "zeros"))
 
 
 # ----------------------------------------------------------------------------- steps

@@ -20,6 +20,7 @@ def get_config():
         # paper | paper_literal | glorot | kaiming | he. N(0, 0.01) fc layers (paper, kaiming)
         # shrink a 256-wide classifier's signal ~250x; glorot scales with the width.
         init_scheme="glorot",
+        bias_init="zeros",       # the paper's; 'torch': PyTorch's default U(+-1/sqrt(fan_in))
         conv_impl="auto",        # XLA's conv on GPU/TPU; per layer on CPU (models.conv_plan)
         classifier_pool=1,       # pool5 -> 1x1 -> fc6 (7 = the paper / torchvision)
         pool_ceil=False,         # Caffe's ceil-mode pools (original Caffe weights, dense eval)
