@@ -14,7 +14,8 @@ test accuracy after every epoch), channels_last, the same bilinear resize of the
 files. Both report test accuracy per epoch and training images per second (whole steps,
 input included, evaluation excluded). Rows go to OUT/d2l.jsonl as they finish, so a long
 run in the background can be watched (`tail -f`). --seed seeds both sides' weights, shuffle
-and dropout (vgg_jax's config.seed; torch.manual_seed and the shuffle's generator).
+and dropout (vgg_jax's config.seed; torch.manual_seed and the shuffle's generator);
+`--set model.bias_init=zeros` (repeatable) passes a config override to vgg_jax's side.
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def run_jax(a, out_dir: str) -> list[dict]:
              f"--config.model.classifier_pool={a.size // 32}",
              f"--config.train.num_epochs={a.epochs}", "--config.train.progress_bar=False",
              "--config.train.log_every_steps=20", "--config.train.checkpoint_every_steps=100000"]
+    flags += [f"--config.{kv}" for kv in a.set]
     if a.limit:  # a part of the training split (the smoke run): steps from the limit
         flags.append(f"--config.train.max_steps={a.epochs * (a.limit // 128)}")
         flags.append("--config.train.eval_every_epochs=1000")
@@ -193,6 +195,8 @@ def main():
     ap.add_argument("--idx-dir", default=DEBIAN)
     ap.add_argument("--out", default=os.path.join("runs", "d2l"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for vgg_jax's side, e.g. model.bias_init=zeros")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--limit", type=int, default=0, help="train on the first N images only")
     ap.add_argument("--side", choices=("both", "pytorch", "vgg_jax"), default="both")
