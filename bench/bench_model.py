@@ -151,7 +151,7 @@ def run_jax(a, row: str) -> dict:
             return f(variables, xj)
     compile_s, dt = measure(step, a, t0, jax.block_until_ready)
     plan = models.conv_plan(a.arch, a.image_size, width=a.width, impl=a.conv_impl,
-                            train=a.mode == "train", dtype=a.dtype)
+                            train=a.mode == "train", dtype=a.dtype, batch=a.batch)
     return dict(img_per_s=a.batch * a.steps / dt, compile_s=compile_s, peak_mb=peak_mb(),
                 conv_impl=models.describe_plan(plan), xla_flags=os.environ.get("XLA_FLAGS", ""))
 

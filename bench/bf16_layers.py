@@ -172,9 +172,10 @@ def main(argv=None):
                      "jax bf16 xla": lambda: jax_layer(shape, a.batch, jnp.bfloat16, "xla", train),
                      "torch f32": lambda: torch_layer(shape, a.batch, "float32", train),
                      "torch autocast": lambda: torch_layer(shape, a.batch, "bfloat16", train)}
-            h, cin, _ = shape
+            h, cin, cout = shape
             plan = conv.resolve_conv_impl("auto", "cpu", train=train, hw=(h, h), channels=cin,
-                                          kernel=3, dtype=jnp.bfloat16)
+                                          kernel=3, dtype=jnp.bfloat16, batch=a.batch,
+                                          out_channels=cout)
         timings = {name: timed(make(), a.repeats) for name, make in cases.items()}
         ms = {name: best for name, (_, best) in timings.items()}
         first_s = {name: first for name, (first, _) in timings.items()}

@@ -73,7 +73,8 @@ def layer_cases(arch, size, batch, width):
             out = models.scaled(layer.channels, width)
             for impl in ("auto", "xla"):
                 chosen = conv.resolve_conv_impl(impl, train=True, hw=(h, h), channels=c,
-                                                kernel=layer.kernel)
+                                                kernel=layer.kernel, batch=batch,
+                                                out_channels=out)
                 key = (f"conv{layer.kernel} {h}x{h} {c}->{out} {chosen}", impl)
                 if key not in cases:
                     kernel = (layer.kernel, layer.kernel, c, out)

@@ -17,6 +17,12 @@ needs) and with the input gradient, per algorithm, ms (first call's seconds).
 Table 3, the tile: forward + both gradients + ReLU of every distinct Winograd layer of
 VGG-16 at 32x32 b128 and 224 b16 and of d2l's VGG-11/4 at 64x64 b128, with F(2x2) and
 with F(4x4), ms (first call's seconds), and what 'auto' picks for the layer.
+Table 4, small layers (the narrow nets of quick experiments and of the test suite, beside
+VGG-16's and LPIPS's): training, forward + both gradients under the training step's
+compiler options, im2col / XLA's conv / F(2x2); inference, the forward under the eval
+options (XLA's conv through YNNPACK / F(2x2)); ms (first call's seconds), with the
+layer's work (batch x map x Cin x Cout, millions) and what 'auto' picks for each: the
+measurements behind `conv.TRAIN_WINOGRAD_MIN_WORK` and `conv.EVAL_WINOGRAD_MIN_WORK`.
 """
 from __future__ import annotations
 
@@ -55,7 +61,22 @@ TILES = [("vgg16-32 conv1_2", 32, 64, 64, 128), ("vgg16-32 conv2_1", 16, 64, 128
          ("d2l-64 conv4_1", 8, 64, 128, 128), ("d2l-64 conv4_2", 8, 128, 128, 128),
          ("d2l-64 conv5_1", 4, 128, 128, 128)]
 SMOKE_TILES = [("tiny", 8, 16, 16, 2)]
-TABLES = ("parts", "first", "tiles")
+# (name, side, Cin, Cout, batch): VGG-11 at 1/16 and 1/4 width on 32x32 digits (the test
+# suite's nets and the README's main job; training batch 64, evaluation 128), then
+# layers of VGG-16 at 32x32 b128 and of LPIPS at 64x64 b16
+SMALL = [("vgg11/16 conv4", 8, 16, 16, 64), ("vgg11/16 conv5", 4, 16, 32, 64),
+         ("vgg11/16 conv6", 4, 32, 32, 64), ("vgg11/4 conv2", 16, 16, 32, 64),
+         ("vgg11/4 conv3", 8, 32, 64, 64), ("vgg11/4 conv4", 8, 64, 64, 64),
+         ("vgg11/4 conv5", 4, 64, 128, 64), ("vgg11/4 conv6", 4, 128, 128, 64),
+         ("narrow b16", 8, 32, 32, 16), ("narrow b32", 8, 32, 64, 32),
+         ("vgg16-32 conv4_2 b16", 4, 512, 512, 16),
+         ("vgg11/4 conv4 eval", 8, 64, 64, 128), ("vgg11/4 conv5 eval", 4, 64, 128, 128),
+         ("vgg11/4 conv6 eval", 4, 128, 128, 128), ("vgg16-32 conv4_2", 4, 512, 512, 128),
+         ("vgg16-32 conv3_1", 8, 128, 256, 128), ("vgg16-32 conv2_1", 16, 64, 128, 128),
+         ("lpips-64 conv1_2", 64, 64, 64, 16), ("lpips-64 conv3_2", 16, 256, 256, 16),
+         ("lpips-64 conv4_2", 8, 512, 512, 16)]
+SMOKE_SMALL = [("tiny", 4, 16, 16, 2)]
+TABLES = ("parts", "first", "tiles", "small")
 
 
 def arrays(side, cin, cout, batch):
@@ -136,6 +157,32 @@ def tile_table(layers, rounds):
     return [layer_row(*layer, fns(), rounds) for layer in layers]
 
 
+def small_table(layers, rounds):
+    """Table 4: per layer, training and inference per algorithm, each jitted with the
+    options the library's own jits use (conv.train_compiler_options / eval_...)."""
+    rows = []
+    for name, side, cin, cout, batch in layers:
+        x, k = arrays(side, cin, cout, batch)
+        train = {f"train {impl}": jax.jit(jax.grad(
+            lambda x, k, impl=impl: jnp.sum(jax.nn.relu(conv.conv2d(x, k, impl)) ** 2),
+            argnums=(0, 1)), compiler_options=conv.train_compiler_options())
+            for impl in ("im2col", "xla", "winograd")}
+        infer = {f"eval {impl}": jax.jit(lambda x, k, impl=impl: conv.conv2d(x, k, impl),
+                                         compiler_options=conv.eval_compiler_options())
+                 for impl in ("xla", "winograd")}
+        fns = {**train, **infer}
+        first = {key: first_call_s(f, (x, k)) for key, f in fns.items()}
+        ms = best_ms(fns, (x, k), rounds)
+        shape = dict(hw=(side, side), channels=cin, batch=batch, out_channels=cout)
+        rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}",
+                         work_m=batch * side * side * cin * cout / 1e6,
+                         auto_train=conv.resolve_conv_impl("auto", "cpu", train=True, **shape),
+                         auto_eval=conv.resolve_conv_impl("auto", "cpu", **shape),
+                         ms={key: round(v, 2) for key, v in ms.items()},
+                         first_s={key: round(v, 2) for key, v in first.items()}))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", help="MB of input map per chunk (default 0.25,1,8; with "
@@ -158,6 +205,8 @@ def main(argv=None):
         out["first"] = first_table(SMOKE_FIRST if a.smoke else FIRST, rounds)
     if "tiles" in tables:
         out["tiles"] = tile_table(SMOKE_TILES if a.smoke else TILES, rounds)
+    if "small" in tables:
+        out["small"] = small_table(SMOKE_SMALL if a.smoke else SMALL, rounds)
     if a.json:
         print(json.dumps(out))
         return
@@ -167,6 +216,8 @@ def main(argv=None):
         print_first(out["first"])
     if "tiles" in out:
         print_tiles(out["tiles"])
+    if "small" in out:
+        print_small(out["small"])
 
 
 def print_parts(parts_rows, budgets):
@@ -195,6 +246,16 @@ def print_tiles(tile_rows):
         print(f"| {r['layer']} | {r['shape']} | {r['auto']} | {ms['winograd']:.1f} "
               f"({first['winograd']:.1f}) | {ms['winograd4']:.1f} ({first['winograd4']:.1f}) "
               f"| {ms['winograd4'] / ms['winograd']:.2f}x |")
+
+
+def print_small(rows):
+    keys = list(rows[0]["ms"])
+    print("\n| layer | shape | work (M) | auto train / eval | " + " | ".join(keys)
+          + " |\n|---|---|---|---|" + "---|" * len(keys))
+    for r in rows:
+        print(f"| {r['layer']} | {r['shape']} | {r['work_m']:.1f} | {r['auto_train']} / "
+              f"{r['auto_eval']} | "
+              + " | ".join(f"{r['ms'][k]:.2f} ({r['first_s'][k]:.2f})" for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -175,14 +175,15 @@ def step(params, opt_state, x, y):
     return optax.apply_updates(params, updates), opt_state
 
 compiled = jax.jit(step).lower(params, jax.eval_shape(tx.init, params),
-                               jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32),
-                               jax.ShapeDtypeStruct((16,), jnp.int32)).compile()
+                               jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.float32),
+                               jax.ShapeDtypeStruct((64,), jnp.int32)).compile()
 print(compiled.memory_analysis().temp_size_in_bytes)
 """
 
 
 def test_the_training_step_compiles_with_the_memory_minimizing_scheduler():
-    """A training step (VGG-11 at width 1/8, small for the test, 32x32 batch 16) keeps
+    """A training step (VGG-11 at width 1/8, small for the test, 32x32 batch 64: F(2x2) in
+    conv3_2 and conv4_2, XLA's conv and im2col in the others) keeps
     fewer temporaries alive with `vgg_jax.configure_cpu()`'s XLA_FLAGS than with XLA:CPU's concurrency-
     optimized scheduler, which a user's own XLA_FLAGS value still chooses (a compile
     option per jit does not reach the scheduler in jaxlib 0.10.2)."""
@@ -231,6 +232,28 @@ def test_auto_resolves_per_backend():
     assert cpu(train=False, hw=(64, 64), channels=64) == "winograd"
     assert cpu(train=False, hw=(14, 14), channels=32) == "xla"
     assert cpu(train=False, hw=(2, 2), channels=64) == "im2col"
+    # the work rules (batch x pixels x Cin x Cout), bench/RESULTS.md 2026-12-07
+    layer = lambda hw, cin, cout, batch, train: cpu(train=train, hw=hw, channels=cin,
+                                                    out_channels=cout, batch=batch)
+    assert layer((8, 8), 16, 16, 64, True) == "xla"  # 1M: a width-1/16 VGG-11 on digits
+    assert layer((8, 8), 32, 64, 32, True) == "winograd"  # 4.2M
+    assert layer((16, 16), 16, 32, 64, True) == "winograd"
+    assert layer((4, 4), 512, 512, 16, True) == "im2col"  # 256 pixels < 2 x 512
+    assert layer((4, 4), 512, 512, 64, True) == "winograd"  # 1,024 pixels
+    assert layer((8, 8), 256, 256, 8, True) == "winograd4"  # 512 pixels = 2 x 256
+    assert layer((8, 8), 256, 256, 4, True) == "im2col"
+    assert layer((64, 64), 1, 16, 128, True) == "im2col"  # few channels first
+    assert layer((4, 4), 128, 128, 128, False) == "xla"  # 33.6M: saves ~0 ms a call
+    assert layer((4, 4), 512, 512, 16, False) == "winograd"  # 2^26 exactly
+    assert layer((64, 64), 64, 64, 16, False) == "winograd"  # LPIPS at 64 px, b16
+    assert layer((64, 64), 64, 64, 2, False) == "xla"
+    assert models.describe_plan(models.conv_plan("vgg11", 32, width=1 / 16, train=True,
+                                                 backend="cpu", batch=64)) == (
+        "xla conv1_1-conv4_2, im2col conv5_1-conv5_2")
+    assert models.describe_plan(models.conv_plan("vgg16", 32, train=True, backend="cpu",
+                                                 batch=16)) == (
+        "xla conv1_1, winograd conv1_2-conv3_1, winograd4 conv3_2-conv3_3, im2col "
+        "conv4_1-conv5_3")
     plan = models.conv_plan("vgg16", 32, train=True, backend="cpu")
     assert models.describe_plan(plan) == ("xla conv1_1, winograd conv1_2-conv3_1, winograd4 "
                                           "conv3_2-conv3_3, winograd conv4_1-conv4_3, im2col "
@@ -290,16 +313,19 @@ def test_jitted_eval_convs_with_cpu_compiler_options_match_numpy(impl):
 
 
 def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
-    """'auto' mixes implementations by layer (A at width 1/2, 64x64: XLA's conv for
-    conv1_1, F(2x2) from conv2_1's 32 inputs, F(4x4) at conv4_2's 8x8 map with 256
-    inputs, F(2x2) on conv5's 4x4 maps in training; YNNPACK + F(2x2) in eval): logits and
-    the gradients of every parameter equal the all-'xla' model's."""
+    """'auto' mixes implementations by layer (A at width 1/2, 64x64: in training at batch
+    8 XLA's conv for conv1_1, F(2x2) from conv2_1's 32 inputs, F(4x4) at conv4_2's 8x8
+    map with 256 inputs, im2col on conv5's 4x4 maps (128 pixels in the batch); in eval at
+    batch 16 YNNPACK, F(2x2) and im2col): logits and the gradients of every parameter
+    equal the all-'xla' model's."""
     m = models.create_model("A", num_classes=5, width=1 / 2, fc_widths=(8, 8), dropout_rate=0.0)
-    plan = models.conv_plan("A", 64, width=1 / 2, train=True, backend="cpu")
+    plan = models.conv_plan("A", 64, width=1 / 2, train=True, backend="cpu", batch=8)
     assert (plan["conv1_1"], plan["conv2_1"], plan["conv4_2"], plan["conv5_1"]) == (
-        "xla", "winograd", "winograd4", "winograd")
+        "xla", "winograd", "winograd4", "im2col")
+    plan = models.conv_plan("A", 64, width=1 / 2, backend="cpu", batch=16)
+    assert {"xla", "winograd"} <= set(plan.values()), plan
     v = models.init_variables(m, jax.random.key(0), 64)
-    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    x = jax.random.normal(jax.random.key(1), (16, 64, 64, 3))
     auto = conv.jit_eval(lambda v, x: m.apply(v, x))(v, x)
     ref = jax.jit(lambda v, x: m.clone(conv_impl="xla").apply(v, x))(v, x)
     np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-6)
@@ -311,7 +337,7 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
     # in float64: in float32 a ReLU gate or a max-pool tie that rounding flips moves a
     # few kernel-gradient entries by ~1% between any two algorithms
     with jax.enable_x64(True):
-        x64, p64 = x.astype(jnp.float64), jax.tree.map(lambda a: a.astype(jnp.float64),
+        x64, p64 = x[:8].astype(jnp.float64), jax.tree.map(lambda a: a.astype(jnp.float64),
                                                         v["params"])
         m64 = m.clone(dtype=jnp.float64)
         for a, b in zip(jax.tree.leaves(loss(m64)(p64)),
@@ -323,18 +349,18 @@ def test_auto_model_equals_the_all_xla_model_in_eval_and_training():
 def test_auto_follows_the_platform_compiled_for_not_the_default_backend():
     """'auto' is resolved when lowering for a platform: the same jitted training forward
     lowered for CPU has XLA's conv only for the layers the CPU plan gives it (A at width
-    1/16: conv1_1-conv3_1, under 16 input channels; the others are im2col or Winograd
-    matmuls), lowered for CUDA (possible without a GPU) it has XLA's conv for each of
-    A's 8 conv layers."""
-    m = models.create_model("A", width=1 / 16, fc_widths=(16, 16), num_classes=10)
+    1/4, batch 16: conv1_1 under 16 input channels, conv2_1, conv3_1, conv4_1 under 4M of
+    work; the others are im2col or Winograd matmuls), lowered for CUDA (possible without a
+    GPU) it has XLA's conv for each of A's 8 conv layers."""
+    m = models.create_model("A", width=1 / 4, fc_widths=(16, 16), num_classes=10)
     v = models.init_variables(m, jax.random.PRNGKey(0), 32)
-    x = jnp.zeros((2, 32, 32, 3))
+    x = jnp.zeros((16, 32, 32, 3))
     f = jax.jit(lambda v, x: m.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
     traced = f.trace(v, x)
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
     cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-    plan = models.conv_plan("A", 32, width=1 / 16, train=True, backend="cpu")
+    plan = models.conv_plan("A", 32, width=1 / 4, train=True, backend="cpu", batch=16)
     assert [name for name, impl in plan.items() if impl == "xla"] == [
-        "conv1_1", "conv2_1", "conv3_1"]
-    assert cpu.count("stablehlo.convolution") == 3
+        "conv1_1", "conv2_1", "conv3_1", "conv4_1"]
+    assert cpu.count("stablehlo.convolution") == 4
     assert cuda.count("stablehlo.convolution") == 8

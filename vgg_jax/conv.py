@@ -77,6 +77,27 @@ WINOGRAD4_MIN_CHANNELS = 256
 WINOGRAD4_SIDES = (8, 56)  # F(4x4) on maps whose sides are multiples of 4 in this range
 EVAL_WINOGRAD_MIN_CHANNELS = 64  # inference: F(2x2) from these input channels ...
 EVAL_WINOGRAD_MAX_SIDE = 64  # ... on maps of at most this many pixels per side
+# A layer's work: batch x output pixels x Cin x Cout (its multiply-adds / 9). F(2x2) costs
+# ~1-2.5 s more compile per layer than XLA's conv or im2col (forward + both gradients;
+# ~1 s for a forward alone), which a short run of a small net never earns back, and its
+# kernel-side transforms do not pay on few pixels. Measured per layer on an AVX2 AMD EPYC,
+# 2026-12-07 (`bench/winograd_parts.py --tables small`, bench/RESULTS.md):
+# - training: at ~1M of work (VGG-11 at 1/16 width on 32x32 digits, b16-b64) XLA's conv is
+#   as fast as F(2x2) (2.49 vs 2.63 ms, 1.45 vs 1.59) and compiles in 0.1-0.2 s instead of
+#   1.5-2.9; from ~4M F(2x2) is 4-45% faster than the best other. With many channels on
+#   few pixels the transforms of the kernel and its gradient dominate: 4x4 512->512 at b16
+#   (256 pixels) took 83 ms against im2col's 26, at b32 87 vs 49, 14x14 at b4 108 vs 87,
+#   at b64 (1,024 pixels) 114 vs 117, at b128 161 vs 254; 8x8 256->256 at b8 (512 pixels)
+#   12.8 vs 12.6, at b16 20.9 vs 30.2. So F(2x2) from TRAIN_WINOGRAD_MIN_WORK and
+#   TRAIN_WINOGRAD_PIXELS_PER_CHANNEL x Cin pixels (batch x h x w), XLA's conv below the
+#   work, im2col below the pixels.
+# - inference: F(2x2) runs 1.2-2.5x faster than YNNPACK's conv from 64 channels at every
+#   size measured above ~8M, but saves only 0-4 ms a call below ~60M (VGG-11/4's eval step
+#   at b128: 7.95 vs 3.69, 4.30 vs 2.13, 4.16 vs 4.23 ms), against ~0.9 s more compile per
+#   layer; from 2^26 (VGG-16 at 32x32 from b16, LPIPS at 64 px from b2) it saves 5-50 ms.
+TRAIN_WINOGRAD_MIN_WORK = 4_000_000
+TRAIN_WINOGRAD_PIXELS_PER_CHANNEL = 2
+EVAL_WINOGRAD_MIN_WORK = 1 << 26
 
 
 def _fits_winograd4(hw, channels) -> bool:
@@ -87,9 +108,11 @@ def _fits_winograd4(hw, channels) -> bool:
 
 def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = False,
                       hw: tuple[int, int] | None = None, channels: int | None = None,
-                      kernel: int = 3, dtype=None) -> str:
+                      kernel: int = 3, dtype=None, batch: int | None = None,
+                      out_channels: int | None = None) -> str:
     """The conv implementation `impl` means for one layer (`hw` = its input map's height
-    and width, `channels` its input channels, `kernel` its size). 'auto':
+    and width, `channels` its input channels, `kernel` its size, `batch` its images and
+    `out_channels` its outputs: without these two the work rules below are skipped). 'auto':
     - GPU/TPU: 'xla' (cuDNN / the TPU's conv unit).
     - CPU, maps of < MIN_YNN_PIXELS pixels and 1x1 kernels in training: 'im2col'.
     - CPU, training: 'winograd4' (F(4x4, 3x3)) for 3x3 kernels with >=
@@ -98,10 +121,13 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
       channels (XLA:CPU's own conv backward, the filter gradient especially, is several
       times slower than these matmuls there), 'xla' from XLA_MIN_CHANNELS (conv1_1's 3
       channels: its filter gradient, all a first layer needs, is faster than im2col's),
-      'im2col' below (a grayscale conv1_1).
+      'im2col' below (a grayscale conv1_1); and where the Winograd choices would not repay
+      their compile or run slower: 'xla' below TRAIN_WINOGRAD_MIN_WORK, 'im2col' on fewer
+      than TRAIN_WINOGRAD_PIXELS_PER_CHANNEL x Cin pixels in the batch.
     - CPU, inference: 'winograd' for 3x3 kernels with >= EVAL_WINOGRAD_MIN_CHANNELS inputs
-      on maps of at most EVAL_WINOGRAD_MAX_SIDE per side, else 'xla', which runs through
-      YNNPACK (`set_default_xla_flags`).
+      on maps of at most EVAL_WINOGRAD_MAX_SIDE per side and at least
+      EVAL_WINOGRAD_MIN_WORK of work, else 'xla', which runs through YNNPACK
+      (`set_default_xla_flags`).
     The Winograd choices are for 3x3 kernels; asked of a 1x1 conv (config C) they mean
     'im2col' (a plain matmul). With a 16-bit `dtype` (the compute dtype), 'auto' takes
     F(2x2) where it would take F(4x4) (see winograd_conv3x3)."""
@@ -115,15 +141,24 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
         return "xla"
     if hw is not None and hw[0] * hw[1] < MIN_YNN_PIXELS or (train and kernel != 3):
         return "im2col"
+    pixels = batch * hw[0] * hw[1] if None not in (batch, hw) else None
+    work = pixels * channels * out_channels if None not in (pixels, channels, out_channels) \
+        else None
     if train:
+        if channels is not None and channels < WINOGRAD_MIN_CHANNELS:
+            return "im2col" if channels < XLA_MIN_CHANNELS else "xla"
+        if work is not None and work < TRAIN_WINOGRAD_MIN_WORK:
+            return "xla"
+        if pixels is not None and pixels < TRAIN_WINOGRAD_PIXELS_PER_CHANNEL * channels:
+            return "im2col"
         if _fits_winograd4(hw, channels):
             low = dtype is not None and jnp.dtype(dtype).itemsize < 4
             return "winograd" if low else "winograd4"
-        if channels is not None and channels < WINOGRAD_MIN_CHANNELS:
-            return "im2col" if channels < XLA_MIN_CHANNELS else "xla"
         return "winograd"
     fits = hw is not None and max(hw) <= EVAL_WINOGRAD_MAX_SIDE
-    if kernel == 3 and fits and channels is not None and channels >= EVAL_WINOGRAD_MIN_CHANNELS:
+    enough = work is None or work >= EVAL_WINOGRAD_MIN_WORK
+    if (kernel == 3 and fits and enough and channels is not None
+            and channels >= EVAL_WINOGRAD_MIN_CHANNELS):
         return "winograd"
     return "xla"
 
@@ -222,7 +257,7 @@ def conv_layer(x, kernel, impl: str = "auto", *, train: bool = False):
     placed on a GPU of a host whose default backend is CPU (or the reverse) gets the
     right algorithm."""
     shape = dict(train=train, hw=x.shape[1:3], channels=x.shape[3], kernel=kernel.shape[0],
-                 dtype=x.dtype)
+                 dtype=x.dtype, batch=x.shape[0], out_channels=kernel.shape[3])
     if impl != "auto":
         return conv2d(x, kernel, resolve_conv_impl(impl, **shape))
     on_cpu = resolve_conv_impl("auto", "cpu", **shape)

@@ -31,13 +31,16 @@ from vgg_jax.ops import (adaptive_avg_pool, adaptive_pool_matrix,  # noqa: F401 
 def conv_plan(arch: str, image_size: int | tuple[int, int], *, width: float = 1.0,
               impl: str = "auto", train: bool = False, in_channels: int = 3,
               backend: str | None = None, dtype=None,
-              pool_ceil: bool = False) -> dict[str, str]:
-    """{conv layer: the implementation it runs with} for this input size, mode and
-    compute dtype (`pool_ceil`: the model's ceil-mode pools, which round odd sizes up)."""
+              pool_ceil: bool = False, batch: int | None = None) -> dict[str, str]:
+    """{conv layer: the implementation it runs with} for this input size, mode, compute
+    dtype and `batch` (the images one call runs; None leaves out the rules that depend on
+    it) (`pool_ceil`: the model's ceil-mode pools, which round odd sizes up)."""
     return {layer.name: conv.resolve_conv_impl(impl, backend, train=train, hw=hw, channels=cin,
-                                               kernel=layer.kernel, dtype=dtype)
-            for layer, hw, cin, _ in conv_inputs(arch, image_size, width=width,
-                                                 in_channels=in_channels, pool_ceil=pool_ceil)}
+                                               kernel=layer.kernel, dtype=dtype, batch=batch,
+                                               out_channels=cout)
+            for layer, hw, cin, cout in conv_inputs(arch, image_size, width=width,
+                                                    in_channels=in_channels,
+                                                    pool_ceil=pool_ceil)}
 
 
 def conv_inputs(arch: str, image_size: int | tuple[int, int], *, width: float = 1.0,
