@@ -90,3 +90,16 @@ def test_a_missing_or_wrong_idx_file_is_one_line_naming_it(tmp_path, damage, mes
             prepared.prepare("fashion_mnist", str(tmp_path / "tfds"), manual)
         assert message in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "tfds" / "fashion_mnist" / "3.0.1")  # nothing written
+
+
+def test_a_data_dir_that_cannot_be_made_is_one_line(tmp_path):
+    """A --data-dir that is a dangling link (its target gone): `vgg-jax prepare` names the
+    path it could not make, on one line, exit 2 (it was a FileNotFoundError traceback)."""
+    manual, dangling = str(tmp_path / "idx"), tmp_path / "tfds"
+    write_fashion(manual)
+    os.symlink(tmp_path / "gone", dangling)
+    out = prepare("fashion_mnist", "--manual-dir", manual, "--data-dir", str(dangling))
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert err[-1].startswith(
+        f"vgg-jax prepare: error: No such file or directory: {dangling}"), err

@@ -330,6 +330,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"vgg-jax {command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be made or read (a dangling link, no rights)
+        if e.filename is None:
+            raise
+        print(f"vgg-jax {command}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
     return 0
 
 

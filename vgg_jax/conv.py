@@ -94,7 +94,8 @@ EVAL_WINOGRAD_MAX_SIDE = 64  # ... on maps of at most this many pixels per side
 # - inference: F(2x2) runs 1.2-2.5x faster than YNNPACK's conv from 64 channels at every
 #   size measured above ~8M, but saves only 0-4 ms a call below ~60M (VGG-11/4's eval step
 #   at b128: 7.95 vs 3.69, 4.30 vs 2.13, 4.16 vs 4.23 ms), against ~0.9 s more compile per
-#   layer; from 2^26 (VGG-16 at 32x32 from b16, LPIPS at 64 px from b2) it saves 5-50 ms.
+#   layer; from 2^26 it saves 5-50 ms (VGG-16 at 32x32 b128, at 224 from b1, LPIPS's trunk
+#   at 64 px from b16; at b8 its conv5, at b1 all its layers take YNNPACK's conv).
 TRAIN_WINOGRAD_MIN_WORK = 4_000_000
 TRAIN_WINOGRAD_PIXELS_PER_CHANNEL = 2
 EVAL_WINOGRAD_MIN_WORK = 1 << 26
