@@ -62,8 +62,8 @@ TILES = [("vgg16-32 conv1_2", 32, 64, 64, 128), ("vgg16-32 conv2_1", 16, 64, 128
          ("d2l-64 conv5_1", 4, 128, 128, 128)]
 SMOKE_TILES = [("tiny", 8, 16, 16, 2)]
 # (name, side, Cin, Cout, batch): VGG-11 at 1/16 and 1/4 width on 32x32 digits (the test
-# suite's nets and the README's main job; training batch 64, evaluation 128), then
-# layers of VGG-16 at 32x32 b128 and of LPIPS at 64x64 b16
+# suite's nets and the README's main job; training batch 64, evaluation 128), layers of
+# VGG-16 at 32x32 b128 and of LPIPS at 64x64 b16, then wide layers at small batches
 SMALL = [("vgg11/16 conv4", 8, 16, 16, 64), ("vgg11/16 conv5", 4, 16, 32, 64),
          ("vgg11/16 conv6", 4, 32, 32, 64), ("vgg11/4 conv2", 16, 16, 32, 64),
          ("vgg11/4 conv3", 8, 32, 64, 64), ("vgg11/4 conv4", 8, 64, 64, 64),
@@ -74,7 +74,11 @@ SMALL = [("vgg11/16 conv4", 8, 16, 16, 64), ("vgg11/16 conv5", 4, 16, 32, 64),
          ("vgg11/4 conv6 eval", 4, 128, 128, 128), ("vgg16-32 conv4_2", 4, 512, 512, 128),
          ("vgg16-32 conv3_1", 8, 128, 256, 128), ("vgg16-32 conv2_1", 16, 64, 128, 128),
          ("lpips-64 conv1_2", 64, 64, 64, 16), ("lpips-64 conv3_2", 16, 256, 256, 16),
-         ("lpips-64 conv4_2", 8, 512, 512, 16)]
+         ("lpips-64 conv4_2", 8, 512, 512, 16), ("4x4 512 b32", 4, 512, 512, 32),
+         ("4x4 512 b64", 4, 512, 512, 64), ("8x8 256 b8", 8, 256, 256, 8),
+         ("8x8 256 b16", 8, 256, 256, 16), ("14x14 512 b4", 14, 512, 512, 4),
+         ("8x8 512 b16", 8, 512, 512, 16), ("16x16 64->128 b4", 16, 64, 128, 4),
+         ("8x8 128 b16", 8, 128, 128, 16)]
 SMOKE_SMALL = [("tiny", 4, 16, 16, 2)]
 TABLES = ("parts", "first", "tiles", "small")
 
