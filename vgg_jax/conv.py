@@ -150,7 +150,7 @@ def resolve_conv_impl(impl: str, backend: str | None = None, *, train: bool = Fa
             return "im2col" if channels < XLA_MIN_CHANNELS else "xla"
         if work is not None and work < TRAIN_WINOGRAD_MIN_WORK:
             return "xla"
-        if pixels is not None and pixels < TRAIN_WINOGRAD_PIXELS_PER_CHANNEL * channels:
+        if None not in (pixels, channels) and pixels < TRAIN_WINOGRAD_PIXELS_PER_CHANNEL * channels:
             return "im2col"
         if _fits_winograd4(hw, channels):
             low = dtype is not None and jnp.dtype(dtype).itemsize < 4
