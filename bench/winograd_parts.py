@@ -60,7 +60,7 @@ TILES = [("vgg16-32 conv1_2", 32, 64, 64, 128), ("vgg16-32 conv2_1", 16, 64, 128
          ("d2l-64 conv3_1", 16, 32, 64, 128), ("d2l-64 conv3_2", 16, 64, 64, 128),
          ("d2l-64 conv4_1", 8, 64, 128, 128), ("d2l-64 conv4_2", 8, 128, 128, 128),
          ("d2l-64 conv5_1", 4, 128, 128, 128)]
-SMOKE_TILES = [("tiny", 8, 16, 16, 2)]
+SMOKE_TILES = [("tiny", 8, 64, 64, 16)]  # 4.2M of work: 'auto' trains it with F(2x2)
 # (name, side, Cin, Cout, batch): VGG-11 at 1/16 and 1/4 width on 32x32 digits (the test
 # suite's nets and the README's main job; training batch 64, evaluation 128), layers of
 # VGG-16 at 32x32 b128 and of LPIPS at 64x64 b16, then wide layers at small batches
@@ -90,9 +90,9 @@ def arrays(side, cin, cout, batch):
     return x, k
 
 
-def grad_fn(impl, argnums):
+def grad_fn(impl, argnums, compiler_options=None):
     loss = lambda x, k: jnp.sum(jax.nn.relu(conv.conv2d(x, k, impl)) ** 2)
-    return jax.jit(jax.grad(loss, argnums=argnums))
+    return jax.jit(jax.grad(loss, argnums=argnums), compiler_options=compiler_options)
 
 
 def best_ms(fns, args, rounds):
@@ -136,15 +136,16 @@ def first_call_s(f, args) -> float:
 
 
 def layer_row(name, side, cin, cout, batch, fns, rounds):
-    """One row of tables 2 and 3: each of `fns` (name -> jitted gradient function of one
-    layer) on that layer's arrays, ms (best of `rounds`) and first call's seconds, with
-    what 'auto' trains the layer with."""
+    """One row of tables 2-4: each of `fns` (name -> jitted function of one layer's
+    (x, kernel)) on that layer's arrays, ms (best of `rounds`) and first call's seconds,
+    with what 'auto' trains the layer with (at this batch)."""
     x, k = arrays(side, cin, cout, batch)
     first = {key: first_call_s(f, (x, k)) for key, f in fns.items()}
     ms = best_ms(fns, (x, k), rounds)
-    plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin)
+    plan = conv.resolve_conv_impl("auto", "cpu", train=True, hw=(side, side), channels=cin,
+                                  batch=batch, out_channels=cout)
     return dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}", auto=plan,
-                ms={key: round(v, 1) for key, v in ms.items()},
+                ms={key: round(v, 2) for key, v in ms.items()},
                 first_s={key: round(v, 2) for key, v in first.items()})
 
 
@@ -164,26 +165,22 @@ def tile_table(layers, rounds):
 def small_table(layers, rounds):
     """Table 4: per layer, training and inference per algorithm, each jitted with the
     options the library's own jits use (conv.train_compiler_options / eval_...)."""
-    rows = []
-    for name, side, cin, cout, batch in layers:
-        x, k = arrays(side, cin, cout, batch)
-        train = {f"train {impl}": jax.jit(jax.grad(
-            lambda x, k, impl=impl: jnp.sum(jax.nn.relu(conv.conv2d(x, k, impl)) ** 2),
-            argnums=(0, 1)), compiler_options=conv.train_compiler_options())
-            for impl in ("im2col", "xla", "winograd")}
+    def fns():
+        train = {f"train {impl}": grad_fn(impl, (0, 1), conv.train_compiler_options())
+                 for impl in ("im2col", "xla", "winograd")}
         infer = {f"eval {impl}": jax.jit(lambda x, k, impl=impl: conv.conv2d(x, k, impl),
                                          compiler_options=conv.eval_compiler_options())
                  for impl in ("xla", "winograd")}
-        fns = {**train, **infer}
-        first = {key: first_call_s(f, (x, k)) for key, f in fns.items()}
-        ms = best_ms(fns, (x, k), rounds)
-        shape = dict(hw=(side, side), channels=cin, batch=batch, out_channels=cout)
-        rows.append(dict(layer=name, shape=f"{side}x{side} {cin}->{cout} b{batch}",
-                         work_m=batch * side * side * cin * cout / 1e6,
-                         auto_train=conv.resolve_conv_impl("auto", "cpu", train=True, **shape),
-                         auto_eval=conv.resolve_conv_impl("auto", "cpu", **shape),
-                         ms={key: round(v, 2) for key, v in ms.items()},
-                         first_s={key: round(v, 2) for key, v in first.items()}))
+        return {**train, **infer}
+
+    rows = []
+    for name, side, cin, cout, batch in layers:
+        row = layer_row(name, side, cin, cout, batch, fns(), rounds)
+        row.update(work_m=batch * side * side * cin * cout / 1e6, auto_train=row.pop("auto"),
+                   auto_eval=conv.resolve_conv_impl("auto", "cpu", hw=(side, side),
+                                                    channels=cin, batch=batch,
+                                                    out_channels=cout))
+        rows.append(row)
     return rows
 
 
@@ -194,7 +191,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny layers, one round (CI)")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--tables", default=",".join(TABLES), help="which of parts,first,tiles")
+    ap.add_argument("--tables", default=",".join(TABLES), help=f"which of {','.join(TABLES)}")
     a = ap.parse_args(argv)
     tables = a.tables.split(",")
     if set(tables) - set(TABLES):

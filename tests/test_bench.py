@@ -229,7 +229,7 @@ def test_winograd_parts_benchmark_smoke_in_process(capsys):
     # the tile table: both tiles timed on the same layer, beside what 'auto' picks for it
     [tiles] = r["tiles"]
     assert tiles["ms"].keys() == tiles["first_s"].keys() == {"winograd", "winograd4"}
-    assert tiles["auto"] == "winograd"  # 16 input channels: F(4x4) needs 256
+    assert tiles["auto"] == "winograd"  # 64 input channels: F(4x4) needs 256
 
 
 def test_perceptual_benchmark_smoke_runs_both_frameworks():
